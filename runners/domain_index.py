@@ -1,0 +1,80 @@
+"""Per-domain index services, one per ``domains/*.yaml``, made by :func:`make_domain_service`.
+
+Each holds only FAISS and NumPy (no TensorFlow), serves its domain's current version and follows
+the domain pointer in the artifact store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import bentoml
+import numpy as np
+
+from runners import RUNNER_CONNECTION
+from simserver.domain_config import DomainConfig
+from simserver.live import LiveIndex
+from simserver.repository import Repository
+from simserver.settings import get_settings
+from simserver.store import open_store
+
+logger = logging.getLogger(__name__)
+
+
+def service_name(domain: str) -> str:
+    return f"index-{domain}"
+
+
+def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
+    class DomainIndexService:
+        domain = cfg.name
+
+        def __init__(self) -> None:
+            settings = get_settings()
+            self.live = LiveIndex(Repository(open_store(settings.store_uri)), cfg.name,
+                                  settings.pointer_poll_seconds)
+            self.live.start()
+
+        def __is_ready__(self) -> bool:
+            return True
+
+        @bentoml.api
+        def search(self, vector: np.ndarray, top_k: int) -> dict:
+            index = self.live.current
+            if index is None:
+                return {"version": None, "results": []}
+            return {"version": index.version,
+                    "results": [asdict(h) for h in index.search(vector, top_k)]}
+
+        @bentoml.api
+        def item(self, item_id: int) -> dict:
+            index = self.live.current
+            if index is None or not 0 <= item_id < len(index):
+                return {}
+            it = index.items[item_id]
+            return {"version": index.version, "id": item_id, "name": it.name, "label": it.label,
+                    "image_key": it.image_key, "media_type": it.media_type}
+
+        @bentoml.api
+        def info(self) -> dict:
+            index = self.live.current
+            meta = dict(index.meta) if index is not None else {}
+            return {"version": meta.get("version"), "count": meta.get("count", 0),
+                    "labels": meta.get("labels", {}), "encoder_id": meta.get("encoder_id"),
+                    "created_at": meta.get("created_at"), "store_error": self.live.last_error}
+
+        @bentoml.api
+        def reload(self) -> dict:
+            """Called by the gateway right after a training publishes, so the caller sees it at once."""
+            self.live.refresh()
+            index = self.live.current
+            return {"version": index.version if index else None}
+
+    DomainIndexService.__name__ = DomainIndexService.__qualname__ = (
+        "Index_" + cfg.name.replace("-", "_")
+    )
+    return bentoml.service(
+        name=service_name(cfg.name), workers=1, traffic={"timeout": 120},
+        runner_connection=RUNNER_CONNECTION,
+    )(DomainIndexService)

@@ -1,0 +1,218 @@
+"""HTTP gateway: routes and validation only; the work lives in ``simserver`` and ``runners``.
+
+Routes (the contract): ``POST /{domain}/search``, task ``/{domain}/train`` (``/submit``,
+``/status``, ``/get``), ``POST /similarity``, ``GET /{domain}/images/{id}``, ``GET /domains``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+import anyio
+import bentoml
+from fastapi import FastAPI
+from pydantic import Field
+from starlette.responses import JSONResponse, Response
+
+from runners.domain_index import make_domain_service
+from runners.encoder import EncoderService
+from simserver.builder import build_domain
+from simserver.domain_config import BUILTIN, Limits, load_domains
+from simserver.encoder import IMAGE_SIZE
+from simserver.errors import ClientError, Conflict, TooLarge, UnknownDomain
+from simserver.ingest import read_zip
+from simserver.preprocess import prepare
+from simserver.repository import Repository
+from simserver.schemas import DomainInfo, SearchResponse, SimilarityResponse, TrainResponse
+from simserver import metrics
+from simserver.settings import get_settings
+from simserver.store import open_store
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = get_settings()
+DOMAINS = load_domains(SETTINGS.domains_dir)
+INDEX_SERVICES = {name: make_domain_service(cfg) for name, cfg in DOMAINS.items()}
+_DEP_ATTR = {name: "index_" + name.replace("-", "_") for name in DOMAINS}
+DOMAIN_ROUTES = ("search", "train", "images", "relevance")
+
+http_app = FastAPI(title="image-similarity: read-only routes")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class UnknownDomainMiddleware:
+    """404 for ``/{unknown}/search|train|images...`` before any upload is read."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            parts = scope["path"].strip("/").split("/")
+            if len(parts) >= 2 and parts[1] in DOMAIN_ROUTES and parts[0] not in DOMAINS:
+                known = ", ".join(sorted(DOMAINS)) or "none"
+                resp = _error(404, f"unknown domain {parts[0]!r} (known: {known})")
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def client_errors(fn):
+    """Answer :class:`ClientError` as ``{"error": message}`` with its 4xx status.
+
+    BentoML's own handler wraps 4xx bodies in a list and double-encodes errors raised in
+    dependencies, so client errors are turned into responses here, at the edge.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except ClientError as exc:
+            ctx = kwargs["ctx"]
+            ctx.response.status_code = exc.status
+            return _error(exc.status, exc.message)
+
+    return wrapper
+
+
+def _read_upload(path: Path, limits: Limits, field: str) -> bytes:
+    size = path.stat().st_size
+    if size > limits.max_upload_bytes:
+        raise TooLarge(f"{field}: {size} bytes exceeds the limit of {limits.max_upload_bytes}")
+    return path.read_bytes()
+
+
+class ImageSimilarity:
+    encoder = bentoml.depends(EncoderService)
+
+    def __init__(self) -> None:
+        self.repo = Repository(open_store(SETTINGS.store_uri))
+        self.indexes = {name: getattr(self, attr) for name, attr in _DEP_ATTR.items()}
+        self._training: set[str] = set()
+
+    def _domain(self, ctx: bentoml.Context):
+        name = ctx.request.path_params.get("domain", "")
+        cfg = DOMAINS.get(name)
+        if cfg is None:
+            raise UnknownDomain(f"unknown domain {name!r}")
+        return cfg
+
+    async def _encode_upload(self, path: Path, limits: Limits, encoder: str, field: str):
+        data = _read_upload(path, limits, field)
+        pixels = await anyio.to_thread.run_sync(prepare, data, IMAGE_SIZE, limits.max_image_pixels, field)
+        vectors = await self.encoder.to_async.encode(images=pixels[None], encoder=encoder)
+        return vectors[0]
+
+    @bentoml.api(route="/{domain}/search")
+    @client_errors
+    async def search(
+        self,
+        image: Path,
+        top_k: Annotated[int | None, Field(ge=1, le=100, description="default: the domain's top_k")] = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> SearchResponse:
+        """Most similar indexed images to the uploaded one, best first."""
+        cfg = self._domain(ctx)
+        vector = await self._encode_upload(image, cfg.limits, cfg.encoder, "image")
+        found = await self.indexes[cfg.name].to_async.search(vector=vector, top_k=top_k or cfg.top_k)
+        if found["version"] is None:
+            raise Conflict(f"domain {cfg.name!r} has no index yet: train it first")
+        return SearchResponse(domain=cfg.name, version=found["version"], results=found["results"])
+
+    @bentoml.task(route="/{domain}/train")
+    @client_errors
+    async def train(self, archive: Path, *, ctx: bentoml.Context) -> TrainResponse:
+        """Index a zip of ``<category>/<image>`` (+ optional metadata.csv) as the domain's new version."""
+        cfg = self._domain(ctx)
+        if cfg.name in self._training:
+            raise Conflict(f"domain {cfg.name!r} is already training; try again when it finishes")
+        self._training.add(cfg.name)
+        try:
+            data = _read_upload(archive, cfg.limits, "archive")
+            dataset = await anyio.to_thread.run_sync(read_zip, data, cfg.limits, IMAGE_SIZE)
+            encoder_id = (await self.encoder.to_async.describe(encoder=cfg.encoder))["id"]
+
+            def encode(batch):
+                return self.encoder.encode(images=batch, encoder=cfg.encoder)
+
+            report = await anyio.to_thread.run_sync(
+                functools.partial(build_domain, self.repo, cfg.name, dataset, encode=encode,
+                                  encoder_id=encoder_id, metric=cfg.metric,
+                                  batch_size=SETTINGS.encode_batch_size)
+            )
+            await self.indexes[cfg.name].to_async.reload()
+            return TrainResponse(**report.as_json())
+        finally:
+            self._training.discard(cfg.name)
+
+    @bentoml.api(route="/similarity")
+    @client_errors
+    async def similarity(
+        self,
+        image_a: Path,
+        image_b: Path,
+        metric: Literal["cosine", "l1", "l2"] = "cosine",
+        *,
+        ctx: bentoml.Context,
+    ) -> SimilarityResponse:
+        """Distance and score between two images with the built-in encoder."""
+        limits = Limits()
+        a = await self._encode_upload(image_a, limits, BUILTIN, "image_a")
+        b = await self._encode_upload(image_b, limits, BUILTIN, "image_b")
+        d = metrics.pairwise_distance(metric, a, b)
+        return SimilarityResponse(metric=metric, distance=d, score=float(metrics.distance_to_score(metric, d)))
+
+
+# One dependency per domain index service; bentoml.service() collects them from the class.
+for _name, _attr in _DEP_ATTR.items():
+    setattr(ImageSimilarity, _attr, bentoml.depends(INDEX_SERVICES[_name]))
+
+ImageSimilarity = bentoml.service(
+    name="image-similarity",
+    # One worker: the training lock and the per-domain dependency clients live in this process;
+    # the heavy work (TF, FAISS) runs in the dependency processes anyway.
+    workers=1,
+    traffic={"timeout": 900},
+)(ImageSimilarity)
+ImageSimilarity = bentoml.asgi_app(http_app, path="/")(ImageSimilarity)
+ImageSimilarity.add_asgi_middleware(UnknownDomainMiddleware)
+
+
+@http_app.get("/domains", response_model=list[DomainInfo], summary="Domains and what they serve")
+async def list_domains() -> list[DomainInfo]:
+    svc = bentoml.get_current_service()
+    out = []
+    for name, cfg in DOMAINS.items():
+        info = await svc.indexes[name].to_async.info()
+        out.append(DomainInfo(name=name, description=cfg.description, encoder=cfg.encoder,
+                              metric=cfg.metric, top_k=cfg.top_k, **info))
+    return out
+
+
+@http_app.get(
+    "/{domain}/images/{item_id}",
+    summary="The stored image of a search result",
+    responses={200: {"content": {"image/*": {}}}, 404: {"description": "unknown domain or id"}},
+)
+async def get_image(domain: str, item_id: int) -> Response:
+    svc = bentoml.get_current_service()
+    if domain not in DOMAINS:
+        return _error(404, f"unknown domain {domain!r}")
+    item = await svc.indexes[domain].to_async.item(item_id=item_id)
+    if not item:
+        return _error(404, f"domain {domain!r} has no item {item_id} in its current version")
+    try:
+        data = await anyio.to_thread.run_sync(svc.repo.image, item["image_key"])
+    except KeyError:
+        return _error(404, f"image of item {item_id} is missing from the store")
+    return Response(data, media_type=item["media_type"],
+                    headers={"X-Item-Name": item["name"], "X-Item-Label": item["label"],
+                             "X-Index-Version": item["version"]})

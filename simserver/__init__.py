@@ -1,0 +1,1 @@
+"""Image-similarity model server: encoders, FAISS domain indices and their artifact store."""

@@ -1,0 +1,145 @@
+"""A domain index: FAISS vectors plus, per id, the item's name, label, metadata and stored image.
+
+An index is saved as a self-describing folder: ``index.faiss``, ``items.json`` (id -> name, label,
+metadata, image key) and ``meta.json`` (dim, metric, encoder id, count, labels, created_at, version).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import faiss
+import numpy as np
+
+from simserver import metrics
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Item:
+    name: str
+    label: str
+    image_key: str
+    media_type: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    name: str
+    label: str
+    score: float
+    distance: float
+    metadata: dict[str, str]
+
+
+def _new_faiss(metric: str, dim: int) -> faiss.Index:
+    if metric in ("cosine", "ip"):
+        return faiss.IndexFlatIP(dim)
+    if metric == "l2":
+        return faiss.IndexFlatL2(dim)
+    if metric == "l1":
+        return faiss.IndexFlat(dim, faiss.METRIC_L1)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+class DomainIndex:
+    def __init__(self, index: faiss.Index, items: list[Item], meta: dict[str, Any]) -> None:
+        if index.ntotal != len(items):
+            raise ValueError(f"index holds {index.ntotal} vectors but {len(items)} items")
+        self.faiss = index
+        self.items = items
+        self.meta = meta
+
+    @property
+    def metric(self) -> str:
+        return self.meta["metric"]
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    def build(
+        cls,
+        vectors: np.ndarray,
+        items: list[Item],
+        *,
+        metric: str,
+        encoder_id: str,
+        version: str,
+        extra_meta: dict[str, Any] | None = None,
+    ) -> DomainIndex:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(items):
+            raise ValueError(f"vectors {vectors.shape} do not match {len(items)} items")
+        if metric == "cosine":
+            vectors = metrics.l2_normalize(vectors)
+        index = _new_faiss(metric, vectors.shape[1])
+        index.add(vectors)
+        meta = {
+            "format": FORMAT_VERSION,
+            "version": version,
+            "dim": int(vectors.shape[1]),
+            "metric": metric,
+            "encoder_id": encoder_id,
+            "count": len(items),
+            "labels": dict(sorted(Counter(i.label for i in items).items())),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "faiss_index": type(index).__name__,
+            **(extra_meta or {}),
+        }
+        return cls(index, items, meta)
+
+    def search(self, query: np.ndarray, top_k: int) -> list[Hit]:
+        q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query has dim {q.shape[1]}, index has {self.dim}")
+        if self.metric == "cosine":
+            q = metrics.l2_normalize(q)
+        k = min(top_k, len(self.items))
+        if k == 0:
+            return []
+        raw, ids = self.faiss.search(q, k)
+        dist = metrics.faiss_to_distance(self.metric, raw[0])
+        score = metrics.distance_to_score(self.metric, dist)
+        hits = []
+        for i, d, s in zip(ids[0], dist, score):
+            if i < 0:
+                continue
+            item = self.items[int(i)]
+            hits.append(Hit(int(i), item.name, item.label, float(s), float(d), dict(item.metadata)))
+        return hits
+
+    # -- (de)serialisation: bytes so the same code works for any artifact store ------------------
+    def to_files(self) -> dict[str, bytes]:
+        return {
+            "index.faiss": faiss.serialize_index(self.faiss).tobytes(),
+            "items.json": json.dumps([asdict(i) for i in self.items]).encode(),
+            "meta.json": json.dumps(self.meta, indent=2, sort_keys=True).encode(),
+        }
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> DomainIndex:
+        index = faiss.deserialize_index(np.frombuffer(files["index.faiss"], dtype=np.uint8))
+        items = [Item(**d) for d in json.loads(files["items.json"])]
+        meta = json.loads(files["meta.json"])
+        return cls(index, items, meta)
+
+    FILES = ("index.faiss", "items.json", "meta.json")

@@ -1,0 +1,230 @@
+"""Training-set ingestion from a zip (HTTP uploads) or a folder (CLI): ``<category>/<image>``.
+
+Hostile archives are refused as a whole (not a zip, absolute or ``..`` paths, links, too many
+entries, too many uncompressed bytes, decompression-bomb images); a merely broken image inside an
+otherwise good archive is skipped and reported, so one bad file does not cost the whole upload.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image
+
+from simserver.domain_config import Limits
+from simserver.errors import BadArchive, BadImage, TooLarge
+from simserver.preprocess import prepare
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.csv"
+_IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+_MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
+                "BMP": "image/bmp", "TIFF": "image/tiff"}
+
+
+@dataclass
+class Sample:
+    name: str  # "<category>/<file>" as in the archive
+    label: str
+    data: bytes
+    media_type: str
+    pixels: np.ndarray  # uint8 [S, S, 3], ready for the encoder
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    reason: str
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    skipped: list[Skipped]
+
+    def labels(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.samples:
+            counts[s.label] = counts.get(s.label, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def _media_type(data: bytes) -> str:
+    try:
+        fmt = Image.open(io.BytesIO(data)).format or ""
+    except Exception:
+        fmt = ""
+    return _MEDIA_TYPES.get(fmt, "application/octet-stream")
+
+
+def _safe_parts(name: str) -> tuple[str, ...]:
+    if "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise BadArchive(f"archive entry {name!r} has an absolute or Windows path; refusing the archive")
+    parts = PurePosixPath(name).parts
+    if ".." in parts:
+        raise BadArchive(f"archive entry {name!r} climbs out of the archive ('..'); refusing the archive")
+    return tuple(p for p in parts if p not in ("", "."))
+
+
+def _strip_wrapper(paths: list[tuple[str, ...]]) -> int:
+    """How many leading folders all entries share (zipping a folder adds one), keeping the category."""
+    depth = 0
+    while True:
+        firsts = {p[depth] for p in paths if len(p) > depth + 2}
+        if len(firsts) != 1 or any(len(p) <= depth + 2 for p in paths):
+            return depth
+        depth += 1
+
+
+def _parse_metadata(data: bytes) -> dict[str, dict[str, str]]:
+    try:
+        text = data.decode("utf-8-sig")
+        rows = list(csv.DictReader(io.StringIO(text)))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise BadArchive(f"{METADATA_FILE}: not a UTF-8 CSV file ({exc})") from None
+    if rows and "filename" not in rows[0]:
+        raise BadArchive(f"{METADATA_FILE}: needs a 'filename' column (found {list(rows[0])})")
+    out: dict[str, dict[str, str]] = {}
+    for row in rows:
+        fname = (row.pop("filename") or "").strip().lstrip("./")
+        if fname:
+            out[fname] = {k: (v or "") for k, v in row.items() if k}
+    return out
+
+
+def _build(
+    entries: Iterable[tuple[tuple[str, ...], Callable[[], bytes]]],
+    limits: Limits,
+    image_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> Dataset:
+    listed = list(entries)
+    depth = _strip_wrapper([p for p, _ in listed if p[-1] != METADATA_FILE])
+    metadata: dict[str, dict[str, str]] = {}
+    images: list[tuple[tuple[str, ...], Callable[[], bytes]]] = []
+    skipped: list[Skipped] = []
+    for parts, read in listed:
+        rel = parts[depth:] if len(parts) > depth else parts
+        if rel and rel[-1] == METADATA_FILE and len(rel) == 1:
+            metadata = _parse_metadata(read())
+        elif len(rel) < 2:
+            skipped.append(Skipped("/".join(parts), "not inside a category folder"))
+        else:
+            images.append((rel, read))
+    samples: list[Sample] = []
+    by_basename: dict[str, list[str]] = {}
+    for rel, _ in images:
+        by_basename.setdefault(rel[-1], []).append("/".join(rel))
+    for rel, read in images:
+        name = "/".join(rel)
+        data = read()
+        try:
+            pixels = prepare(data, image_size, limits.max_image_pixels, name)
+        except TooLarge as exc:
+            raise TooLarge(f"refusing the archive: {exc.message}") from None
+        except BadImage as exc:
+            skipped.append(Skipped(name, exc.message.removeprefix(f"{name}: ")))
+            continue
+        finally:
+            if progress:
+                progress(1)
+        meta = metadata.get(name)
+        if meta is None and len(by_basename[rel[-1]]) == 1:
+            meta = metadata.get(rel[-1])
+        samples.append(Sample(name, rel[0], data, _media_type(data), pixels, dict(meta or {})))
+    if not samples:
+        raise BadArchive(
+            f"no usable image: expected <category>/<image> entries; {len(skipped)} skipped"
+            + (f" (first: {skipped[0].name}: {skipped[0].reason})" if skipped else "")
+        )
+    return Dataset(samples, skipped)
+
+
+def _visible(parts: tuple[str, ...]) -> bool:
+    return bool(parts) and parts[0] != "__MACOSX" and not any(p.startswith(".") for p in parts) \
+        and parts[-1] not in _IGNORED_NAMES
+
+
+def read_zip(data: bytes, limits: Limits, image_size: int = 224,
+             progress: Callable[[int], None] | None = None) -> Dataset:
+    if not data:
+        raise BadArchive("archive is empty")
+    if len(data) > limits.max_upload_bytes:
+        raise TooLarge(f"archive is {len(data)} bytes; the limit is {limits.max_upload_bytes}")
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = zf.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
+        raise BadArchive(f"archive is not a valid zip file ({exc})") from None
+    files = [i for i in infos if not i.is_dir()]
+    if len(files) > limits.max_entries:
+        raise TooLarge(f"archive has {len(files)} files; the limit is {limits.max_entries}")
+    total = sum(i.file_size for i in files)
+    if total > limits.max_uncompressed_bytes:
+        raise TooLarge(f"archive expands to {total} bytes; the limit is {limits.max_uncompressed_bytes}")
+    entries = []
+    for info in infos:
+        parts = _safe_parts(info.filename)
+        if info.is_dir():
+            continue
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise BadArchive(f"archive entry {info.filename!r} is a symbolic link; refusing the archive")
+        if info.flag_bits & 0x1:
+            raise BadArchive(f"archive entry {info.filename!r} is encrypted")
+        if _visible(parts):
+            entries.append((parts, _reader(zf, info)))
+    return _build(entries, limits, image_size, progress)
+
+
+def _reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
+    def read() -> bytes:
+        # Never trust the header's size: read at most one byte more than it claims.
+        try:
+            with zf.open(info) as f:
+                data = f.read(info.file_size + 1)
+        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise BadArchive(f"archive entry {info.filename!r} cannot be read ({exc})") from None
+        if len(data) > info.file_size:
+            raise BadArchive(f"archive entry {info.filename!r} is larger than its header says")
+        return data
+
+    return read
+
+
+def read_folder(root: str | Path, limits: Limits, image_size: int = 224,
+                progress: Callable[[int], None] | None = None) -> Dataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise BadArchive(f"{root} is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    entries = [
+        (parts, (lambda p=p: p.read_bytes()))
+        for p in paths
+        if _visible(parts := p.relative_to(root).parts)
+    ]
+    if len(entries) > limits.max_entries:
+        raise TooLarge(f"folder has {len(entries)} files; the limit is {limits.max_entries}")
+    return _build(entries, limits, image_size, progress)
+
+
+def count_entries(source: str | Path) -> int:
+    """For progress bars: number of files a folder or zip holds."""
+    p = Path(source)
+    if p.is_dir():
+        return sum(1 for q in p.rglob("*") if q.is_file())
+    with zipfile.ZipFile(p) as zf:
+        return sum(1 for i in zf.infolist() if not i.is_dir())
+
+
+def iter_chunks(seq: list, n: int) -> Iterator[list]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]

@@ -1,0 +1,70 @@
+"""Domain versions in an artifact store.
+
+Layout under the store root::
+
+    domains/<domain>/CURRENT                     pointer: {"version": ...}, written last
+    domains/<domain>/versions/<version>/...      immutable index folder (see simserver.index)
+    domains/<domain>/images/<sha256>.<ext>       content-addressed images, shared by versions
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from datetime import datetime, timezone
+
+from simserver.index import DomainIndex
+from simserver.store import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+_EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif",
+        "image/bmp": "bmp", "image/tiff": "tiff"}
+
+
+def new_version_id() -> str:
+    """Sortable and unique even when two builds finish in the same second."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def image_key(domain: str, data: bytes, media_type: str) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    return f"domains/{domain}/images/{digest}.{_EXT.get(media_type, 'bin')}"
+
+
+class Repository:
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+
+    def _pointer(self, domain: str) -> str:
+        return f"domains/{domain}/CURRENT"
+
+    def current_version(self, domain: str) -> str | None:
+        try:
+            return json.loads(self.store.get(self._pointer(domain)))["version"]
+        except KeyError:
+            return None
+
+    def load(self, domain: str, version: str) -> DomainIndex:
+        base = f"domains/{domain}/versions/{version}"
+        return DomainIndex.from_files({n: self.store.get(f"{base}/{n}") for n in DomainIndex.FILES})
+
+    def put_image(self, key: str, data: bytes) -> None:
+        if not self.store.exists(key):
+            self.store.put(key, data)
+
+    def image(self, key: str) -> bytes:
+        return self.store.get(key)
+
+    def publish(self, domain: str, index: DomainIndex) -> None:
+        """Write the version folder, then point the domain at it. Images must already be stored."""
+        base = f"domains/{domain}/versions/{index.version}"
+        files = index.to_files()
+        # meta.json last: a version folder without it is an aborted write, never loaded.
+        for name in sorted(files, key=lambda n: n == "meta.json"):
+            self.store.put(f"{base}/{name}", files[name])
+        pointer = {"version": index.version, "updated_at": datetime.now(timezone.utc).isoformat()}
+        self.store.put(self._pointer(domain), json.dumps(pointer).encode())
+        logger.info("domain %s now serves version %s (%d items)", domain, index.version, len(index))

@@ -1,0 +1,29 @@
+"""Process settings from environment variables (see .env.example)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    store_uri: str = Field("file://./var/store", description="file://PATH (later: s3://bucket/prefix)")
+    domains_dir: Path = Field(PROJECT_ROOT / "domains", description="folder of <domain>.yaml files")
+    builtin_model: str = Field(
+        "efficientnet-lite0-imagenet", description="BentoML model name of the built-in encoder"
+    )
+    pointer_poll_seconds: float = Field(2.0, gt=0, description="how often workers look for a new version")
+    encode_batch_size: int = Field(32, ge=1, le=256)
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
