@@ -19,6 +19,8 @@ from starlette.responses import JSONResponse, Response
 
 from runners.domain_index import make_domain_service
 from runners.encoder import EncoderService
+from simserver import metrics
+from simserver.asgi import GatewayMiddleware
 from simserver.builder import build_domain
 from simserver.domain_config import BUILTIN, Limits, load_domains
 from simserver.encoder import IMAGE_SIZE
@@ -27,7 +29,6 @@ from simserver.ingest import read_zip
 from simserver.preprocess import prepare
 from simserver.repository import Repository
 from simserver.schemas import DomainInfo, SearchResponse, SimilarityResponse, TrainResponse
-from simserver import metrics
 from simserver.settings import get_settings
 from simserver.store import open_store
 
@@ -44,23 +45,6 @@ http_app = FastAPI(title="image-similarity: read-only routes")
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
-
-
-class UnknownDomainMiddleware:
-    """404 for ``/{unknown}/search|train|images...`` before any upload is read."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            parts = scope["path"].strip("/").split("/")
-            if len(parts) >= 2 and parts[1] in DOMAIN_ROUTES and parts[0] not in DOMAINS:
-                known = ", ".join(sorted(DOMAINS)) or "none"
-                resp = _error(404, f"unknown domain {parts[0]!r} (known: {known})")
-                await resp(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def client_errors(fn):
@@ -144,9 +128,16 @@ class ImageSimilarity:
                 return self.encoder.encode(images=batch, encoder=cfg.encoder)
 
             report = await anyio.to_thread.run_sync(
-                functools.partial(build_domain, self.repo, cfg.name, dataset, encode=encode,
-                                  encoder_id=encoder_id, metric=cfg.metric,
-                                  batch_size=SETTINGS.encode_batch_size)
+                functools.partial(
+                    build_domain,
+                    self.repo,
+                    cfg.name,
+                    dataset,
+                    encode=encode,
+                    encoder_id=encoder_id,
+                    metric=cfg.metric,
+                    batch_size=SETTINGS.encode_batch_size,
+                )
             )
             await self.indexes[cfg.name].to_async.reload()
             return TrainResponse(**report.as_json())
@@ -168,7 +159,9 @@ class ImageSimilarity:
         a = await self._encode_upload(image_a, limits, BUILTIN, "image_a")
         b = await self._encode_upload(image_b, limits, BUILTIN, "image_b")
         d = metrics.pairwise_distance(metric, a, b)
-        return SimilarityResponse(metric=metric, distance=d, score=float(metrics.distance_to_score(metric, d)))
+        return SimilarityResponse(
+            metric=metric, distance=d, score=float(metrics.distance_to_score(metric, d))
+        )
 
 
 # One dependency per domain index service; bentoml.service() collects them from the class.
@@ -183,7 +176,7 @@ ImageSimilarity = bentoml.service(
     traffic={"timeout": 900},
 )(ImageSimilarity)
 ImageSimilarity = bentoml.asgi_app(http_app, path="/")(ImageSimilarity)
-ImageSimilarity.add_asgi_middleware(UnknownDomainMiddleware)
+ImageSimilarity.add_asgi_middleware(GatewayMiddleware, domains=set(DOMAINS), domain_routes=DOMAIN_ROUTES)
 
 
 @http_app.get("/domains", response_model=list[DomainInfo], summary="Domains and what they serve")
@@ -192,8 +185,16 @@ async def list_domains() -> list[DomainInfo]:
     out = []
     for name, cfg in DOMAINS.items():
         info = await svc.indexes[name].to_async.info()
-        out.append(DomainInfo(name=name, description=cfg.description, encoder=cfg.encoder,
-                              metric=cfg.metric, top_k=cfg.top_k, **info))
+        out.append(
+            DomainInfo(
+                name=name,
+                description=cfg.description,
+                encoder=cfg.encoder,
+                metric=cfg.metric,
+                top_k=cfg.top_k,
+                **info,
+            )
+        )
     return out
 
 
@@ -213,6 +214,12 @@ async def get_image(domain: str, item_id: int) -> Response:
         data = await anyio.to_thread.run_sync(svc.repo.image, item["image_key"])
     except KeyError:
         return _error(404, f"image of item {item_id} is missing from the store")
-    return Response(data, media_type=item["media_type"],
-                    headers={"X-Item-Name": item["name"], "X-Item-Label": item["label"],
-                             "X-Index-Version": item["version"]})
+    return Response(
+        data,
+        media_type=item["media_type"],
+        headers={
+            "X-Item-Name": item["name"],
+            "X-Item-Label": item["label"],
+            "X-Index-Version": item["version"],
+        },
+    )

@@ -32,8 +32,9 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
 
         def __init__(self) -> None:
             settings = get_settings()
-            self.live = LiveIndex(Repository(open_store(settings.store_uri)), cfg.name,
-                                  settings.pointer_poll_seconds)
+            self.live = LiveIndex(
+                Repository(open_store(settings.store_uri)), cfg.name, settings.pointer_poll_seconds
+            )
             self.live.start()
 
         def __is_ready__(self) -> bool:
@@ -44,8 +45,7 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             index = self.live.current
             if index is None:
                 return {"version": None, "results": []}
-            return {"version": index.version,
-                    "results": [asdict(h) for h in index.search(vector, top_k)]}
+            return {"version": index.version, "results": [asdict(h) for h in index.search(vector, top_k)]}
 
         @bentoml.api
         def item(self, item_id: int) -> dict:
@@ -53,16 +53,27 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             if index is None or not 0 <= item_id < len(index):
                 return {}
             it = index.items[item_id]
-            return {"version": index.version, "id": item_id, "name": it.name, "label": it.label,
-                    "image_key": it.image_key, "media_type": it.media_type}
+            return {
+                "version": index.version,
+                "id": item_id,
+                "name": it.name,
+                "label": it.label,
+                "image_key": it.image_key,
+                "media_type": it.media_type,
+            }
 
         @bentoml.api
         def info(self) -> dict:
             index = self.live.current
             meta = dict(index.meta) if index is not None else {}
-            return {"version": meta.get("version"), "count": meta.get("count", 0),
-                    "labels": meta.get("labels", {}), "encoder_id": meta.get("encoder_id"),
-                    "created_at": meta.get("created_at"), "store_error": self.live.last_error}
+            return {
+                "version": meta.get("version"),
+                "count": meta.get("count", 0),
+                "labels": meta.get("labels", {}),
+                "encoder_id": meta.get("encoder_id"),
+                "created_at": meta.get("created_at"),
+                "store_error": self.live.last_error,
+            }
 
         @bentoml.api
         def reload(self) -> dict:
@@ -71,10 +82,10 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             index = self.live.current
             return {"version": index.version if index else None}
 
-    DomainIndexService.__name__ = DomainIndexService.__qualname__ = (
-        "Index_" + cfg.name.replace("-", "_")
-    )
+    DomainIndexService.__name__ = DomainIndexService.__qualname__ = "Index_" + cfg.name.replace("-", "_")
     return bentoml.service(
-        name=service_name(cfg.name), workers=1, traffic={"timeout": 120},
+        name=service_name(cfg.name),
+        workers=1,
+        traffic={"timeout": 120},
         runner_connection=RUNNER_CONNECTION,
     )(DomainIndexService)

@@ -38,8 +38,11 @@ class EncoderService:
         with self._lock:
             enc = self._encoders.get(spec)
             if enc is None:
-                enc = Encoder(spec, builtin_model=self.settings.builtin_model,
-                              batch_size=self.settings.encode_batch_size)
+                enc = Encoder(
+                    spec,
+                    builtin_model=self.settings.builtin_model,
+                    batch_size=self.settings.encode_batch_size,
+                )
                 self._encoders[spec] = enc
             return enc
 

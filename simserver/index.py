@@ -10,7 +10,7 @@ import json
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import faiss
@@ -101,7 +101,7 @@ class DomainIndex:
             "encoder_id": encoder_id,
             "count": len(items),
             "labels": dict(sorted(Counter(i.label for i in items).items())),
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "faiss_index": type(index).__name__,
             **(extra_meta or {}),
         }

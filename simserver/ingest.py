@@ -26,8 +26,14 @@ logger = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.csv"
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
-_MEDIA_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
-                "BMP": "image/bmp", "TIFF": "image/tiff"}
+_MEDIA_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
 
 
 @dataclass
@@ -150,12 +156,17 @@ def _build(
 
 
 def _visible(parts: tuple[str, ...]) -> bool:
-    return bool(parts) and parts[0] != "__MACOSX" and not any(p.startswith(".") for p in parts) \
+    return (
+        bool(parts)
+        and parts[0] != "__MACOSX"
+        and not any(p.startswith(".") for p in parts)
         and parts[-1] not in _IGNORED_NAMES
+    )
 
 
-def read_zip(data: bytes, limits: Limits, image_size: int = 224,
-             progress: Callable[[int], None] | None = None) -> Dataset:
+def read_zip(
+    data: bytes, limits: Limits, image_size: int = 224, progress: Callable[[int], None] | None = None
+) -> Dataset:
     if not data:
         raise BadArchive("archive is empty")
     if len(data) > limits.max_upload_bytes:
@@ -200,16 +211,15 @@ def _reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
     return read
 
 
-def read_folder(root: str | Path, limits: Limits, image_size: int = 224,
-                progress: Callable[[int], None] | None = None) -> Dataset:
+def read_folder(
+    root: str | Path, limits: Limits, image_size: int = 224, progress: Callable[[int], None] | None = None
+) -> Dataset:
     root = Path(root)
     if not root.is_dir():
         raise BadArchive(f"{root} is not a folder")
     paths = sorted(p for p in root.rglob("*") if p.is_file())
     entries = [
-        (parts, (lambda p=p: p.read_bytes()))
-        for p in paths
-        if _visible(parts := p.relative_to(root).parts)
+        (parts, (lambda p=p: p.read_bytes())) for p in paths if _visible(parts := p.relative_to(root).parts)
     ]
     if len(entries) > limits.max_entries:
         raise TooLarge(f"folder has {len(entries)} files; the limit is {limits.max_entries}")

@@ -36,7 +36,9 @@ def open_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Image
         raise BadImage(f"{name}: cannot read image header ({exc})") from None
     width, height = img.size
     if width * height > max_pixels:
-        raise TooLarge(f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+        raise TooLarge(
+            f"{name}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+        )
     if width < 1 or height < 1:
         raise BadImage(f"{name}: image has no pixels")
     try:

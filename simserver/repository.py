@@ -13,20 +13,26 @@ import hashlib
 import json
 import logging
 import secrets
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from simserver.index import DomainIndex
 from simserver.store import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
-_EXT = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif",
-        "image/bmp": "bmp", "image/tiff": "tiff"}
+_EXT = {
+    "image/jpeg": "jpg",
+    "image/png": "png",
+    "image/webp": "webp",
+    "image/gif": "gif",
+    "image/bmp": "bmp",
+    "image/tiff": "tiff",
+}
 
 
 def new_version_id() -> str:
     """Sortable and unique even when two builds finish in the same second."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
 def image_key(domain: str, data: bytes, media_type: str) -> str:
@@ -65,6 +71,6 @@ class Repository:
         # meta.json last: a version folder without it is an aborted write, never loaded.
         for name in sorted(files, key=lambda n: n == "meta.json"):
             self.store.put(f"{base}/{name}", files[name])
-        pointer = {"version": index.version, "updated_at": datetime.now(timezone.utc).isoformat()}
+        pointer = {"version": index.version, "updated_at": datetime.now(UTC).isoformat()}
         self.store.put(self._pointer(domain), json.dumps(pointer).encode())
         logger.info("domain %s now serves version %s (%d items)", domain, index.version, len(index))

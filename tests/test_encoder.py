@@ -1,0 +1,104 @@
+"""The built-in encoder: real ImageNet weights, loaded through tensorflow_hub, unit vectors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import DEMO, TEST_DATA
+
+pytestmark = pytest.mark.slow
+
+# ImageNet-1k class indices (facts of the label set, not results).
+ESPRESSO = 967
+CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+HAMMER = 587
+SCISSORS = 572
+
+
+def _pixels(img_or_bytes) -> np.ndarray:
+    from simserver.preprocess import prepare
+
+    if isinstance(img_or_bytes, np.ndarray):
+        buf = io.BytesIO()
+        Image.fromarray(img_or_bytes).save(buf, "PNG")
+        img_or_bytes = buf.getvalue()
+    return prepare(img_or_bytes, 224, 10**8)
+
+
+@pytest.fixture(scope="module")
+def hub_module(builtin_tag):
+    import tensorflow_hub as hub
+
+    from simserver.encoder import builtin_model_path
+
+    _, path = builtin_model_path("efficientnet-lite0-imagenet")
+    return hub.load(str(path))
+
+
+def _top1(module, pixels: np.ndarray) -> int:
+    import tensorflow as tf
+
+    logits = module.classify(tf.constant(pixels[None].astype(np.float32) / 255.0)).numpy()[0]
+    return int(np.argmax(logits))
+
+
+def test_ported_classifier_names_real_photos(hub_module):
+    from skimage import data
+
+    assert _top1(hub_module, _pixels(data.coffee())) == ESPRESSO
+    assert _top1(hub_module, _pixels(data.chelsea())) in CATS
+    assert _top1(hub_module, _pixels((TEST_DATA / "hammer1.webp").read_bytes())) == HAMMER
+
+
+def test_features_are_unit_1280d_and_deterministic(encoder):
+    imgs = np.stack([_pixels(p.read_bytes()) for p in sorted((DEMO / "fashion" / "dress").iterdir())])
+    a = encoder.encode(imgs)
+    b = encoder.encode(imgs[::-1])[::-1]
+    assert a.shape == (3, 1280) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_same_item_other_style_is_nearer_than_other_item(encoder):
+    def vec(p):
+        return encoder.encode(_pixels(p.read_bytes())[None])[0]
+
+    dress_g, dress_t = vec(DEMO / "fashion/dress/google.png"), vec(DEMO / "fashion/dress/twitter.png")
+    boot_t = vec(DEMO / "fashion/boot/twitter.png")
+    assert dress_g @ dress_t > dress_g @ boot_t
+
+
+def test_local_saved_model_path_goes_through_the_same_loader(encoder, tmp_path):
+    import tensorflow as tf
+
+    from simserver.encoder import Encoder, builtin_model_path
+
+    # The built-in model's folder given as a plain path: same vectors.
+    _, path = builtin_model_path("efficientnet-lite0-imagenet")
+    by_path = Encoder(str(path))
+    x = _pixels((TEST_DATA / "scissors1.webp").read_bytes())[None]
+    np.testing.assert_allclose(by_path.encode(x), encoder.encode(x), atol=1e-5)
+
+    # Any other reusable SavedModel: a tiny one that returns mean colour and brightness.
+    class Tiny(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
+        def __call__(self, images):
+            mean = tf.reduce_mean(images, axis=[1, 2])
+            return tf.concat([mean, tf.reduce_mean(mean, axis=1, keepdims=True)], axis=1)
+
+    tf.saved_model.save(Tiny(), str(tmp_path / "tiny"))
+    tiny = Encoder(str(tmp_path / "tiny"))
+    assert tiny.dim == 4
+    red = np.zeros((1, 224, 224, 3), np.uint8)
+    red[..., 0] = 255
+    v = tiny.encode(red)[0]
+    np.testing.assert_allclose(v, np.array([1, 0, 0, 1 / 3]) / np.linalg.norm([1, 0, 0, 1 / 3]), atol=1e-5)
+
+
+def test_wrong_input_shape_is_refused(encoder):
+    with pytest.raises(ValueError, match="expected"):
+        encoder.encode(np.zeros((1, 100, 100, 3), np.uint8))
