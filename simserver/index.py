@@ -120,7 +120,7 @@ class DomainIndex:
         dist = metrics.faiss_to_distance(self.metric, raw[0])
         score = metrics.distance_to_score(self.metric, dist)
         hits = []
-        for i, d, s in zip(ids[0], dist, score):
+        for i, d, s in zip(ids[0], dist, score, strict=True):
             if i < 0:
                 continue
             item = self.items[int(i)]

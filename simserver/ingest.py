@@ -94,11 +94,13 @@ def _strip_wrapper(paths: list[tuple[str, ...]]) -> int:
 def _parse_metadata(data: bytes) -> dict[str, dict[str, str]]:
     try:
         text = data.decode("utf-8-sig")
-        rows = list(csv.DictReader(io.StringIO(text)))
+        reader = csv.DictReader(io.StringIO(text))
+        columns = reader.fieldnames or []
+        rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise BadArchive(f"{METADATA_FILE}: not a UTF-8 CSV file ({exc})") from None
-    if rows and "filename" not in rows[0]:
-        raise BadArchive(f"{METADATA_FILE}: needs a 'filename' column (found {list(rows[0])})")
+    if "filename" not in columns:
+        raise BadArchive(f"{METADATA_FILE}: needs a 'filename' column (found {columns})")
     out: dict[str, dict[str, str]] = {}
     for row in rows:
         fname = (row.pop("filename") or "").strip().lstrip("./")

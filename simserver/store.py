@@ -55,7 +55,7 @@ class LocalStore(ArtifactStore):
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise KeyError(key) from None
 
     def put(self, key: str, data: bytes) -> None:

@@ -106,5 +106,7 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         view = np.lib.stride_tricks.as_strided(
             base[t.offset :], shape=t.size, strides=tuple(s * item for s in t.stride)
         )
-        out[name] = np.ascontiguousarray(view)
+        # A real copy: otherwise contiguous tensors stay read-only views pinning the whole file,
+        # and np.ascontiguousarray would also turn 0-d tensors into shape (1,).
+        out[name] = np.array(view, copy=True, order="C")
     return out

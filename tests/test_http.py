@@ -251,6 +251,33 @@ def test_bad_archives_fail_and_keep_previous_version(server, archive, status, wo
     assert after == before
 
 
+def test_new_pointer_is_picked_up_without_restart(server, demo_store, encoder, domains_dir):
+    """A version published by someone else (CLI, another replica) is served after one poll."""
+    from simserver.builder import build_domain
+    from simserver.domain_config import load_domains
+    from simserver.ingest import read_folder
+    from simserver.repository import Repository
+    from simserver.store import LocalStore
+
+    cfg = load_domains(domains_dir)["scratch"]
+    ds = read_folder(DEMO / "fashion", cfg.limits.model_copy(update={"max_entries": 1000}))
+    report = build_domain(
+        Repository(LocalStore(demo_store)),
+        "scratch",
+        ds,
+        encode=encoder.encode,
+        encoder_id=encoder.id,
+        metric=cfg.metric,
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        body = search(server, "scratch", DRESS.read_bytes()).json()
+        if body.get("version") == report.version:
+            break
+        time.sleep(0.5)
+    assert body["version"] == report.version and body["results"][0]["name"] == "dress/google.png"
+
+
 # -- robustness (BentoML 1.4 pitfalls) ---------------------------------------------------------------------
 def test_concurrent_searches_have_no_errors(server):
     """Crosses BentoML's default 100-request client recycle, which dropped in-flight calls."""
