@@ -10,6 +10,7 @@ import functools
 import logging
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 import anyio
 import bentoml
@@ -89,7 +90,7 @@ class ImageSimilarity:
         return cfg
 
     async def _encode_upload(self, path: Path, limits: Limits, encoder: str, field: str):
-        data = _read_upload(path, limits, field)
+        data = await anyio.to_thread.run_sync(_read_upload, path, limits, field)
         pixels = await anyio.to_thread.run_sync(prepare, data, IMAGE_SIZE, limits.max_image_pixels, field)
         vectors = await self.encoder.to_async.encode(images=pixels[None], encoder=encoder)
         return vectors[0]
@@ -109,6 +110,8 @@ class ImageSimilarity:
         found = await self.indexes[cfg.name].to_async.search(vector=vector, top_k=top_k or cfg.top_k)
         if found["version"] is None:
             raise Conflict(f"domain {cfg.name!r} has no index yet: train it first")
+        if found.get("error"):
+            raise Conflict(f"domain {cfg.name!r}: {found['error']}")
         return SearchResponse(domain=cfg.name, version=found["version"], results=found["results"])
 
     @bentoml.task(route="/{domain}/train")
@@ -120,7 +123,7 @@ class ImageSimilarity:
             raise Conflict(f"domain {cfg.name!r} is already training; try again when it finishes")
         self._training.add(cfg.name)
         try:
-            data = _read_upload(archive, cfg.limits, "archive")
+            data = await anyio.to_thread.run_sync(_read_upload, archive, cfg.limits, "archive")
             dataset = await anyio.to_thread.run_sync(read_zip, data, cfg.limits, IMAGE_SIZE)
             encoder_id = (await self.encoder.to_async.describe(encoder=cfg.encoder))["id"]
 
@@ -139,7 +142,10 @@ class ImageSimilarity:
                     batch_size=SETTINGS.encode_batch_size,
                 )
             )
-            await self.indexes[cfg.name].to_async.reload()
+            try:
+                await self.indexes[cfg.name].to_async.reload()
+            except Exception:  # published already; the index service's poller will pick it up
+                logger.exception("domain %s: reload after publish failed", cfg.name)
             return TrainResponse(**report.as_json())
         finally:
             self._training.discard(cfg.name)
@@ -176,7 +182,14 @@ ImageSimilarity = bentoml.service(
     traffic={"timeout": 900},
 )(ImageSimilarity)
 ImageSimilarity = bentoml.asgi_app(http_app, path="/")(ImageSimilarity)
-ImageSimilarity.add_asgi_middleware(GatewayMiddleware, domains=set(DOMAINS), domain_routes=DOMAIN_ROUTES)
+ImageSimilarity.add_asgi_middleware(
+    GatewayMiddleware,
+    domains=set(DOMAINS),
+    domain_routes=DOMAIN_ROUTES,
+    # Largest per-domain upload plus room for the multipart envelope and other form fields.
+    max_body_bytes=max([c.limits.max_upload_bytes for c in DOMAINS.values()] + [Limits().max_upload_bytes])
+    + 2**20,
+)
 
 
 @http_app.get("/domains", response_model=list[DomainInfo], summary="Domains and what they serve")
@@ -218,8 +231,9 @@ async def get_image(domain: str, item_id: int) -> Response:
         data,
         media_type=item["media_type"],
         headers={
-            "X-Item-Name": item["name"],
-            "X-Item-Label": item["label"],
+            # Percent-encoded: names come from archives and may hold non-latin-1 or control characters.
+            "X-Item-Name": quote(item["name"]),
+            "X-Item-Label": quote(item["label"]),
             "X-Index-Version": item["version"],
         },
     )

@@ -45,6 +45,13 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             index = self.live.current
             if index is None:
                 return {"version": None, "results": []}
+            if vector.shape[-1] != index.dim:
+                return {
+                    "version": index.version,
+                    "results": [],
+                    "error": f"index version {index.version} was built with {index.meta['encoder_id']} "
+                    f"({index.dim}-d) but the encoder gives {vector.shape[-1]}-d vectors: retrain",
+                }
             return {"version": index.version, "results": [asdict(h) for h in index.search(vector, top_k)]}
 
         @bentoml.api

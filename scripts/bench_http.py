@@ -34,7 +34,13 @@ def free_port() -> int:
 
 def start(tmp: Path) -> tuple[subprocess.Popen, str, float]:
     port = free_port()
-    env = {**os.environ, "BENTOML_RESULT_STORE": str(tmp / f"tasks-{port}.db"), "PYTHONPATH": str(ROOT)}
+    env = {
+        "BENTOML_HOME": str(ROOT / "var" / "bentoml"),
+        "STORE_URI": f"file://{ROOT}/var/store",
+        **os.environ,
+        "BENTOML_RESULT_STORE": str(tmp / f"tasks-{port}.db"),
+        "PYTHONPATH": str(ROOT),
+    }
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [

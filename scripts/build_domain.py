@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -80,9 +81,12 @@ def main() -> int:
             print(json.dumps({"domain": cfg.name, "version": repo.current_version(cfg.name), "built": False}))
             continue
         try:
-            report = build_one(repo, cfg, data, encoders)
+            report = build_one(repo, cfg, Path(data), encoders)
         except ClientError as exc:
             print(f"error: {cfg.name}: {exc.message}", file=sys.stderr)
+            return 2
+        except (OSError, zipfile.BadZipFile) as exc:
+            print(f"error: {cfg.name}: cannot read {data}: {exc}", file=sys.stderr)
             return 2
         print(json.dumps({"domain": cfg.name, "built": True, **report}))
     return 0

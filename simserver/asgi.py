@@ -37,10 +37,18 @@ def clarify(body: Any) -> Any:
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, domains: Collection[str], domain_routes: Collection[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, domains: Collection[str], domain_routes: Collection[str], max_body_bytes: int
+    ) -> None:
         self.app = app
         self.domains = domains
         self.domain_routes = domain_routes
+        self.max_body_bytes = max_body_bytes
+
+    async def _refuse(self, send: Callable, status: int, message: str) -> None:
+        start, body = json_error(status, message)
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -49,9 +57,27 @@ class GatewayMiddleware:
         parts = scope["path"].strip("/").split("/")
         if len(parts) >= 2 and parts[1] in self.domain_routes and parts[0] not in self.domains:
             known = ", ".join(sorted(self.domains)) or "none"
-            start, body = json_error(404, f"unknown domain {parts[0]!r} (known: {known})")
-            await send(start)
-            await send({"type": "http.response.body", "body": body})
+            await self._refuse(send, 404, f"unknown domain {parts[0]!r} (known: {known})")
+            return
+        headers = dict(scope.get("headers") or [])
+        # BentoML reads (and, for tasks, stores) the whole body before any handler runs: refuse
+        # oversized uploads from Content-Length first. Chunked bodies without it are not covered yet.
+        try:
+            length = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            length = 0
+        if length > self.max_body_bytes:
+            await self._refuse(
+                send, 413, f"request body is {length} bytes; the limit is {self.max_body_bytes}"
+            )
+            return
+        ctype = headers.get(b"content-type", b"").lower()
+        if (
+            scope["method"] == "POST"
+            and ctype.startswith(b"multipart/form-data")
+            and b"boundary=" not in ctype
+        ):
+            await self._refuse(send, 400, "multipart/form-data request without a boundary")
             return
 
         held: dict[str, Any] = {}

@@ -114,7 +114,7 @@ class DomainIndex:
         if self.metric == "cosine":
             q = metrics.l2_normalize(q)
         k = min(top_k, len(self.items))
-        if k == 0:
+        if k <= 0:
             return []
         raw, ids = self.faiss.search(q, k)
         dist = metrics.faiss_to_distance(self.metric, raw[0])

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import lzma
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -204,7 +206,16 @@ def _reader(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], bytes]:
         try:
             with zf.open(info) as f:
                 data = f.read(info.file_size + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+        except (
+            zipfile.BadZipFile,
+            OSError,
+            EOFError,
+            NotImplementedError,
+            RuntimeError,
+            ValueError,
+            zlib.error,
+            lzma.LZMAError,
+        ) as exc:
             raise BadArchive(f"archive entry {info.filename!r} cannot be read ({exc})") from None
         if len(data) > info.file_size:
             raise BadArchive(f"archive entry {info.filename!r} is larger than its header says")

@@ -23,7 +23,9 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 def faiss_to_distance(metric: str, raw: np.ndarray) -> np.ndarray:
     """FAISS returns similarities for inner-product indices and squared L2 for L2 ones."""
     raw = np.asarray(raw, dtype=np.float64)
-    if metric in ("cosine", "ip"):
+    if metric == "cosine":
+        return np.maximum(1.0 - raw, 0.0)  # float error gives -1e-7 for identical vectors
+    if metric == "ip":
         return 1.0 - raw
     if metric == "l2":
         return np.sqrt(np.maximum(raw, 0.0))

@@ -76,14 +76,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def square(img: Image.Image, size: int) -> Image.Image:
-    """Pad to a white square (keeps the whole object in frame), then resize to ``size``."""
+    """Fit inside ``size`` x ``size`` and pad on white (keeps the whole object in frame).
+
+    Shrinking comes first: padding a 40000x1000 image to a square first would allocate 4.8 GB.
+    """
     w, h = img.size
-    if w != h:
-        side = max(w, h)
-        canvas = Image.new("RGB", (side, side), WHITE)
-        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-        img = canvas
-    return img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    scale = size / max(w, h)
+    fitted = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = img.resize(fitted, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if fitted == (size, size):
+        return img
+    canvas = Image.new("RGB", (size, size), WHITE)
+    canvas.paste(img, ((size - fitted[0]) // 2, (size - fitted[1]) // 2))
+    return canvas
 
 
 def prepare(data: bytes, size: int, max_pixels: int, name: str = "image") -> np.ndarray:

@@ -156,6 +156,25 @@ def test_bad_search_input(server):
     assert_error(search(server, "scratch", png_bytes((2400, 2400))), 413, "pixels")
 
 
+def test_thin_image_and_odd_requests(server):
+    # 20000x100: shrunk before padding (padding first would allocate a 20000^2 canvas).
+    assert search(server, "fashion", png_bytes((20000, 100))).status_code == 200
+    r = requests.post(
+        f"{server.url}/fashion/search",
+        data=b"x" * 10,
+        headers={"Content-Type": "multipart/form-data"},
+        timeout=10,
+    )
+    assert_error(r, 400, "boundary")
+    r = requests.post(
+        f"{server.url}/fashion/search",
+        data=b"",
+        headers={"Content-Type": "multipart/form-data; boundary=x", "Content-Length": str(10**10)},
+        timeout=10,
+    )
+    assert_error(r, 413, "limit")
+
+
 def test_unknown_domain_everywhere(server):
     assert_error(requests.get(f"{server.url}/nope/images/0", timeout=10), 404, "unknown domain")
     assert_error(requests.get(f"{server.url}/fashion/images/99999", timeout=10), 404, "no item")
