@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from runners.domain_index import make_domain_service
 from runners.encoder import EncoderService
 from simserver import metrics
-from simserver.asgi import GatewayMiddleware
+from simserver.asgi import GatewayMiddleware, harden_multipart
 from simserver.builder import build_domain
 from simserver.domain_config import BUILTIN, Limits, load_domains
 from simserver.encoder import IMAGE_SIZE
@@ -35,6 +35,7 @@ from simserver.store import open_store
 
 logger = logging.getLogger(__name__)
 
+harden_multipart()
 SETTINGS = get_settings()
 DOMAINS = load_domains(SETTINGS.domains_dir)
 INDEX_SERVICES = {name: make_domain_service(cfg) for name, cfg in DOMAINS.items()}

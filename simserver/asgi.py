@@ -108,3 +108,35 @@ class GatewayMiddleware:
                 await send(message)
 
         await self.app(scope, receive, send_wrapper)
+
+
+def harden_multipart() -> None:
+    """Make BentoML's multipart parsing answer client mistakes with 400 instead of 500.
+
+    BentoML 1.4 treats a *text* value in a file field as a URL and downloads it server-side (a
+    server-side request forgery risk, and a 500 when the download fails), and lets malformed
+    multipart bodies escape as 500s. Files must be uploaded here, so both become ``BadInput``.
+    """
+    from _bentoml_impl.serde import MultipartSerde
+    from bentoml.exceptions import BadInput
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+
+    if getattr(MultipartSerde, "_simserver_hardened", False):
+        return
+    original_parse = MultipartSerde.parse_request
+
+    async def ensure_file(obj: Any) -> UploadFile:
+        if isinstance(obj, UploadFile):
+            return obj
+        raise BadInput("file fields must be uploaded as files (multipart file parts), not text or URLs")
+
+    async def parse_request(self, request, cls):
+        try:
+            return await original_parse(self, request, cls)
+        except HTTPException as exc:
+            raise BadInput(f"malformed multipart body: {exc.detail}") from None
+
+    MultipartSerde.ensure_file = staticmethod(ensure_file)
+    MultipartSerde.parse_request = parse_request
+    MultipartSerde._simserver_hardened = True
