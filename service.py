@@ -217,13 +217,18 @@ async def list_domains() -> list[DomainInfo]:
     summary="The stored image of a search result",
     responses={200: {"content": {"image/*": {}}}, 404: {"description": "unknown domain or id"}},
 )
-async def get_image(domain: str, item_id: int) -> Response:
+async def get_image(domain: str, item_id: int, version: str | None = None) -> Response:
+    """Ids belong to a version: pass the search's ``version`` to be sure the id still means that image."""
     svc = bentoml.get_current_service()
     if domain not in DOMAINS:
         return _error(404, f"unknown domain {domain!r}")
     item = await svc.indexes[domain].to_async.item(item_id=item_id)
     if not item:
         return _error(404, f"domain {domain!r} has no item {item_id} in its current version")
+    if version is not None and version != item["version"]:
+        return _error(
+            409, f"version {version} of {domain!r} is no longer served (now {item['version']}); search again"
+        )
     try:
         data = await anyio.to_thread.run_sync(svc.repo.image, item["image_key"])
     except KeyError:

@@ -65,6 +65,7 @@ def build_domain(
     started: float | None = None,
 ) -> BuildReport:
     t0 = started if started is not None else time.perf_counter()
+    previous = repo.current_version(domain)
     vectors = encode_dataset(dataset, encode, batch_size, progress)
     items = []
     for s in dataset.samples:
@@ -79,7 +80,7 @@ def build_domain(
         version=new_version_id(),
         extra_meta={"skipped": len(dataset.skipped)},
     )
-    repo.publish(domain, index)
+    repo.publish(domain, index, expected_previous=previous)
     return BuildReport(
         index.version, len(items), dataset.skipped, dataset.labels(), time.perf_counter() - t0, index.meta
     )

@@ -15,6 +15,7 @@ import logging
 import secrets
 from datetime import UTC, datetime
 
+from simserver.errors import Conflict
 from simserver.index import DomainIndex
 from simserver.store import ArtifactStore
 
@@ -49,9 +50,13 @@ class Repository:
 
     def current_version(self, domain: str) -> str | None:
         try:
-            return json.loads(self.store.get(self._pointer(domain)))["version"]
+            raw = self.store.get(self._pointer(domain))
         except KeyError:
             return None
+        try:
+            return str(json.loads(raw)["version"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"domain {domain}: corrupt pointer {self._pointer(domain)}: {exc}") from None
 
     def load(self, domain: str, version: str) -> DomainIndex:
         base = f"domains/{domain}/versions/{version}"
@@ -64,8 +69,18 @@ class Repository:
     def image(self, key: str) -> bytes:
         return self.store.get(key)
 
-    def publish(self, domain: str, index: DomainIndex) -> None:
-        """Write the version folder, then point the domain at it. Images must already be stored."""
+    def publish(self, domain: str, index: DomainIndex, expected_previous: str | None | bool = False) -> None:
+        """Write the version folder, then point the domain at it. Images must already be stored.
+
+        With ``expected_previous`` (a version or None), refuse with :class:`Conflict` if another
+        build moved the pointer meanwhile, so a slower, older build cannot replace a newer one.
+        The check narrows the race to the pointer write itself; it is not a distributed lock.
+        """
+        if expected_previous is not False and self.current_version(domain) != expected_previous:
+            raise Conflict(
+                f"domain {domain}: another build published {self.current_version(domain)} while this one "
+                f"ran (started from {expected_previous}); not replacing it"
+            )
         base = f"domains/{domain}/versions/{index.version}"
         files = index.to_files()
         # meta.json last: a version folder without it is an aborted write, never loaded.

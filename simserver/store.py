@@ -24,6 +24,20 @@ def _check_key(key: str) -> str:
     return str(p)
 
 
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk (POSIX); best effort elsewhere.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class ArtifactStore(ABC):
     uri: str
 
@@ -68,6 +82,7 @@ class LocalStore(ArtifactStore):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_dir(path.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -120,6 +120,12 @@ def test_stored_image_is_returned(server):
     r = requests.get(f"{server.url}/fashion/images/{hit['id']}", timeout=10)
     assert r.status_code == 200 and r.content == DRESS.read_bytes()
     assert r.headers["content-type"] == "image/png"
+    assert r.headers["x-item-name"] == "dress/google.png"
+    version = search(server, "fashion", DRESS.read_bytes(), top_k=1).json()["version"]
+    ok = requests.get(f"{server.url}/fashion/images/{hit['id']}", params={"version": version}, timeout=10)
+    assert ok.status_code == 200
+    stale = requests.get(f"{server.url}/fashion/images/{hit['id']}", params={"version": "old"}, timeout=10)
+    assert_error(stale, 409, "no longer served")
 
 
 def test_similarity(server):
