@@ -27,10 +27,11 @@ from simserver.domain_config import BUILTIN, Limits, load_domains
 from simserver.encoder import IMAGE_SIZE
 from simserver.errors import ClientError, Conflict, TooLarge, UnknownDomain
 from simserver.ingest import read_zip
+from simserver.jobs import JobRecords
 from simserver.preprocess import prepare
 from simserver.repository import Repository
 from simserver.schemas import DomainInfo, SearchResponse, SimilarityResponse, TrainResponse
-from simserver.settings import get_settings
+from simserver.settings import api_keys, get_settings
 from simserver.store import open_store
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class ImageSimilarity:
     encoder = bentoml.depends(EncoderService)
 
     def __init__(self) -> None:
-        self.repo = Repository(open_store(SETTINGS.store_uri))
+        self.repo = Repository(open_store(SETTINGS.store_uri, SETTINGS.store_cache_dir))
+        self.jobs = JobRecords(self.repo.store)
         self.indexes = {name: getattr(self, attr) for name, attr in _DEP_ATTR.items()}
         self._training: set[str] = set()
 
@@ -120,6 +122,25 @@ class ImageSimilarity:
     async def train(self, archive: Path, *, ctx: bentoml.Context) -> TrainResponse:
         """Index a zip of ``<category>/<image>`` (+ optional metadata.csv) as the domain's new version."""
         cfg = self._domain(ctx)
+        task_id = getattr(ctx.request.state, "task_id", None)
+        record = await anyio.to_thread.run_sync(self.jobs.started, task_id, cfg.name) if task_id else None
+        try:
+            result = await self._train(cfg, archive)
+        except ClientError as exc:
+            if record:
+                await anyio.to_thread.run_sync(self.jobs.failed, record, exc.status, exc.message)
+            raise
+        except Exception as exc:
+            if record:
+                await anyio.to_thread.run_sync(
+                    self.jobs.failed, record, 500, f"internal error: {type(exc).__name__}"
+                )
+            raise
+        if record:
+            await anyio.to_thread.run_sync(self.jobs.completed, record, result.model_dump())
+        return result
+
+    async def _train(self, cfg, archive: Path) -> TrainResponse:
         if cfg.name in self._training:
             raise Conflict(f"domain {cfg.name!r} is already training; try again when it finishes")
         self._training.add(cfg.name)
@@ -187,6 +208,9 @@ ImageSimilarity.add_asgi_middleware(
     GatewayMiddleware,
     domains=set(DOMAINS),
     domain_routes=DOMAIN_ROUTES,
+    api_keys=api_keys(SETTINGS),
+    search_requires_key=SETTINGS.search_requires_key,
+    job_lookup=JobRecords(open_store(SETTINGS.store_uri, SETTINGS.store_cache_dir)).get,
     # Largest per-domain upload plus room for the multipart envelope and other form fields.
     max_body_bytes=max([c.limits.max_upload_bytes for c in DOMAINS.values()] + [Limits().max_upload_bytes])
     + 2**20,

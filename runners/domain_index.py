@@ -33,7 +33,9 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
         def __init__(self) -> None:
             settings = get_settings()
             self.live = LiveIndex(
-                Repository(open_store(settings.store_uri)), cfg.name, settings.pointer_poll_seconds
+                Repository(open_store(settings.store_uri, settings.store_cache_dir)),
+                cfg.name,
+                settings.pointer_poll_seconds,
             )
             self.live.start()
 

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
+from urllib.parse import parse_qs
 
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
-
-
-def json_error(status: int, message: str) -> tuple[dict, bytes]:
-    body = json.dumps({"error": message}).encode()
-    start = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-    }
-    return start, body
 
 
 def clarify(body: Any) -> Any:
@@ -37,56 +29,115 @@ def clarify(body: Any) -> Any:
 
 
 class GatewayMiddleware:
+    """In front of every gateway route, before BentoML reads a body:
+
+    * ``/{unknown}/search|train|images`` -> 404;
+    * API keys: training (and, with ``search_requires_key``, every read) needs ``Bearer <key>``;
+    * body limits: ``Content-Length`` over the limit -> 413, a POST without one -> 411 (BentoML
+      reads and, for tasks, stores the whole body before any handler could count it);
+    * 4xx bodies rewritten to ``{"error": "..."}``; a task ``/status`` or ``/get`` unknown to this
+      replica is answered from the job records in the artifact store.
+    """
+
+    OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs", "/docs.json", "/schema.json", "/")
+
     def __init__(
-        self, app: ASGIApp, domains: Collection[str], domain_routes: Collection[str], max_body_bytes: int
+        self,
+        app: ASGIApp,
+        domains: Collection[str],
+        domain_routes: Collection[str],
+        max_body_bytes: int,
+        api_keys: Collection[str] = (),
+        search_requires_key: bool = False,
+        job_lookup: Callable[[str], dict | None] | None = None,
     ) -> None:
         self.app = app
         self.domains = domains
         self.domain_routes = domain_routes
         self.max_body_bytes = max_body_bytes
+        self.api_keys = [k.encode() for k in api_keys]
+        self.search_requires_key = search_requires_key
+        self.job_lookup = job_lookup
 
-    async def _refuse(self, send: Callable, status: int, message: str) -> None:
-        start, body = json_error(status, message)
-        await send(start)
-        await send({"type": "http.response.body", "body": body})
+    async def _respond(self, send: Callable, status: int, body: Any, headers: list | None = None) -> None:
+        raw = json.dumps(body).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(raw)).encode()),
+                    *(headers or []),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": raw})
+
+    async def _refuse(self, send: Callable, status: int, message: str, headers: list | None = None) -> None:
+        await self._respond(send, status, {"error": message}, headers)
+
+    def _needs_key(self, method: str, path: str, parts: list[str]) -> bool:
+        if not self.api_keys or path in self.OPEN_PATHS or path.startswith(("/assets/", "/static_content/")):
+            return False
+        mutating = len(parts) >= 2 and parts[1] == "train" and method in ("POST", "PUT", "DELETE")
+        return mutating or self.search_requires_key
+
+    def _auth_error(self, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        auth = headers.get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return 401, "missing API key: send 'Authorization: Bearer <key>'"
+        if not any(hmac.compare_digest(token.strip(), k) for k in self.api_keys):
+            return 403, "API key not accepted"
+        return None
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        parts = scope["path"].strip("/").split("/")
+        path, method = scope["path"], scope["method"]
+        parts = path.strip("/").split("/")
         if len(parts) >= 2 and parts[1] in self.domain_routes and parts[0] not in self.domains:
             known = ", ".join(sorted(self.domains)) or "none"
             await self._refuse(send, 404, f"unknown domain {parts[0]!r} (known: {known})")
             return
         headers = dict(scope.get("headers") or [])
-        # BentoML reads (and, for tasks, stores) the whole body before any handler runs: refuse
-        # oversized uploads from Content-Length first. Chunked bodies without it are not covered yet.
-        try:
-            length = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            length = 0
-        if length > self.max_body_bytes:
+        if self._needs_key(method, path, parts) and (err := self._auth_error(headers)):
             await self._refuse(
-                send, 413, f"request body is {length} bytes; the limit is {self.max_body_bytes}"
+                send, err[0], err[1], [(b"www-authenticate", b"Bearer")] if err[0] == 401 else None
             )
             return
-        ctype = headers.get(b"content-type", b"").lower()
-        if (
-            scope["method"] == "POST"
-            and ctype.startswith(b"multipart/form-data")
-            and b"boundary=" not in ctype
-        ):
-            await self._refuse(send, 400, "multipart/form-data request without a boundary")
-            return
+        if method in ("POST", "PUT"):
+            length_header = headers.get(b"content-length")
+            if length_header is None:
+                await self._refuse(send, 411, "send the body with a Content-Length header")
+                return
+            try:
+                length = int(length_header)
+            except ValueError:
+                await self._refuse(send, 400, "invalid Content-Length header")
+                return
+            if length > self.max_body_bytes:
+                await self._refuse(
+                    send, 413, f"request body is {length} bytes; the limit is {self.max_body_bytes}"
+                )
+                return
+            ctype = headers.get(b"content-type", b"").lower()
+            if ctype.startswith(b"multipart/form-data") and b"boundary=" not in ctype:
+                await self._refuse(send, 400, "multipart/form-data request without a boundary")
+                return
+        task_query = (
+            len(parts) == 3 and parts[1] == "train" and parts[2] in ("status", "get") and method == "GET"
+        )
 
         held: dict[str, Any] = {}
         chunks: list[bytes] = []
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
-                headers = dict(message.get("headers") or [])
-                if 400 <= message["status"] < 500 and b"json" in headers.get(b"content-type", b""):
+                hdrs = dict(message.get("headers") or [])
+                if 400 <= message["status"] < 500 and b"json" in hdrs.get(b"content-type", b""):
                     held["start"] = message  # error bodies are small: hold and rewrite
                     return
                 await send(message)
@@ -94,20 +145,45 @@ class GatewayMiddleware:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body"):
                     return
+                start = held.pop("start")
+                if (
+                    task_query
+                    and start["status"] == 404
+                    and (answer := await self._from_records(scope, parts))
+                ):
+                    await self._respond(send, *answer)
+                    return
                 raw = b"".join(chunks)
                 try:
                     raw = json.dumps(clarify(json.loads(raw))).encode()
                 except ValueError:
                     pass
-                start = held.pop("start")
-                headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-                headers.append((b"content-length", str(len(raw)).encode()))
-                await send({**start, "headers": headers})
+                hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                hdrs.append((b"content-length", str(len(raw)).encode()))
+                await send({**start, "headers": hdrs})
                 await send({"type": "http.response.body", "body": raw})
             else:
                 await send(message)
 
         await self.app(scope, receive, send_wrapper)
+
+    async def _from_records(self, scope: Scope, parts: list[str]) -> tuple[int, Any] | None:
+        import anyio
+
+        from simserver.jobs import JobRecords
+
+        task_id = parse_qs(scope.get("query_string", b"").decode()).get("task_id", [""])[0]
+        if not self.job_lookup or not task_id:
+            return None
+        try:
+            record = await anyio.to_thread.run_sync(self.job_lookup, task_id)
+        except Exception:
+            return None
+        if not record or record.get("domain") != parts[0]:
+            return None
+        if parts[2] == "status":
+            return 200, JobRecords.status_json(record)
+        return JobRecords.result_response(record)
 
 
 def harden_multipart() -> None:

@@ -14,7 +14,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
-    store_uri: str = Field("file://./var/store", description="file://PATH (later: s3://bucket/prefix)")
+    store_uri: str = Field("file://./var/store", description="file://PATH or s3://bucket/prefix")
+    store_cache_dir: Path = Field(
+        PROJECT_ROOT / "var" / "cache", description="local copies of immutable S3 objects (versions, images)"
+    )
+    api_key: str = Field("", description="comma-separated keys; when set, training needs Bearer <key>")
+    search_requires_key: bool = Field(False, description="also require the key for search and reads")
     domains_dir: Path = Field(PROJECT_ROOT / "domains", description="folder of <domain>.yaml files")
     builtin_model: str = Field(
         "efficientnet-lite0-imagenet", description="BentoML model name of the built-in encoder"
@@ -22,6 +27,10 @@ class Settings(BaseSettings):
     pointer_poll_seconds: float = Field(2.0, gt=0, description="how often workers look for a new version")
     encode_batch_size: int = Field(32, ge=1, le=256)
     log_level: str = "INFO"
+
+
+def api_keys(settings: Settings) -> list[str]:
+    return [k.strip() for k in settings.api_key.split(",") if k.strip()]
 
 
 @lru_cache(maxsize=1)

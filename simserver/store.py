@@ -12,7 +12,6 @@ import os
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +100,119 @@ class LocalStore(ArtifactStore):
         )
 
 
-def open_store(uri: str) -> ArtifactStore:
-    """``file://relative/or/absolute`` or a bare path -> :class:`LocalStore`."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        path = (parsed.netloc + parsed.path) if parsed.scheme else uri
-        return LocalStore(path)
-    raise ValueError(f"unsupported STORE_URI scheme {parsed.scheme!r} (use file://PATH)")
+class S3Store(ArtifactStore):
+    """``s3://bucket/prefix`` through boto3's standard configuration (credentials chain, region,
+    ``AWS_ENDPOINT_URL`` for S3-compatible servers). A single PUT is atomic in S3, and versions
+    are immutable, so the pointer written last is the whole publish protocol."""
+
+    def __init__(self, bucket: str, prefix: str = "", client=None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        # Short timeouts and few retries: an unreachable store must not stall the pointer poller.
+        self.client = client or boto3.client(
+            "s3",
+            config=Config(
+                connect_timeout=3, read_timeout=30, retries={"max_attempts": 2, "mode": "standard"}
+            ),
+        )
+
+    def _key(self, key: str) -> str:
+        key = _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @staticmethod
+    def _missing(exc: Exception) -> bool:
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        return code in ("NoSuchKey", "404", "NotFound")
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        except ClientError as exc:
+            if self._missing(exc):
+                raise KeyError(key) from None
+            raise
+
+    def put(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as exc:
+            if self._missing(exc):
+                return False
+            raise
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._key(prefix) if prefix else self.prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+        return sorted(keys)
+
+
+class CachedStore(ArtifactStore):
+    """Keeps local copies of immutable objects (index versions, content-addressed images), so a
+    replica re-reads nothing it has seen and image downloads do not each cost an S3 GET."""
+
+    IMMUTABLE = ("/versions/", "/images/")
+
+    def __init__(self, inner: ArtifactStore, cache_dir: str | Path) -> None:
+        self.inner = inner
+        self.cache = LocalStore(cache_dir)
+        self.uri = inner.uri
+
+    def _immutable(self, key: str) -> bool:
+        return any(part in f"/{key}" for part in self.IMMUTABLE)
+
+    def get(self, key: str) -> bytes:
+        if self._immutable(key):
+            try:
+                return self.cache.get(key)
+            except KeyError:
+                data = self.inner.get(key)
+                self.cache.put(key, data)
+                return data
+        return self.inner.get(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        self.inner.put(key, data)
+        if self._immutable(key):
+            self.cache.put(key, data)
+
+    def exists(self, key: str) -> bool:
+        return (self._immutable(key) and self.cache.exists(key)) or self.inner.exists(key)
+
+    def list(self, prefix: str) -> list[str]:
+        return self.inner.list(prefix)
+
+
+def open_store(uri: str, cache_dir: str | Path | None = None) -> ArtifactStore:
+    """``file://relative/or/absolute`` or a bare path -> :class:`LocalStore`;
+    ``s3://bucket[/prefix]`` -> :class:`S3Store` (behind a :class:`CachedStore` if ``cache_dir``)."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ValueError(f"STORE_URI {uri!r} names no bucket")
+        s3 = S3Store(bucket, prefix)
+        if cache_dir is None:
+            return s3
+        # One cache folder per store URI, so two stores never mix their objects.
+        return CachedStore(s3, Path(cache_dir) / f"{bucket}-{prefix.strip('/').replace('/', '-')}")
+    if uri.startswith("file://"):
+        # Not urlparse: a '#' or '?' in a folder name is part of the path here.
+        return LocalStore(uri.removeprefix("file://"))
+    if "://" in uri:
+        raise ValueError(f"unsupported STORE_URI scheme in {uri!r} (use file://PATH or s3://bucket/prefix)")
+    return LocalStore(uri)

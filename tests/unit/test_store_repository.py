@@ -109,7 +109,8 @@ def test_open_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert open_store("file://./rel/store").root == (tmp_path / "rel/store").resolve()
     with pytest.raises(ValueError, match="s3"):
-        open_store("s3://bucket/prefix")
+        open_store("ftp://host/path")
+    assert open_store(f"file://{tmp_path}/a#b?c").root == (tmp_path / "a#b?c").resolve()
 
 
 # -- Repository ------------------------------------------------------------------------------------
