@@ -1,0 +1,136 @@
+"""GatewayMiddleware on a stub ASGI app: auth matrix, body limits, error rewriting, job fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from simserver.asgi import GatewayMiddleware, clarify
+
+
+def make_app(status: int = 200, body: object = None):
+    calls = []
+
+    async def app(scope, receive, send):
+        calls.append(scope["path"])
+        raw = json.dumps(body if body is not None else {"ok": True}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": raw})
+
+    return app, calls
+
+
+def call(mw, method: str, path: str, headers: dict[str, str] | None = None, query: str = ""):
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": query.encode(),
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+    }
+    asyncio.run(mw(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(body), dict(start["headers"])
+
+
+def mw_for(app, **kw):
+    opts = {"domains": {"fashion"}, "domain_routes": ("search", "train", "images"), "max_body_bytes": 1000}
+    return GatewayMiddleware(app, **{**opts, **kw})
+
+
+POST = {"Content-Length": "10", "Content-Type": "multipart/form-data; boundary=x"}
+
+
+@pytest.mark.parametrize(
+    ("auth", "status"),
+    [
+        (None, 401),
+        ("Basic abc", 401),
+        ("Bearer ", 401),
+        ("Bearer wrong", 403),
+        ("Bearer k2", 200),
+        ("bearer k1", 200),
+    ],
+)
+def test_training_needs_a_key(auth, status):
+    app, calls = make_app()
+    mw = mw_for(app, api_keys=["k1", "k2"])
+    headers = {**POST, **({"Authorization": auth} if auth else {})}
+    got, body, _ = call(mw, "POST", "/fashion/train/submit", headers)
+    assert got == status
+    assert (calls == ["/fashion/train/submit"]) == (status == 200)
+    if status != 200:
+        assert "key" in body["error"].lower()
+
+
+def test_reads_open_unless_search_requires_key():
+    app, _ = make_app()
+    assert call(mw_for(app, api_keys=["k"]), "POST", "/fashion/search", POST)[0] == 200
+    strict = mw_for(app, api_keys=["k"], search_requires_key=True)
+    assert call(strict, "POST", "/fashion/search", POST)[0] == 401
+    assert call(strict, "GET", "/domains")[0] == 401
+    assert call(strict, "GET", "/readyz")[0] == 200  # probes stay open for the load balancer
+    assert call(strict, "POST", "/fashion/search", {**POST, "Authorization": "Bearer k"})[0] == 200
+    assert call(mw_for(app), "POST", "/fashion/train/submit", POST)[0] == 200  # no keys configured
+
+
+def test_body_limits_and_unknown_domain():
+    app, calls = make_app()
+    mw = mw_for(app)
+    assert call(mw, "POST", "/fashion/search", {"Content-Length": "1001"})[0] == 413
+    assert call(mw, "POST", "/fashion/search", {})[0] == 411
+    assert call(mw, "POST", "/fashion/search", {"Content-Length": "x"})[0] == 400
+    assert (
+        call(mw, "POST", "/fashion/search", {"Content-Length": "5", "Content-Type": "multipart/form-data"})[0]
+        == 400
+    )
+    status, body, _ = call(mw, "POST", "/shoes/search", POST)
+    assert status == 404 and "shoes" in body["error"]
+    assert calls == []
+
+
+def test_bentoml_error_bodies_are_clarified():
+    app, _ = make_app(400, [{"error": "bad thing"}])
+    assert call(mw_for(app), "GET", "/x")[1] == {"error": "bad thing"}
+    detail = {"error": "1 validation error for Input", "detail": [{"loc": ["top_k"], "msg": "too big"}]}
+    app, _ = make_app(400, detail)
+    assert call(mw_for(app), "GET", "/x")[1]["error"] == "top_k: too big"
+    assert clarify({"error": "plain"}) == {"error": "plain"}
+
+
+def test_unknown_task_answered_from_job_records():
+    records = {
+        "t1": {
+            "task_id": "t1",
+            "domain": "fashion",
+            "status": "failed",
+            "created_at": "c",
+            "executed_at": "e",
+            "http_status": 413,
+            "error": "too big",
+        }
+    }
+    app, _ = make_app(404, {"error": "task_id not found"})
+    mw = mw_for(app, job_lookup=records.get)
+    status, body, _ = call(mw, "GET", "/fashion/train/status", query="task_id=t1")
+    assert status == 200 and body["status"] == "failed"
+    status, body, _ = call(mw, "GET", "/fashion/train/get", query="task_id=t1")
+    assert status == 413 and body == {"error": "too big"}
+    assert call(mw, "GET", "/fashion/train/status", query="task_id=t2")[0] == 404
