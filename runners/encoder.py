@@ -42,6 +42,8 @@ class EncoderService:
                     spec,
                     builtin_model=self.settings.builtin_model,
                     batch_size=self.settings.encode_batch_size,
+                    runtime=self.settings.encoder_runtime,
+                    cache_dir=self.settings.store_cache_dir,
                 )
                 self._encoders[spec] = enc
             return enc
@@ -54,4 +56,4 @@ class EncoderService:
     @bentoml.api
     def describe(self, encoder: str = BUILTIN) -> dict:
         enc = self._get(encoder)
-        return {"id": enc.id, "dim": enc.dim, "image_size": enc.image_size}
+        return {"id": enc.id, "dim": enc.dim, "image_size": enc.image_size, "runtime": enc.runtime}

@@ -39,7 +39,11 @@ def build_one(repo: Repository, cfg, data: Path, encoders: dict) -> dict:
             dataset = read_zip(data.read_bytes(), cfg.limits, progress=bar.update)
     if cfg.encoder not in encoders:
         encoders[cfg.encoder] = Encoder(
-            cfg.encoder, builtin_model=settings.builtin_model, batch_size=settings.encode_batch_size
+            cfg.encoder,
+            builtin_model=settings.builtin_model,
+            batch_size=settings.encode_batch_size,
+            runtime=settings.encoder_runtime,
+            cache_dir=settings.store_cache_dir,
         )
     enc = encoders[cfg.encoder]
     with tqdm(total=len(dataset.samples), desc=f"{cfg.name}: encode", unit="img", file=sys.stderr) as bar:

@@ -45,7 +45,12 @@ def main() -> int:
     except ClientError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    vector = Encoder(cfg.encoder, builtin_model=settings.builtin_model).encode(pixels[None])[0]
+    vector = Encoder(
+        cfg.encoder,
+        builtin_model=settings.builtin_model,
+        runtime=settings.encoder_runtime,
+        cache_dir=settings.store_cache_dir,
+    ).encode(pixels[None])[0]
     hits = index.search(vector, args.top_k or cfg.top_k)
     print(
         json.dumps({"domain": cfg.name, "version": version, "results": [asdict(h) for h in hits]}, indent=2)

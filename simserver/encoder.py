@@ -14,8 +14,10 @@ one feature vector per image, which this module L2-normalises.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 224
 SAVED_MODEL_DIR = "saved_model"
+TFLITE_FILE = "model.tflite"
+# The fast runtime must reproduce the SavedModel: per-image cosine at least this on the self-check.
+MIN_RUNTIME_COSINE = 0.999
 
 
 def _quiet_tf() -> None:
@@ -66,12 +71,50 @@ def build_builtin(model_name: str, force: bool = False) -> str:
         },
     ) as model:
         export_saved_model(model.path_of(SAVED_MODEL_DIR))
+        Path(model.path_of(TFLITE_FILE)).write_bytes(convert_tflite(Path(model.path_of(SAVED_MODEL_DIR))))
     logger.info("built-in encoder saved as %s", model.tag)
     return str(model.tag)
 
 
+def convert_tflite(saved_model: Path) -> bytes:
+    """SavedModel -> TFLite flatbuffer (float32; XNNPACK runs it ~3x faster than TF on 2 cores)."""
+    import tensorflow as tf
+
+    return tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert()
+
+
+class _TFLiteRunner:
+    """One interpreter at batch 1: XNNPACK is fastest there on small CPUs (measured 115 img/s vs
+    80 at batch 32), and a fixed shape avoids re-allocating tensors. Not thread-safe: locked."""
+
+    def __init__(self, model: bytes, threads: int) -> None:
+        import tensorflow as tf
+
+        self._interp = tf.lite.Interpreter(model_content=model, num_threads=threads)
+        self._in = self._interp.get_input_details()[0]
+        self._out = self._interp.get_output_details()[0]
+        height, width = (int(v) for v in self._in["shape"][1:3])
+        self._interp.resize_tensor_input(self._in["index"], [1, height, width, 3])
+        self._interp.allocate_tensors()
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = []
+        with self._lock:
+            for image in batch:
+                self._interp.set_tensor(self._in["index"], image[None])
+                self._interp.invoke()
+                out.append(self._interp.get_tensor(self._out["index"])[0].copy())
+        return np.stack(out)
+
+
 class Encoder:
-    """A loaded feature-vector model. Thread-safe for inference (TF functions are)."""
+    """A loaded feature-vector model. Thread-safe for inference.
+
+    ``runtime``: ``savedmodel`` (TF through hub), ``tflite`` (required), or ``auto``: TFLite when the
+    model converts and reproduces the SavedModel (cosine >= 0.999 on a self-check), else TF. The
+    SavedModel stays the source of truth either way.
+    """
 
     def __init__(
         self,
@@ -80,6 +123,8 @@ class Encoder:
         builtin_model: str = "efficientnet-lite0-imagenet",
         image_size: int = IMAGE_SIZE,
         batch_size: int = 32,
+        runtime: str = "auto",
+        cache_dir: Path | None = None,
     ) -> None:
         _quiet_tf()
         import tensorflow as tf
@@ -97,14 +142,62 @@ class Encoder:
         self._tf = tf
         self._layer = hub.KerasLayer(handle, trainable=False)
         self._fn = tf.function(lambda x: self._layer(x), reduce_retracing=True)
-        self.dim = int(self.encode(np.zeros((1, image_size, image_size, 3), np.uint8)).shape[1])
-        logger.info("loaded encoder %s (dim %d)", self.id, self.dim)
+        self._tflite: _TFLiteRunner | None = None
+        self.runtime = "savedmodel"
+        self.dim = int(self._encode_tf(np.zeros((1, image_size, image_size, 3), np.uint8)).shape[1])
+        if runtime != "savedmodel":
+            try:
+                self._tflite = self._load_tflite(handle, cache_dir)
+                self.runtime = "tflite"
+            except Exception as exc:
+                if runtime == "tflite":
+                    raise
+                logger.warning("encoder %s: TFLite runtime unavailable, using TF (%s)", self.id, exc)
+        logger.info("loaded encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime)
+
+    def _load_tflite(self, handle: str, cache_dir: Path | None) -> _TFLiteRunner:
+        import tensorflow_hub as hub
+
+        local = Path(handle) if Path(handle).is_dir() else Path(hub.resolve(handle))
+        shipped = local.parent / TFLITE_FILE  # the built-in model carries its conversion
+        if self.spec == BUILTIN and shipped.is_file():
+            model = shipped.read_bytes()
+        else:
+            stamp = f"{local.resolve()}:{(local / 'saved_model.pb').stat().st_mtime_ns}"
+            name = hashlib.sha256(stamp.encode()).hexdigest()[:24]
+            cached = Path(cache_dir) / "tflite" / f"{name}.tflite" if cache_dir else None
+            if cached is not None and cached.is_file():
+                model = cached.read_bytes()
+            else:
+                model = convert_tflite(local)
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+                    tmp.write_bytes(model)
+                    os.replace(tmp, cached)
+        runner = _TFLiteRunner(model, threads=max(1, os.cpu_count() or 1))
+        # Self-check against the SavedModel on a gradient and on noise.
+        probe = np.random.default_rng(0).integers(0, 256, (3, self.image_size, self.image_size, 3), np.uint8)
+        probe[0] = np.linspace(0, 255, self.image_size, dtype=np.uint8)[None, :, None]
+        ref = self._encode_tf(probe)
+        got = metrics.l2_normalize(runner(probe.astype(np.float32) / 255.0))
+        worst = float(np.min(np.sum(ref * got, axis=1)))
+        if worst < MIN_RUNTIME_COSINE:
+            raise ValueError(f"TFLite output differs from the SavedModel (cosine {worst:.5f})")
+        return runner
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """``uint8 [N, S, S, 3]`` -> ``float32 [N, D]`` unit vectors."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected [N, {self.image_size}, {self.image_size}, 3], got {images.shape}")
+        if self._tflite is None:
+            return self._encode_tf(images)
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        return metrics.l2_normalize(self._tflite(images.astype(np.float32) / 255.0))
+
+    def _encode_tf(self, images: np.ndarray) -> np.ndarray:
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size].astype(np.float32) / 255.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,9 @@ class Settings(BaseSettings):
     )
     pointer_poll_seconds: float = Field(2.0, gt=0, description="how often workers look for a new version")
     encode_batch_size: int = Field(32, ge=1, le=256)
+    encoder_runtime: Literal["auto", "tflite", "savedmodel"] = Field(
+        "auto", description="auto: TFLite/XNNPACK when it reproduces the SavedModel, else TF"
+    )
     log_level: str = "INFO"
 
 

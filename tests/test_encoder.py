@@ -99,6 +99,18 @@ def test_local_saved_model_path_goes_through_the_same_loader(encoder, tmp_path):
     np.testing.assert_allclose(v, np.array([1, 0, 0, 1 / 3]) / np.linalg.norm([1, 0, 0, 1 / 3]), atol=1e-5)
 
 
+def test_tflite_runtime_reproduces_the_saved_model_on_real_photos(encoder):
+    from simserver.encoder import Encoder
+
+    assert encoder.runtime == "tflite"
+    reference = Encoder("builtin", runtime="savedmodel")
+    assert reference.runtime == "savedmodel"
+    photos = [*sorted(TEST_DATA.glob("*.webp")), *sorted((DEMO / "almonds-suppliers/random").iterdir())[:13]]
+    pixels = np.stack([_pixels(p.read_bytes()) for p in photos])
+    cos = np.sum(encoder.encode(pixels) * reference.encode(pixels), axis=1)
+    assert cos.min() >= 0.999, dict(zip([p.name for p in photos], cos.round(5), strict=True))
+
+
 def test_wrong_input_shape_is_refused(encoder):
     with pytest.raises(ValueError, match="expected"):
         encoder.encode(np.zeros((1, 100, 100, 3), np.uint8))
