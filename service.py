@@ -161,6 +161,7 @@ class ImageSimilarity:
                     encode=encode,
                     encoder_id=encoder_id,
                     metric=cfg.metric,
+                    policy=cfg.index,
                     batch_size=SETTINGS.encode_batch_size,
                 )
             )

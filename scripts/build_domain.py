@@ -54,6 +54,7 @@ def build_one(repo: Repository, cfg, data: Path, encoders: dict) -> dict:
             encode=enc.encode,
             encoder_id=enc.id,
             metric=cfg.metric,
+            policy=cfg.index,
             batch_size=settings.encode_batch_size,
             progress=bar.update,
             started=t0,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from simserver.index import DomainIndex, Item
+from simserver.index_choice import IndexPolicy
 from simserver.ingest import Dataset, Skipped, iter_chunks
 from simserver.repository import Repository, image_key, new_version_id
 
@@ -60,6 +61,7 @@ def build_domain(
     encode: EncodeFn,
     encoder_id: str,
     metric: str,
+    policy: IndexPolicy | None = None,
     batch_size: int = 32,
     progress: Callable[[int], None] | None = None,
     started: float | None = None,
@@ -79,6 +81,7 @@ def build_domain(
         encoder_id=encoder_id,
         version=new_version_id(),
         extra_meta={"skipped": len(dataset.skipped)},
+        policy=policy,
     )
     repo.publish(domain, index, expected_previous=previous)
     return BuildReport(

@@ -9,6 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from simserver.index_choice import IndexPolicy
 from simserver.settings import PROJECT_ROOT
 
 Metric = Literal["cosine", "l2", "l1", "ip"]
@@ -40,6 +41,7 @@ class DomainConfig(BaseModel):
     target_label: str | None = None
     demo_data: Path | None = Field(None, description="folder of <category>/<image>, relative to the repo")
     limits: Limits = Limits()
+    index: IndexPolicy = IndexPolicy()
 
     @field_validator("name")
     @classmethod

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from simserver import metrics
+from simserver.index_choice import IndexPolicy, build_faiss, bytes_per_vector, recall_at_10
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +41,6 @@ class Hit:
     score: float
     distance: float
     metadata: dict[str, str]
-
-
-def _new_faiss(metric: str, dim: int) -> faiss.Index:
-    if metric in ("cosine", "ip"):
-        return faiss.IndexFlatIP(dim)
-    if metric == "l2":
-        return faiss.IndexFlatL2(dim)
-    if metric == "l1":
-        return faiss.IndexFlat(dim, faiss.METRIC_L1)
-    raise ValueError(f"unknown metric {metric!r}")
 
 
 class DomainIndex:
@@ -85,14 +76,17 @@ class DomainIndex:
         encoder_id: str,
         version: str,
         extra_meta: dict[str, Any] | None = None,
+        policy: IndexPolicy | None = None,
     ) -> DomainIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(items):
             raise ValueError(f"vectors {vectors.shape} do not match {len(items)} items")
         if metric == "cosine":
             vectors = metrics.l2_normalize(vectors)
-        index = _new_faiss(metric, vectors.shape[1])
-        index.add(vectors)
+        policy = policy or IndexPolicy()
+        index, kind = build_faiss(vectors, metric, policy)
+        # Exact search has recall 1 by definition; approximate builds are measured every time.
+        recall = 1.0 if kind == "flat" else recall_at_10(index, vectors, metric, policy.recall_sample)
         meta = {
             "format": FORMAT_VERSION,
             "version": version,
@@ -103,6 +97,9 @@ class DomainIndex:
             "labels": dict(sorted(Counter(i.label for i in items).items())),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "faiss_index": type(index).__name__,
+            "index_kind": kind,
+            "recall_at_10": round(recall, 4),
+            "bytes_per_vector": round(bytes_per_vector(index), 1),
             **(extra_meta or {}),
         }
         return cls(index, items, meta)
