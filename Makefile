@@ -12,12 +12,12 @@ export BENTOML_DO_NOT_TRACK := True
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install encoder demo lint format bench clean
+.PHONY: run test install encoder demo lint format bench bento deploy-dry-run clean
 
-$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt requirements-deploy.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(VENV)/bin/pip install -q -r requirements.txt -r requirements-dev.txt -r requirements-deploy.txt
 	$(VENV)/bin/pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
@@ -44,6 +44,10 @@ format: install
 
 bench: demo
 	$(PY) scripts/bench_http.py
+
+# The Bento (.bento archive) and a Docker build context under var/export (see deploy/aws/README.md).
+bento: encoder
+	$(PY) scripts/export_bento.py
 
 clean:
 	rm -rf var $(VENV)

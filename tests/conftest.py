@@ -141,6 +141,36 @@ class Server:
             return None
 
 
+class MotoServer:
+    """moto's standalone S3/CloudFormation/... server on a free 127.0.0.1 port."""
+
+    def __init__(self, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(150):
+            try:
+                requests.get(f"{self.url}/moto-api/", timeout=1)
+                return
+            except requests.RequestException:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"moto server exited:\n{log.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+        raise TimeoutError("moto server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def server_env(store: Path, domains_dir: Path, tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-from tests.conftest import DEMO, Server, free_port, server_env
+from tests.conftest import DEMO, MotoServer, Server, server_env
 from tests.test_http import make_zip, search
 
 pytestmark = pytest.mark.slow
@@ -24,28 +22,15 @@ AWS_ENV = {
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            requests.get(url, timeout=1)
-            break
-        except requests.RequestException:
-            time.sleep(0.1)
+    srv = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    url = srv.url
     saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=url)
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="sim-test")
-    yield proc
-    proc.terminate()
-    proc.wait(10)
+    yield srv.proc
+    srv.stop()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
