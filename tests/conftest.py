@@ -87,7 +87,9 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log: Path, target: str = "service:ImageSimilarity", cwd: Path = ROOT
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -97,7 +99,7 @@ class Server:
                 "-m",
                 "bentoml",
                 "serve",
-                "service:ImageSimilarity",
+                target,
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -105,7 +107,7 @@ class Server:
                 "--timeout-graceful-shutdown",
                 "10",
             ],
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,

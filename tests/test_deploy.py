@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
-from tests.conftest import MotoServer
+from tests.conftest import MotoServer, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "aws" / "stack.yaml"
@@ -620,7 +621,7 @@ def test_create_then_update_against_moto(moto):
 
 
 @pytest.mark.slow
-def test_export_bento_writes_archive_and_docker_context(tmp_path):
+def test_export_bento_writes_archive_and_docker_context(tmp_path, demo_store):
     """A real `bentoml build` (needs the package index, or UV_OFFLINE=1 with a warm uv cache) in a
     throw-away BENTOML_HOME holding a copy of the encoder model."""
     home = Path(os.environ.get("BENTOML_HOME", ROOT / "var" / "bentoml"))
@@ -689,3 +690,32 @@ def test_export_bento_writes_archive_and_docker_context(tmp_path):
     )
     assert found.returncode == 0, found.stderr
     assert Path(found.stdout.strip()) == ctx / "models" / model_name / model_tag
+
+    # The exported Bento serves from an empty BENTOML_HOME, away from the source tree: `bentoml import`
+    # brings the Bento and its encoder model; domains come from the Bento's own src/domains.
+    empty_home = tmp_path / "empty-home"
+    clean = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "DOMAINS_DIR", "STORE_URI")}
+    clean["BENTOML_HOME"] = str(empty_home)
+    imported = subprocess.run(
+        [sys.executable, "-m", "bentoml", "import", str(archive)],
+        env=clean,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    clean.update(
+        STORE_URI=f"file://{demo_store}",
+        BENTOML_RESULT_STORE=str(tmp_path / "tasks.db"),
+        STORE_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    srv = Server(clean, tmp_path / "bento-serve.log", target=result["tag"], cwd=tmp_path)
+    try:
+        srv.wait_ready()
+        query = (ROOT / "demo" / "fashion" / "dress" / "google.png").read_bytes()
+        hit = requests.post(f"{srv.url}/fashion/search", files={"image": ("q.png", query)}, timeout=60)
+        assert hit.status_code == 200, hit.text
+        assert hit.json()["results"][0]["name"] == "dress/google.png"
+    finally:
+        srv.stop()
