@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 harden_multipart()
 SETTINGS = get_settings()
+# One store object per process, shared by the gateway instance and the middleware's job lookups.
+STORE = open_store(SETTINGS.store_uri, SETTINGS.store_cache_dir)
 DOMAINS = load_domains(SETTINGS.domains_dir)
 INDEX_SERVICES = {name: make_domain_service(cfg) for name, cfg in DOMAINS.items()}
 _DEP_ATTR = {name: "index_" + name.replace("-", "_") for name in DOMAINS}
@@ -80,8 +82,8 @@ class ImageSimilarity:
     encoder = bentoml.depends(EncoderService)
 
     def __init__(self) -> None:
-        self.repo = Repository(open_store(SETTINGS.store_uri, SETTINGS.store_cache_dir))
-        self.jobs = JobRecords(self.repo.store)
+        self.repo = Repository(STORE)
+        self.jobs = JobRecords(STORE)
         self.indexes = {name: getattr(self, attr) for name, attr in _DEP_ATTR.items()}
         self._training: set[str] = set()
 
@@ -211,7 +213,7 @@ ImageSimilarity.add_asgi_middleware(
     domain_routes=DOMAIN_ROUTES,
     api_keys=api_keys(SETTINGS),
     search_requires_key=SETTINGS.search_requires_key,
-    job_lookup=JobRecords(open_store(SETTINGS.store_uri, SETTINGS.store_cache_dir)).get,
+    job_lookup=JobRecords(STORE).get,
     # Largest per-domain upload plus room for the multipart envelope and other form fields.
     max_body_bytes=max([c.limits.max_upload_bytes for c in DOMAINS.values()] + [Limits().max_upload_bytes])
     + 2**20,

@@ -24,6 +24,7 @@ import numpy as np
 
 from simserver import metrics
 from simserver.domain_config import BUILTIN
+from simserver.store import LocalStore
 
 logger = logging.getLogger(__name__)
 
@@ -164,17 +165,13 @@ class Encoder:
             model = shipped.read_bytes()
         else:
             stamp = f"{local.resolve()}:{(local / 'saved_model.pb').stat().st_mtime_ns}"
-            name = hashlib.sha256(stamp.encode()).hexdigest()[:24]
-            cached = Path(cache_dir) / "tflite" / f"{name}.tflite" if cache_dir else None
-            if cached is not None and cached.is_file():
-                model = cached.read_bytes()
-            else:
+            key = f"tflite/{hashlib.sha256(stamp.encode()).hexdigest()[:24]}.tflite"
+            cache = LocalStore(cache_dir) if cache_dir else None
+            try:
+                model = cache.get(key) if cache else convert_tflite(local)
+            except KeyError:
                 model = convert_tflite(local)
-                if cached is not None:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-                    tmp.write_bytes(model)
-                    os.replace(tmp, cached)
+                cache.put(key, model)
         runner = _TFLiteRunner(model, threads=max(1, os.cpu_count() or 1))
         # Self-check against the SavedModel on a gradient and on noise.
         probe = np.random.default_rng(0).integers(0, 256, (3, self.image_size, self.image_size, 3), np.uint8)

@@ -76,11 +76,13 @@ class Repository:
         build moved the pointer meanwhile, so a slower, older build cannot replace a newer one.
         The check narrows the race to the pointer write itself; it is not a distributed lock.
         """
-        if expected_previous is not False and self.current_version(domain) != expected_previous:
-            raise Conflict(
-                f"domain {domain}: another build published {self.current_version(domain)} while this one "
-                f"ran (started from {expected_previous}); not replacing it"
-            )
+        if expected_previous is not False:
+            current = self.current_version(domain)
+            if current != expected_previous:
+                raise Conflict(
+                    f"domain {domain}: another build published {current} while this one "
+                    f"ran (started from {expected_previous}); not replacing it"
+                )
         base = f"domains/{domain}/versions/{index.version}"
         files = index.to_files()
         # meta.json last: a version folder without it is an aborted write, never loaded.
