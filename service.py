@@ -1,19 +1,22 @@
 """HTTP gateway: routes and validation only; the work lives in ``simserver`` and ``runners``.
 
 Routes (the contract): ``POST /{domain}/search``, task ``/{domain}/train`` (``/submit``,
-``/status``, ``/get``), ``POST /similarity``, ``GET /{domain}/images/{id}``, ``GET /domains``.
+``/status``, ``/get``), ``POST /{domain}/relevance``, ``POST /similarity``,
+``GET /{domain}/images/{id}``, ``GET /domains``.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote
 
 import anyio
 import bentoml
+import numpy as np
 from fastapi import FastAPI
 from pydantic import Field
 from starlette.responses import JSONResponse, Response
@@ -22,17 +25,27 @@ from runners.domain_index import make_domain_service
 from runners.encoder import EncoderService
 from simserver import metrics
 from simserver.asgi import GatewayMiddleware, harden_multipart
-from simserver.builder import build_domain
+from simserver.builder import decode_batch
 from simserver.domain_config import BUILTIN, Limits, load_domains
 from simserver.encoder import IMAGE_SIZE
 from simserver.errors import ClientError, Conflict, TooLarge, UnknownDomain
-from simserver.ingest import read_zip
+from simserver.finetune import Head, TrainingConfig
+from simserver.ingest import Dataset, read_site, read_zip
 from simserver.jobs import JobRecords
 from simserver.preprocess import prepare
+from simserver.relevance import score_neighbours, site_decision
 from simserver.repository import Repository
-from simserver.schemas import DomainInfo, SearchResponse, SimilarityResponse, TrainResponse
+from simserver.schemas import (
+    DomainInfo,
+    RelevanceResponse,
+    SearchResponse,
+    SimilarityResponse,
+    SiteImage,
+    TrainResponse,
+)
 from simserver.settings import api_keys, get_settings
 from simserver.store import open_store
+from simserver.training import FeatureCache, train_domain
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +84,50 @@ def client_errors(fn):
     return wrapper
 
 
+def _site_images(archive: Path | None, images: list[Path], limits: Limits) -> Dataset:
+    if len(images) > limits.max_entries:
+        raise TooLarge(f"{len(images)} images; the limit is {limits.max_entries}")
+    data = _read_upload(archive, limits, "archive") if archive is not None else None
+    files = [(_upload_name(p), _read_upload(p, limits, "images")) for p in images]
+    return read_site(data, files, limits, IMAGE_SIZE)
+
+
+def _upload_name(path: Path) -> str:
+    """The client's file name: BentoML saves uploads as NamedTemporaryFile(suffix=<name>), i.e.
+    'tmp' + 8 random characters + the name."""
+    return re.sub(r"^tmp[a-z0-9_]{8}", "", path.name) or path.name
+
+
 def _read_upload(path: Path, limits: Limits, field: str) -> bytes:
     size = path.stat().st_size
     if size > limits.max_upload_bytes:
         raise TooLarge(f"{field}: {size} bytes exceeds the limit of {limits.max_upload_bytes}")
     return path.read_bytes()
+
+
+class ServiceBackend:
+    """Training backend whose TensorFlow work runs in the encoder service (sync client calls,
+    made from a worker thread)."""
+
+    def __init__(self, client, encoder_spec: str, encoder_id: str) -> None:
+        self.client = client
+        self.encoder_spec = encoder_spec
+        self.encoder_id = encoder_id
+
+    def encode(self, images):
+        return self.client.encode(images=images, encoder=self.encoder_spec)
+
+    def train_head(self, features, labels: list[str], config: TrainingConfig) -> Head:
+        return Head.unpack(
+            self.client.train_head(features=features, labels=labels, config=config.model_dump())
+        )
+
+    def export(self, head: Head, key: str, info: dict) -> str:
+        spec = self.client.export(encoder=self.encoder_spec, head=head.pack(), key=key, info=info)
+        # Load (and self-check) it in the encoder service before the version goes live, so the
+        # first search on the new version does not wait for it.
+        self.client.describe(encoder=spec)
+        return spec
 
 
 class ImageSimilarity:
@@ -86,6 +138,9 @@ class ImageSimilarity:
         self.jobs = JobRecords(STORE)
         self.indexes = {name: getattr(self, attr) for name, attr in _DEP_ATTR.items()}
         self._training: set[str] = set()
+        # Per domain, the encoder spec of the version its index service serves (a fine-tuned
+        # version brings its own encoder); corrected whenever the index service says otherwise.
+        self._serving_encoder: dict[str, str] = {}
 
     def _domain(self, ctx: bentoml.Context):
         name = ctx.request.path_params.get("domain", "")
@@ -94,11 +149,37 @@ class ImageSimilarity:
             raise UnknownDomain(f"unknown domain {name!r}")
         return cfg
 
-    async def _encode_upload(self, path: Path, limits: Limits, encoder: str, field: str):
+    async def _read_image(self, path: Path, limits: Limits, field: str):
         data = await anyio.to_thread.run_sync(_read_upload, path, limits, field)
-        pixels = await anyio.to_thread.run_sync(prepare, data, IMAGE_SIZE, limits.max_image_pixels, field)
+        return await anyio.to_thread.run_sync(prepare, data, IMAGE_SIZE, limits.max_image_pixels, field)
+
+    async def _encode_upload(self, path: Path, limits: Limits, encoder: str, field: str):
+        pixels = await self._read_image(path, limits, field)
         vectors = await self.encoder.to_async.encode(images=pixels[None], encoder=encoder)
         return vectors[0]
+
+    async def _with_served_encoder(self, cfg, encode_and_call) -> dict:
+        """Run ``encode_and_call(spec)`` with the encoder of the version the index serves; if the
+        version changed under us (the index service names another encoder), run it again."""
+        spec = self._serving_encoder.get(cfg.name)
+        if spec is None:
+            spec = (await self.indexes[cfg.name].to_async.info())["serving_encoder"] or cfg.encoder
+        for _ in range(3):
+            found = await encode_and_call(spec)
+            if found["version"] is None:
+                raise Conflict(f"domain {cfg.name!r} has no index yet: train it first")
+            if found.get("encoder", spec) == spec:
+                self._serving_encoder[cfg.name] = spec
+                return found
+            spec = found["encoder"]
+        raise Conflict(f"domain {cfg.name!r} is switching versions; try again")
+
+    async def _search_vectors(self, cfg, pixels, top_k: int) -> dict:
+        async def run(spec: str) -> dict:
+            vector = (await self.encoder.to_async.encode(images=pixels[None], encoder=spec))[0]
+            return await self.indexes[cfg.name].to_async.search(vector=vector, top_k=top_k, encoder=spec)
+
+        return await self._with_served_encoder(cfg, run)
 
     @bentoml.api(route="/{domain}/search")
     @client_errors
@@ -111,23 +192,34 @@ class ImageSimilarity:
     ) -> SearchResponse:
         """Most similar indexed images to the uploaded one, best first."""
         cfg = self._domain(ctx)
-        vector = await self._encode_upload(image, cfg.limits, cfg.encoder, "image")
-        found = await self.indexes[cfg.name].to_async.search(vector=vector, top_k=top_k or cfg.top_k)
-        if found["version"] is None:
-            raise Conflict(f"domain {cfg.name!r} has no index yet: train it first")
+        pixels = await self._read_image(image, cfg.limits, "image")
+        found = await self._search_vectors(cfg, pixels, top_k or cfg.top_k)
         if found.get("error"):
             raise Conflict(f"domain {cfg.name!r}: {found['error']}")
         return SearchResponse(domain=cfg.name, version=found["version"], results=found["results"])
 
     @bentoml.task(route="/{domain}/train")
     @client_errors
-    async def train(self, archive: Path, *, ctx: bentoml.Context) -> TrainResponse:
-        """Index a zip of ``<category>/<image>`` (+ optional metadata.csv) as the domain's new version."""
+    async def train(
+        self,
+        archive: Path,
+        mode: Annotated[
+            Literal["auto", "finetune", "pretrained"] | None,
+            Field(
+                description="auto: fine-tune and promote only if better on the hold-out; finetune: "
+                "always; pretrained: never. Default: the domain's training.mode"
+            ),
+        ] = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> TrainResponse:
+        """Fine-tune, evaluate and index a zip of ``<category>/<image>`` (+ optional metadata.csv)
+        as the domain's new version."""
         cfg = self._domain(ctx)
         task_id = getattr(ctx.request.state, "task_id", None)
         record = await anyio.to_thread.run_sync(self.jobs.started, task_id, cfg.name) if task_id else None
         try:
-            result = await self._train(cfg, archive)
+            result = await self._train(cfg, archive, mode)
         except ClientError as exc:
             if record:
                 await anyio.to_thread.run_sync(self.jobs.failed, record, exc.status, exc.message)
@@ -142,7 +234,7 @@ class ImageSimilarity:
             await anyio.to_thread.run_sync(self.jobs.completed, record, result.model_dump())
         return result
 
-    async def _train(self, cfg, archive: Path) -> TrainResponse:
+    async def _train(self, cfg, archive: Path, mode: str | None) -> TrainResponse:
         if cfg.name in self._training:
             raise Conflict(f"domain {cfg.name!r} is already training; try again when it finishes")
         self._training.add(cfg.name)
@@ -150,20 +242,16 @@ class ImageSimilarity:
             data = await anyio.to_thread.run_sync(_read_upload, archive, cfg.limits, "archive")
             dataset = await anyio.to_thread.run_sync(read_zip, data, cfg.limits, IMAGE_SIZE)
             encoder_id = (await self.encoder.to_async.describe(encoder=cfg.encoder))["id"]
-
-            def encode(batch):
-                return self.encoder.encode(images=batch, encoder=cfg.encoder)
-
+            backend = ServiceBackend(self.encoder, cfg.encoder, encoder_id)
             report = await anyio.to_thread.run_sync(
                 functools.partial(
-                    build_domain,
+                    train_domain,
                     self.repo,
-                    cfg.name,
+                    cfg,
                     dataset,
-                    encode=encode,
-                    encoder_id=encoder_id,
-                    metric=cfg.metric,
-                    policy=cfg.index,
+                    backend,
+                    mode=mode,
+                    cache=FeatureCache(SETTINGS.store_cache_dir, encoder_id),
                     batch_size=SETTINGS.encode_batch_size,
                 )
             )
@@ -171,9 +259,83 @@ class ImageSimilarity:
                 await self.indexes[cfg.name].to_async.reload()
             except Exception:  # published already; the index service's poller will pick it up
                 logger.exception("domain %s: reload after publish failed", cfg.name)
+            self._serving_encoder.pop(cfg.name, None)
             return TrainResponse(**report.as_json())
         finally:
             self._training.discard(cfg.name)
+
+    @bentoml.api(route="/{domain}/relevance")
+    @client_errors
+    async def relevance(
+        self,
+        # Plain `Path` with a None default: BentoML 1.4 converts uploads only for fields annotated
+        # exactly `Path` / `list[Path]` (an `Optional[Path]` upload fails validation).
+        archive: Path = None,  # type: ignore[assignment]
+        images: list[Path] = None,  # type: ignore[assignment]
+        image_threshold: Annotated[
+            float | None, Field(ge=-1, le=1, description="margin threshold; default: calibrated at training")
+        ] = None,
+        site_threshold: Annotated[
+            float | None, Field(ge=0, le=1, description="default: the domain's relevance.site_threshold")
+        ] = None,
+        nearest: Annotated[int, Field(ge=0, le=20, description="neighbours listed per image")] = 3,
+        *,
+        ctx: bentoml.Context,
+    ) -> RelevanceResponse:
+        """Does this supplier site sell the domain's target product? Send the site's images as a zip
+        (``archive``, any layout) and/or as files (``images``). Each image is encoded once and scored
+        by its nearest indexed images: target label versus the best other label."""
+        cfg = self._domain(ctx)
+        if not cfg.target_label:
+            raise ClientError(
+                f"domain {cfg.name!r} names no target_label: relevance is for domains that do "
+                f"({', '.join(n for n, c in DOMAINS.items() if c.target_label) or 'none configured'})"
+            )
+        if archive is None and not images:
+            raise ClientError("send the site's images as a zip in 'archive' or as files in 'images'")
+        dataset = await anyio.to_thread.run_sync(_site_images, archive, images or [], cfg.limits)
+        rc = cfg.relevance
+        batch = SETTINGS.encode_batch_size
+
+        async def run(spec: str) -> dict:
+            chunks = []
+            for start in range(0, len(dataset.samples), batch):
+                pixels = await anyio.to_thread.run_sync(decode_batch, dataset.samples[start : start + batch])
+                chunks.append(await self.encoder.to_async.encode(images=pixels, encoder=spec))
+            vectors = np.concatenate(chunks)
+            return await self.indexes[cfg.name].to_async.neighbours(vectors=vectors, k=rc.k, encoder=spec)
+
+        found = await self._with_served_encoder(cfg, run)
+        calibration = found.get("relevance") or {}
+        t_image = image_threshold if image_threshold is not None else calibration.get("image_threshold")
+        if t_image is None:
+            t_image = rc.default_image_threshold
+        t_site = site_threshold if site_threshold is not None else rc.site_threshold
+        scores = [
+            score_neighbours([h["label"] for h in hits], [h["score"] for h in hits], cfg.target_label)
+            for hits in found["hits"]
+        ]
+        similar, fraction, relevant = site_decision([s.margin for s in scores], t_image, t_site)
+        return RelevanceResponse(
+            domain=cfg.name,
+            version=found["version"],
+            relevant=relevant,
+            fraction=round(fraction, 4),
+            target=cfg.target_label,
+            image_threshold=t_image,
+            site_threshold=t_site,
+            images=[
+                SiteImage(
+                    name=sample.name,
+                    similarity=round(sc.similarity, 4),
+                    margin=round(sc.margin, 4),
+                    similar=sim,
+                    nearest=hits[:nearest],
+                )
+                for sample, sc, sim, hits in zip(dataset.samples, scores, similar, found["hits"], strict=True)
+            ],
+            skipped=[{"name": s.name, "reason": s.reason} for s in dataset.skipped],
+        )
 
     @bentoml.api(route="/similarity")
     @client_errors

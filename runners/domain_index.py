@@ -43,10 +43,15 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             return True
 
         @bentoml.api
-        def search(self, vector: np.ndarray, top_k: int) -> dict:
+        def search(self, vector: np.ndarray, top_k: int, encoder: str | None = None) -> dict:
+            """``encoder``: the spec the caller encoded with; if the served version was built with
+            another, no results and that version's spec, so the caller can encode again."""
             index = self.live.current
             if index is None:
                 return {"version": None, "results": []}
+            served = index.meta.get("encoder") or cfg.encoder
+            if encoder is not None and encoder != served:
+                return {"version": index.version, "results": [], "encoder": served}
             if vector.shape[-1] != index.dim:
                 return {
                     "version": index.version,
@@ -54,7 +59,32 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
                     "error": f"index version {index.version} was built with {index.meta['encoder_id']} "
                     f"({index.dim}-d) but the encoder gives {vector.shape[-1]}-d vectors: retrain",
                 }
-            return {"version": index.version, "results": [asdict(h) for h in index.search(vector, top_k)]}
+            return {
+                "version": index.version,
+                "encoder": served,
+                "results": [asdict(h) for h in index.search(vector, top_k)],
+            }
+
+        @bentoml.api
+        def neighbours(self, vectors: np.ndarray, k: int, encoder: str | None = None) -> dict:
+            """Top-k (id, label, score) of each vector, and the version's relevance calibration;
+            ``encoder`` as in :meth:`search`."""
+            index = self.live.current
+            if index is None:
+                return {"version": None, "hits": []}
+            served = index.meta.get("encoder") or cfg.encoder
+            if (encoder is not None and encoder != served) or vectors.shape[-1] != index.dim:
+                return {"version": index.version, "hits": [], "encoder": served}
+            hits = [
+                [{"id": h.id, "label": h.label, "score": h.score} for h in row]
+                for row in index.search_many(vectors, k)
+            ]
+            return {
+                "version": index.version,
+                "encoder": served,
+                "hits": hits,
+                "relevance": index.meta.get("relevance"),
+            }
 
         @bentoml.api
         def item(self, item_id: int) -> dict:
@@ -80,6 +110,8 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
                 "count": meta.get("count", 0),
                 "labels": meta.get("labels", {}),
                 "encoder_id": meta.get("encoder_id"),
+                "serving_encoder": (meta.get("encoder") or cfg.encoder) if index is not None else None,
+                "evaluation": meta.get("evaluation"),
                 "created_at": meta.get("created_at"),
                 "store_error": self.live.last_error,
             }

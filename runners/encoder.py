@@ -1,4 +1,8 @@
-"""The shared encoder service: the only process that loads TensorFlow (~0.6 GB RSS each)."""
+"""The shared encoder service: the only process that loads TensorFlow (~0.6 GB RSS each).
+
+It encodes for every domain (pretrained and fine-tuned encoders, by spec) and does the TensorFlow
+part of a training: the head fit and the export of backbone + head as a SavedModel.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import numpy as np
 
 from runners import RUNNER_CONNECTION
 from simserver.domain_config import BUILTIN, load_domains
-from simserver.encoder import Encoder
+from simserver.encoder_pool import EncoderPool
+from simserver.finetune import Head, TrainingConfig, train_head
 from simserver.settings import get_settings
+from simserver.store import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -27,33 +33,44 @@ class EncoderService:
     builtin = bentoml.models.BentoModel(f"{get_settings().builtin_model}:latest")
 
     def __init__(self) -> None:
-        self.settings = get_settings()
-        self._encoders: dict[str, Encoder] = {}
-        self._lock = threading.Lock()
-        specs = {BUILTIN} | {c.encoder for c in load_domains(self.settings.domains_dir).values()}
-        for spec in sorted(specs):
-            self._get(spec)
+        settings = get_settings()
+        self.pool = EncoderPool.from_settings(
+            settings, store=open_store(settings.store_uri, settings.store_cache_dir)
+        )
+        domains = load_domains(settings.domains_dir).values()
+        for spec in sorted({BUILTIN} | {c.encoder for c in domains}):
+            self.pool.get(spec)
+        # Trace the fine-tuned-encoder export templates in the background (seconds each), so the
+        # first training does not pay for them; a training that comes first simply waits its turn.
+        wanted = sorted(
+            {(c.encoder, c.training.embedding_dim) for c in domains if c.training.mode != "pretrained"}
+        )
+        threading.Thread(target=self._prepare, args=(wanted,), name="export-templates", daemon=True).start()
 
-    def _get(self, spec: str) -> Encoder:
-        with self._lock:
-            enc = self._encoders.get(spec)
-            if enc is None:
-                enc = Encoder(
-                    spec,
-                    builtin_model=self.settings.builtin_model,
-                    batch_size=self.settings.encode_batch_size,
-                    runtime=self.settings.encoder_runtime,
-                    cache_dir=self.settings.store_cache_dir,
-                )
-                self._encoders[spec] = enc
-            return enc
+    def _prepare(self, wanted: list[tuple[str, int]]) -> None:
+        for spec, dim in wanted:
+            try:
+                self.pool.prepare_export(spec, dim)
+            except Exception:  # only a head start: the export traces it again if needed
+                logger.exception("cannot prepare the export template for %s", spec)
 
     @bentoml.api
     def encode(self, images: np.ndarray, encoder: str = BUILTIN) -> np.ndarray:
         """``uint8 [N, 224, 224, 3]`` -> ``float32 [N, D]`` unit vectors."""
-        return self._get(encoder).encode(images)
+        return self.pool.get(encoder).encode(images)
 
     @bentoml.api
     def describe(self, encoder: str = BUILTIN) -> dict:
-        enc = self._get(encoder)
+        """Loads the encoder if needed (the gateway warms a fine-tuned one before publishing it)."""
+        enc = self.pool.get(encoder)
         return {"id": enc.id, "dim": enc.dim, "image_size": enc.image_size, "runtime": enc.runtime}
+
+    @bentoml.api
+    def train_head(self, features: np.ndarray, labels: list[str], config: dict) -> np.ndarray:
+        """Fit a head on backbone features; returns it packed (see ``Head.pack``)."""
+        return train_head(features, labels, TrainingConfig.model_validate(config)).pack()
+
+    @bentoml.api
+    def export(self, encoder: str, head: np.ndarray, key: str, info: dict) -> str:
+        """Save ``encoder`` + head as one SavedModel at ``key`` in the store; returns its spec."""
+        return self.pool.export(encoder, Head.unpack(head), key, info)

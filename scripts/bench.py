@@ -7,7 +7,8 @@ Encoder: img/s of the TF SavedModel and the TFLite/XNNPACK runtime at batch 1 an
 alternately in one process so machine noise hits both. Index: build seconds, single-thread ms/query,
 recall@10 against exact search and bytes/vector for Flat, HNSW and IVF-PQ on clustered synthetic
 vectors (real embeddings are clustered too), with a linear extrapolation to 1M vectors. HTTP search
-latency is `scripts/bench_http.py`. Not yet here: a 100k-item domain over HTTP, training img/s.
+latency is `scripts/bench_http.py`. Training: `scripts/bench_training.py` (training vs encoding
+once, side by side) at N = 1000 (300 with --quick). Not yet here: a 100k-item domain over HTTP.
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ def index_figures(n: int, d: int, queries: int) -> dict:
     return out
 
 
+def training_figures(n: int, rounds: int) -> dict:
+    from bench_training import training_figures as run
+
+    return run(n, rounds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="one JSON object (the default output anyway)")
@@ -105,6 +112,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count()},
         "encoder_img_per_s": encoder_figures(3.0 if args.quick else 8.0),
         "index": index_figures(n, 1280, 100 if args.quick else 300),
+        "training": training_figures(300 if args.quick else 1000, rounds=1),
     }
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result, indent=None if args.json else 2))

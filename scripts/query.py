@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simserver.domain_config import load_domains  # noqa: E402
-from simserver.encoder import Encoder  # noqa: E402
+from simserver.encoder_pool import EncoderPool  # noqa: E402
 from simserver.errors import ClientError  # noqa: E402
 from simserver.preprocess import prepare  # noqa: E402
 from simserver.repository import Repository  # noqa: E402
@@ -34,7 +34,8 @@ def main() -> int:
     cfg = domains.get(args.domain)
     if cfg is None:
         ap.error(f"unknown domain {args.domain!r} (known: {', '.join(domains)})")
-    repo = Repository(open_store(args.store or settings.store_uri))
+    store = open_store(args.store or settings.store_uri, settings.store_cache_dir)
+    repo = Repository(store)
     version = repo.current_version(cfg.name)
     if version is None:
         print(f"error: domain {cfg.name} has no index yet (scripts/build_domain.py)", file=sys.stderr)
@@ -45,12 +46,9 @@ def main() -> int:
     except ClientError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    vector = Encoder(
-        cfg.encoder,
-        builtin_model=settings.builtin_model,
-        runtime=settings.encoder_runtime,
-        cache_dir=settings.store_cache_dir,
-    ).encode(pixels[None])[0]
+    pool = EncoderPool.from_settings(settings, store=store)
+    # A fine-tuned version brings its own encoder: queries must use the version's, not the yaml's.
+    vector = pool.get(index.meta.get("encoder") or cfg.encoder).encode(pixels[None])[0]
     hits = index.search(vector, args.top_k or cfg.top_k)
     print(
         json.dumps({"domain": cfg.name, "version": version, "results": [asdict(h) for h in hits]}, indent=2)

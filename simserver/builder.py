@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from simserver.index import DomainIndex, Item
 from simserver.index_choice import IndexPolicy
-from simserver.ingest import Dataset, Skipped, iter_chunks
+from simserver.ingest import Dataset, Sample, Skipped, iter_chunks
 from simserver.repository import Repository, image_key, new_version_id
 
 logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[np.ndarray], np.ndarray]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -39,36 +43,56 @@ class BuildReport:
             "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
             "labels": self.labels,
             "seconds": round(self.seconds, 3),
+            "encoder": self.meta.get("encoder"),
+            "encoder_id": self.meta.get("encoder_id"),
+            "evaluation": self.meta.get("evaluation"),
         }
+
+
+def prefetched(batches: list[list[T]], load: Callable[[list[T]], R]) -> Iterator[tuple[list[T], R]]:
+    """(batch, load(batch)) in order, loading the next batch on a helper thread while the caller
+    works on this one: image decoding (Pillow releases the GIL) overlaps encoding."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending = pool.submit(load, batches[0]) if batches else None
+        for n, batch in enumerate(batches):
+            loaded = pending.result()
+            if n + 1 < len(batches):
+                pending = pool.submit(load, batches[n + 1])
+            yield batch, loaded
+
+
+def decode_batch(samples: list[Sample]) -> np.ndarray:
+    return np.stack([s.pixels for s in samples])
 
 
 def encode_dataset(
     dataset: Dataset, encode: EncodeFn, batch_size: int = 32, progress: Callable[[int], None] | None = None
 ) -> np.ndarray:
     chunks = []
-    for chunk in iter_chunks(dataset.samples, batch_size):
-        chunks.append(np.asarray(encode(np.stack([s.pixels for s in chunk])), dtype=np.float32))
+    for chunk, pixels in prefetched(list(iter_chunks(dataset.samples, batch_size)), decode_batch):
+        chunks.append(np.asarray(encode(pixels), dtype=np.float32))
         if progress:
             progress(len(chunk))
     return np.concatenate(chunks)
 
 
-def build_domain(
+def publish_version(
     repo: Repository,
     domain: str,
     dataset: Dataset,
+    vectors: np.ndarray,
     *,
-    encode: EncodeFn,
     encoder_id: str,
+    encoder_spec: str | None,
     metric: str,
     policy: IndexPolicy | None = None,
-    batch_size: int = 32,
-    progress: Callable[[int], None] | None = None,
+    version: str | None = None,
+    previous: str | None = None,
+    extra_meta: dict | None = None,
     started: float | None = None,
 ) -> BuildReport:
+    """Store the images, build the index of ``vectors`` and point ``domain`` at it (last)."""
     t0 = started if started is not None else time.perf_counter()
-    previous = repo.current_version(domain)
-    vectors = encode_dataset(dataset, encode, batch_size, progress)
     items = []
     for s in dataset.samples:
         key = image_key(domain, s.data, s.media_type)
@@ -79,11 +103,43 @@ def build_domain(
         items,
         metric=metric,
         encoder_id=encoder_id,
-        version=new_version_id(),
-        extra_meta={"skipped": len(dataset.skipped)},
+        version=version or new_version_id(),
+        extra_meta={"skipped": len(dataset.skipped), "encoder": encoder_spec, **(extra_meta or {})},
         policy=policy,
     )
     repo.publish(domain, index, expected_previous=previous)
     return BuildReport(
         index.version, len(items), dataset.skipped, dataset.labels(), time.perf_counter() - t0, index.meta
+    )
+
+
+def build_domain(
+    repo: Repository,
+    domain: str,
+    dataset: Dataset,
+    *,
+    encode: EncodeFn,
+    encoder_id: str,
+    metric: str,
+    encoder_spec: str | None = None,
+    policy: IndexPolicy | None = None,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+    started: float | None = None,
+) -> BuildReport:
+    """Index ``dataset`` with one pretrained encoder, no fine-tuning (see simserver.training)."""
+    t0 = started if started is not None else time.perf_counter()
+    previous = repo.current_version(domain)
+    vectors = encode_dataset(dataset, encode, batch_size, progress)
+    return publish_version(
+        repo,
+        domain,
+        dataset,
+        vectors,
+        encoder_id=encoder_id,
+        encoder_spec=encoder_spec,
+        metric=metric,
+        policy=policy,
+        previous=previous,
+        started=t0,
     )

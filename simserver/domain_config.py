@@ -9,7 +9,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from simserver.finetune import TrainingConfig
 from simserver.index_choice import IndexPolicy
+from simserver.relevance import RelevanceConfig
 from simserver.settings import PROJECT_ROOT
 
 Metric = Literal["cosine", "l2", "l1", "ip"]
@@ -42,6 +44,8 @@ class DomainConfig(BaseModel):
     demo_data: Path | None = Field(None, description="folder of <category>/<image>, relative to the repo")
     limits: Limits = Limits()
     index: IndexPolicy = IndexPolicy()
+    training: TrainingConfig = TrainingConfig()
+    relevance: RelevanceConfig = RelevanceConfig()
 
     @field_validator("name")
     @classmethod

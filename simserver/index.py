@@ -105,24 +105,31 @@ class DomainIndex:
         return cls(index, items, meta)
 
     def search(self, query: np.ndarray, top_k: int) -> list[Hit]:
-        q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
-        if q.shape[1] != self.dim:
-            raise ValueError(f"query has dim {q.shape[1]}, index has {self.dim}")
+        return self.search_many(np.asarray(query, dtype=np.float32).reshape(1, -1), top_k)[0]
+
+    def search_many(self, queries: np.ndarray, top_k: int) -> list[list[Hit]]:
+        """Nearest items of each query row, best first (one FAISS call for the batch)."""
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries have shape {q.shape}, index has dim {self.dim}")
         if self.metric == "cosine":
             q = metrics.l2_normalize(q)
         k = min(top_k, len(self.items))
-        if k <= 0:
-            return []
+        if k <= 0 or len(q) == 0:
+            return [[] for _ in range(len(q))]
         raw, ids = self.faiss.search(q, k)
-        dist = metrics.faiss_to_distance(self.metric, raw[0])
-        score = metrics.distance_to_score(self.metric, dist)
-        hits = []
-        for i, d, s in zip(ids[0], dist, score, strict=True):
-            if i < 0:
-                continue
-            item = self.items[int(i)]
-            hits.append(Hit(int(i), item.name, item.label, float(s), float(d), dict(item.metadata)))
-        return hits
+        out = []
+        for row_raw, row_ids in zip(raw, ids, strict=True):
+            dist = metrics.faiss_to_distance(self.metric, row_raw)
+            score = metrics.distance_to_score(self.metric, dist)
+            hits = []
+            for i, d, s in zip(row_ids, dist, score, strict=True):
+                if i < 0:
+                    continue
+                item = self.items[int(i)]
+                hits.append(Hit(int(i), item.name, item.label, float(s), float(d), dict(item.metadata)))
+            out.append(hits)
+        return out
 
     # -- (de)serialisation: bytes so the same code works for any artifact store ------------------
     def to_files(self) -> dict[str, bytes]:

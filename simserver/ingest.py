@@ -118,13 +118,40 @@ def _parse_metadata(data: bytes) -> dict[str, dict[str, str]]:
     return out
 
 
+def _checked_image(
+    name: str,
+    read: Callable[[], bytes],
+    limits: Limits,
+    image_size: int,
+    skipped: list[Skipped],
+    progress: Callable[[int], None] | None,
+) -> bytes | None:
+    """The entry's bytes if they decode as an image (pixels are decoded again when encoded); a
+    broken image is skipped and listed, an oversized one refuses the whole archive."""
+    data = read()
+    try:
+        prepare(data, image_size, limits.max_image_pixels, name)
+    except TooLarge as exc:
+        raise TooLarge(f"refusing the archive: {exc.message}") from None
+    except BadImage as exc:
+        skipped.append(Skipped(name, exc.message.removeprefix(f"{name}: ")))
+        return None
+    finally:
+        if progress:
+            progress(1)
+    return data
+
+
 def _build(
     entries: Iterable[tuple[tuple[str, ...], Callable[[], bytes]]],
     limits: Limits,
     image_size: int,
     progress: Callable[[int], None] | None = None,
+    labelled: bool = True,
 ) -> Dataset:
     listed = list(entries)
+    if not labelled:  # a bag of images (one supplier site): any layout, no categories
+        return _build_unlabelled(listed, limits, image_size, progress)
     depth = _strip_wrapper([p for p, _ in listed if p[-1] != METADATA_FILE])
     metadata: dict[str, dict[str, str]] = {}
     images: list[tuple[tuple[str, ...], Callable[[], bytes]]] = []
@@ -143,17 +170,9 @@ def _build(
         by_basename.setdefault(rel[-1], []).append("/".join(rel))
     for rel, read in images:
         name = "/".join(rel)
-        data = read()
-        try:
-            prepare(data, image_size, limits.max_image_pixels, name)  # validate; pixels decoded again later
-        except TooLarge as exc:
-            raise TooLarge(f"refusing the archive: {exc.message}") from None
-        except BadImage as exc:
-            skipped.append(Skipped(name, exc.message.removeprefix(f"{name}: ")))
+        data = _checked_image(name, read, limits, image_size, skipped, progress)
+        if data is None:
             continue
-        finally:
-            if progress:
-                progress(1)
         meta = metadata.get(name)
         if meta is None and len(by_basename[rel[-1]]) == 1:
             meta = metadata.get(rel[-1])
@@ -170,6 +189,28 @@ def _build(
     return Dataset(samples, skipped)
 
 
+def _build_unlabelled(
+    listed: list[tuple[tuple[str, ...], Callable[[], bytes]]],
+    limits: Limits,
+    image_size: int,
+    progress: Callable[[int], None] | None,
+) -> Dataset:
+    samples: list[Sample] = []
+    skipped: list[Skipped] = []
+    for parts, read in listed:
+        name = "/".join(parts)
+        data = _checked_image(name, read, limits, image_size, skipped, progress)
+        if data is None:
+            continue
+        samples.append(Sample(name, "", data, _media_type(data), {}, image_size, limits.max_image_pixels))
+    if not samples:
+        raise BadArchive(
+            f"no usable image in the archive; {len(skipped)} skipped"
+            + (f" (first: {skipped[0].name}: {skipped[0].reason})" if skipped else "")
+        )
+    return Dataset(samples, skipped)
+
+
 def _visible(parts: tuple[str, ...]) -> bool:
     return (
         bool(parts)
@@ -180,8 +221,13 @@ def _visible(parts: tuple[str, ...]) -> bool:
 
 
 def read_zip(
-    data: bytes, limits: Limits, image_size: int = 224, progress: Callable[[int], None] | None = None
+    data: bytes,
+    limits: Limits,
+    image_size: int = 224,
+    progress: Callable[[int], None] | None = None,
+    labelled: bool = True,
 ) -> Dataset:
+    """``labelled``: ``<category>/<image>`` entries (training); else any layout (a site's images)."""
     if not data:
         raise BadArchive("archive is empty")
     if len(data) > limits.max_upload_bytes:
@@ -212,7 +258,34 @@ def read_zip(
             raise BadArchive(f"archive entry {info.filename!r} is encrypted")
         if _visible(parts):
             entries.append((parts, _reader(zf, info)))
-    return _build(entries, limits, image_size, progress)
+    return _build(entries, limits, image_size, progress, labelled)
+
+
+def read_site(
+    archive: bytes | None, files: list[tuple[str, bytes]], limits: Limits, image_size: int = 224
+) -> Dataset:
+    """One supplier site's images, from a zip (any layout) and/or uploaded files (name, bytes).
+    Broken images are skipped and listed; a site with no usable image is refused."""
+    samples: list[Sample] = []
+    skipped: list[Skipped] = []
+    if archive is not None:
+        try:
+            site = read_zip(archive, limits, image_size, labelled=False)
+            samples.extend(site.samples)
+            skipped.extend(site.skipped)
+        except BadArchive as exc:
+            if "no usable image" not in exc.message or not files:
+                raise
+            skipped.append(Skipped("archive", exc.message))
+    for name, data in files:
+        if _checked_image(name, lambda d=data: d, limits, image_size, skipped, None) is not None:
+            samples.append(Sample(name, "", data, _media_type(data), {}, image_size, limits.max_image_pixels))
+    if not samples:
+        raise BadArchive(
+            "no usable image in the site's upload"
+            + (f" ({len(skipped)} skipped; first: {skipped[0].name}: {skipped[0].reason})" if skipped else "")
+        )
+    return Dataset(samples, skipped)
 
 
 def _declared_entries(data: bytes) -> int | None:

@@ -92,7 +92,19 @@ class Server:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.env, self.target, self.cwd = env, target, cwd
         self.log = log
+        self._spawn()
+
+    def restart(self) -> float:
+        """SIGTERM, then the same server again (same port, environment and store)."""
+        self.stop()
+        self.log = self.log.with_suffix(".restarted.log")
+        self._spawn()
+        return self.wait_ready()
+
+    def _spawn(self) -> None:
+        env, target, cwd, log = self.env, self.target, self.cwd, self.log
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -190,5 +202,39 @@ def server(tmp_path_factory, demo_store, domains_dir, builtin_tag):
     tmp = tmp_path_factory.mktemp("server")
     srv = Server(server_env(demo_store, domains_dir, tmp), tmp / "server.log")
     srv.startup_seconds = srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+# Fine-tuning and relevance tests share a server with its own store: `ft` (a plain domain) and `nuts`
+# (a target label, as almonds-suppliers).
+TRAIN_DOMAINS = {
+    "ft": """\
+name: ft
+description: "fine-tuning test domain"
+limits: {max_entries: 200}
+training: {augment_views: 1}
+""",
+    "nuts": """\
+name: nuts
+description: "relevance test domain"
+target_label: peanuts
+limits: {max_entries: 200}
+training: {metric_loss: multi_similarity, augment_views: 2}
+""",
+}
+
+
+@pytest.fixture(scope="session")
+def train_server(tmp_path_factory, builtin_tag):
+    tmp = tmp_path_factory.mktemp("train-server")
+    domains = tmp / "domains"
+    domains.mkdir()
+    for name, text in TRAIN_DOMAINS.items():
+        (domains / f"{name}.yaml").write_text(text)
+    env = server_env(tmp / "store", domains, tmp)
+    env["STORE_CACHE_DIR"] = str(tmp / "cache")
+    srv = Server(env, tmp / "server.log")
+    srv.wait_ready()
     yield srv
     srv.stop()

@@ -56,3 +56,44 @@ def test_cli_errors_are_clear(tmp_path, builtin_tag):
     (tmp_path / "empty").mkdir()
     b = run(["scripts/build_domain.py", "fashion", "--data", str(tmp_path / "empty")], store)
     assert b.returncode == 2 and "no usable image" in b.stderr
+
+
+def test_finetune_mode_then_query_uses_the_versions_encoder(tmp_path, builtin_tag):
+    store = tmp_path / "store"
+    built = run(
+        ["scripts/build_domain.py", "fashion", "--data", str(DEMO / "fashion"), "--mode", "finetune"], store
+    )
+    assert built.returncode == 0, built.stderr
+    report = json.loads(built.stdout.strip().splitlines()[-1])
+    ev = report["evaluation"]
+    assert ev["promoted"] and ev["mode"] == "finetune" and report["encoder"].startswith("store:")
+    assert ev["finetuned"]["recall_at_1"] > ev["pretrained"]["recall_at_1"]
+    meta = json.loads((store / "domains/fashion/versions" / report["version"] / "meta.json").read_text())
+    assert meta["evaluation"] == ev and meta["dim"] == 256 and meta["encoder"] == report["encoder"]
+    assert (store / report["encoder"].removeprefix("store:")).is_file()
+
+    # A query encodes with the version's fine-tuned encoder (a 1280-d pretrained vector would not fit).
+    q = run(["scripts/query.py", "fashion", str(DEMO / "fashion/crown/google.png"), "--top-k", "1"], store)
+    assert q.returncode == 0, q.stderr
+    assert json.loads(q.stdout)["results"][0]["name"] == "crown/google.png"
+
+
+def test_evaluate_prints_json_and_writes_the_html_report(tmp_path, builtin_tag):
+    data = tmp_path / "set"
+    for label in sorted(p.name for p in (DEMO / "fashion").iterdir())[:12]:
+        (data / label).mkdir(parents=True)
+        for p in (DEMO / "fashion" / label).iterdir():
+            (data / label / p.name).write_bytes(p.read_bytes())
+    report = tmp_path / "report.html"
+    r = run(["scripts/evaluate.py", "--data", str(data), "--json", "--report", str(report)], tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["n"] == 36 and out["queries"] == 12
+    for name in ("pretrained", "finetuned"):
+        assert set(out[name]) == {"recall_at_1", "recall_at_5", "map_at_r"}
+        assert all(0 <= v <= 1 for v in out[name].values())
+    page = report.read_text()
+    assert page.count("<svg") == 2 and "Worst queries" in page
+    assert page.count('class="q"') == 12 and page.count("data:image/jpeg;base64,") >= 12 * 2
+    bad = run(["scripts/evaluate.py", "--data", str(tmp_path / "missing.zip")], tmp_path / "s")
+    assert bad.returncode == 2 and "cannot read" in bad.stderr

@@ -1,0 +1,117 @@
+"""Training time against encoding time, side by side in one process (issue: training 1,000 images
+at 224 px should take at most 1.5x encoding them once).
+
+    python scripts/bench_training.py            # N = 1000
+    python scripts/bench_training.py -n 300     # quicker
+
+The images are the bundled demo photos (all three domains, 60 categories), topped up to N with
+augmented variants (new bytes, so nothing is served from the feature cache). "Encode once" is
+decode + encode of every image with the serving runtime; "train" is the whole pipeline with
+mode=finetune and an empty feature cache: encode, hold-out split, head fit, evaluation of both
+embeddings, export of backbone + head as a SavedModel, index build and publish (images stored).
+The export template is traced first (the server does it in the background at start; its seconds
+are printed too); then encode-once and train alternate for --rounds pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("BENTOML_HOME", str(ROOT / "var" / "bentoml"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def bench_samples(n: int, seed: int = 0) -> list:
+    from PIL import Image
+
+    from simserver.augment import view
+    from simserver.domain_config import Limits
+    from simserver.ingest import Sample, read_folder
+
+    base = []
+    for domain in ("fashion", "food", "almonds-suppliers"):
+        for s in read_folder(ROOT / "demo" / domain, Limits()).samples:
+            s.label = f"{domain}/{s.label}"
+            base.append(s)
+    out = list(base[:n])
+    i = 0
+    while len(out) < n:
+        src = base[i % len(base)]
+        pixels = view(src.pixels, hashlib.sha256(src.data).hexdigest(), 1000 + i, seed)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG")
+        out.append(Sample(f"{src.label}/variant-{i}.png", src.label, buf.getvalue(), "image/png"))
+        i += 1
+    return out
+
+
+def training_figures(n: int, rounds: int = 2) -> dict:
+    from simserver.domain_config import DomainConfig
+    from simserver.encoder_pool import EncoderPool, LocalBackend
+    from simserver.ingest import Dataset
+    from simserver.repository import Repository
+    from simserver.store import LocalStore
+    from simserver.training import backbone_features, train_domain
+
+    samples = bench_samples(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalStore(Path(tmp) / "store")
+        pool = EncoderPool(cache_dir=ROOT / "var" / "cache", store=store)
+        backend = LocalBackend(pool, "builtin")
+        cfg = DomainConfig(name="bench")
+        backend.encode(np.stack([s.pixels for s in samples[:32]]))  # warm-up
+        t0 = time.perf_counter()
+        pool.prepare_export("builtin", cfg.training.embedding_dim)  # the server does this at start
+        template_s = time.perf_counter() - t0
+        pairs = []
+        for _ in range(rounds):  # alternate, so machine noise hits both sides
+            t0 = time.perf_counter()
+            backbone_features(samples, backend, cache=None)
+            encode_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            report = train_domain(Repository(store), cfg, Dataset(samples, []), backend, mode="finetune")
+            pairs.append((encode_s, time.perf_counter() - t0, report.meta["evaluation"]))
+    ev = pairs[-1][2]
+    encode_s = float(np.mean([p[0] for p in pairs]))
+    train_s = float(np.mean([p[1] for p in pairs]))
+    return {
+        "n": n,
+        "runtime": pool.get("builtin").runtime,
+        "rounds": rounds,
+        "encode_once_s": round(encode_s, 2),
+        "encode_img_per_s": round(n / encode_s, 1),
+        "train_s": round(train_s, 2),
+        "train_img_per_s": round(n / train_s, 1),
+        "train_over_encode": round(train_s / encode_s, 2),
+        "train_over_encode_per_round": [round(t / e, 2) for e, t, _ in pairs],
+        "train_stages_s": ev["seconds"],
+        "export_template_s": round(template_s, 2),
+        "holdout_recall_at_1": {
+            "pretrained": ev["pretrained"]["recall_at_1"],
+            "finetuned": ev["finetuned"]["recall_at_1"],
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=1000, help="images (default 1000)")
+    ap.add_argument("--rounds", type=int, default=2, help="encode-once / train pairs (default 2)")
+    args = ap.parse_args()
+    print(json.dumps(training_figures(args.n, args.rounds)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Loaded encoders by spec, including fine-tuned ones kept in the artifact store.
+
+Specs: ``builtin``, a TF Hub handle or a local SavedModel folder (see :mod:`simserver.encoder`),
+or ``store:<key>``: a fine-tuned encoder (backbone + head SavedModel, as a tar) that a training
+wrote into the artifact store next to its index version. Store encoders are fetched once into the
+local cache and loaded through the same ``tensorflow_hub`` loader; the pool keeps the most
+recently used few of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simserver.encoder import Encoder, check_reproduces, probe_images
+from simserver.finetune import Head, TrainingConfig, export_finetuned, load_head, train_head, write_head_files
+from simserver.store import ArtifactStore
+
+logger = logging.getLogger(__name__)
+
+STORE_PREFIX = "store:"
+
+
+def is_store_spec(spec: str) -> bool:
+    return spec.startswith(STORE_PREFIX)
+
+
+class FinetunedEncoder:
+    """A fine-tuned encoder: its SavedModel is the truth; when the backbone already runs on a fast
+    runtime, queries run as backbone (fast) + head (NumPy) after checking that this reproduces the
+    SavedModel (cosine >= 0.999), which avoids converting a second copy of the backbone."""
+
+    def __init__(self, folder: Path, spec: str, backbone: Encoder | None) -> None:
+        loaded = load_head(folder)
+        info = loaded[1] if loaded else {}
+        self.spec = spec
+        truth = Encoder(str(folder / "saved_model"), runtime="savedmodel", encoder_id=info.get("id", spec))
+        self.id = truth.id
+        self.dim = truth.dim
+        self.image_size = truth.image_size
+        self.info = info
+        self._head: Head | None = None
+        self._backbone = backbone
+        self._truth: Encoder | None = truth
+        self.runtime = "savedmodel"
+        if loaded and backbone is not None and backbone.runtime != "savedmodel":
+            head = loaded[0]
+            probe = probe_images(self.image_size)
+            try:
+                check_reproduces("backbone + head", truth.encode(probe), head.apply(backbone.encode(probe)))
+            except ValueError as exc:
+                logger.warning("encoder %s: %s; using its SavedModel", self.id, exc)
+            else:
+                self._head = head
+                self._truth = None  # the composed path is checked; free the second backbone copy
+                self.runtime = f"{backbone.runtime}+head"
+        logger.info("loaded fine-tuned encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime)
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        if self._head is not None and self._backbone is not None:
+            return self._head.apply(self._backbone.encode(images))
+        assert self._truth is not None
+        return self._truth.encode(images)
+
+
+@dataclass
+class _Template:
+    """A SavedModel of backbone + head traced once per backbone and head shape; each export
+    writes only new head values into a copy (tracing and saving take seconds, this ~0.5 s)."""
+
+    module: Any
+    kernel: Any
+    bias: Any
+    folder: Path
+
+
+class EncoderPool:
+    def __init__(
+        self,
+        *,
+        builtin_model: str = "efficientnet-lite0-imagenet",
+        batch_size: int = 32,
+        runtime: str = "auto",
+        cache_dir: Path | None = None,
+        store: ArtifactStore | None = None,
+        max_finetuned: int = 6,
+    ) -> None:
+        self.builtin_model = builtin_model
+        self.batch_size = batch_size
+        self.runtime = runtime
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="encoders-"))
+        self.store = store
+        self.max_finetuned = max_finetuned
+        self._base: dict[str, Encoder] = {}
+        self._finetuned: OrderedDict[str, FinetunedEncoder] = OrderedDict()
+        self._templates: dict[tuple, _Template] = {}
+        self._lock = threading.RLock()
+        self._export_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings, store: ArtifactStore | None = None) -> EncoderPool:
+        """The pool the process settings describe (``simserver.settings.Settings``)."""
+        return cls(
+            builtin_model=settings.builtin_model,
+            batch_size=settings.encode_batch_size,
+            runtime=settings.encoder_runtime,
+            cache_dir=settings.store_cache_dir,
+            store=store,
+        )
+
+    def get(self, spec: str) -> Encoder | FinetunedEncoder:
+        with self._lock:
+            if is_store_spec(spec):
+                enc = self._finetuned.get(spec)
+                if enc is None:
+                    enc = self._load_finetuned(spec)
+                    self._finetuned[spec] = enc
+                    while len(self._finetuned) > self.max_finetuned:
+                        old, _ = self._finetuned.popitem(last=False)
+                        logger.info("unloaded encoder %s (least recently used)", old)
+                self._finetuned.move_to_end(spec)
+                return enc
+            enc = self._base.get(spec)
+            if enc is None:
+                enc = Encoder(
+                    spec,
+                    builtin_model=self.builtin_model,
+                    batch_size=self.batch_size,
+                    runtime=self.runtime,
+                    cache_dir=self.cache_dir,
+                )
+                self._base[spec] = enc
+            return enc
+
+    # -- fine-tuned encoders in the store -------------------------------------------------------------
+    def _local_folder(self, spec: str) -> Path:
+        where = f"{self.store.uri if self.store else ''}|{spec}"  # one cache may serve several stores
+        return self.cache_dir / "encoders" / hashlib.sha256(where.encode()).hexdigest()[:24]
+
+    def _load_finetuned(self, spec: str) -> FinetunedEncoder:
+        folder = self._local_folder(spec)
+        if not folder.is_dir():
+            if self.store is None:
+                raise ValueError(f"encoder {spec}: no artifact store to load it from")
+            data = self.store.get(spec[len(STORE_PREFIX) :])
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+            try:
+                with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                    tar.extractall(tmp, filter="data")
+                os.replace(tmp, folder)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not folder.is_dir():  # another thread or process won the race: fine
+                    raise
+        loaded = load_head(folder)
+        backbone = self.get(loaded[1]["backbone"]) if loaded else None
+        return FinetunedEncoder(folder, spec, backbone)
+
+    def export(self, base_spec: str, head: Head, key: str, info: dict) -> str:
+        """Save backbone ``base_spec`` + ``head`` as one SavedModel tar at ``key`` in the store;
+        return its spec (``store:<key>``). Nothing is visible until the caller publishes."""
+        if self.store is None:
+            raise ValueError("exporting a fine-tuned encoder needs an artifact store")
+        import tensorflow as tf
+
+        base = self.get(base_spec)
+        assert isinstance(base, Encoder)
+        spec = STORE_PREFIX + key
+        with self._export_lock:
+            t = self._template(base, head.kernel.shape)
+            t.kernel.assign(head.kernel)
+            t.bias.assign(head.bias)
+            folder = self._local_folder(spec)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+            try:
+                model = tmp / "saved_model"
+                model.mkdir()
+                shutil.copy(t.folder / "saved_model" / "saved_model.pb", model / "saved_model.pb")
+                if (t.folder / "saved_model" / "assets").is_dir():
+                    shutil.copytree(t.folder / "saved_model" / "assets", model / "assets")
+                tf.train.Checkpoint(root=t.module).write(str(model / "variables" / "variables"))
+                full_info = {
+                    **info,
+                    "backbone": base_spec,
+                    "backbone_id": base.id,
+                    "dim": head.kernel.shape[1],
+                }
+                write_head_files(tmp, head, full_info)
+                buf = io.BytesIO()
+                with tarfile.open(fileobj=buf, mode="w") as tar:  # weights barely compress
+                    tar.add(tmp, arcname=".")
+                self.store.put(key, buf.getvalue())
+                if folder.is_dir():
+                    shutil.rmtree(folder)
+                os.replace(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return spec
+
+    def prepare_export(self, base_spec: str, embedding_dim: int) -> None:
+        """Trace the export template ahead of the first training (it takes seconds)."""
+        base = self.get(base_spec)
+        assert isinstance(base, Encoder)
+        with self._export_lock:
+            self._template(base, (base.dim, embedding_dim))
+
+    def _template(self, base: Encoder, shape: tuple[int, int]) -> _Template:
+        key = (base.spec, tuple(shape))
+        t = self._templates.get(key)
+        if t is None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            folder = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".template-"))
+            zero = Head(np.zeros(shape, np.float32), np.zeros(shape[1], np.float32))
+            module = export_finetuned(base.resolved, zero, folder, image_size=base.image_size)
+            t = _Template(module, module.head_kernel, module.head_bias, folder)
+            self._templates[key] = t
+        return t
+
+
+class LocalBackend:
+    """Training backend running TensorFlow in this process (CLI, scripts, tests)."""
+
+    def __init__(self, pool: EncoderPool, encoder_spec: str) -> None:
+        self.pool = pool
+        self.encoder_spec = encoder_spec
+        self.encoder_id = pool.get(encoder_spec).id
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        return self.pool.get(self.encoder_spec).encode(images)
+
+    def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
+        return train_head(features, labels, config)
+
+    def export(self, head: Head, key: str, info: dict) -> str:
+        return self.pool.export(self.encoder_spec, head, key, info)

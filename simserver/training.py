@@ -1,0 +1,335 @@
+"""A training: backbone features once per image, fine-tune a head, evaluate, promote, publish.
+
+``mode`` (form field or ``training.mode`` in the domain's yaml):
+
+* ``auto``: fine-tune on the training split and promote the result only if it beats the
+  pretrained embedding on the stratified hold-out (:func:`simserver.evaluation.is_better`);
+* ``finetune``: always promote the fine-tuned encoder (still evaluated when a hold-out exists);
+* ``pretrained``: index with the domain's configured encoder; the pretrained embedding is still
+  evaluated.
+
+Whatever the decision, the new version indexes every image of the archive, and its ``meta.json``
+holds the evaluation. The promoted encoder is exactly the one that was evaluated (it is not
+re-fitted on the hold-out afterwards), so the numbers describe what serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from simserver.augment import view as augmented_view
+from simserver.builder import BuildReport, prefetched, publish_version
+from simserver.domain_config import DomainConfig
+from simserver.errors import ClientError
+from simserver.evaluation import RetrievalResult, Split, evaluate_retrieval, is_better, stratified_split
+from simserver.finetune import Head, TrainingConfig
+from simserver.ingest import Dataset, Sample
+from simserver.relevance import calibrate, margins_exact
+from simserver.repository import Repository, new_version_id
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+class Backend(Protocol):
+    """Where the TensorFlow work runs: in this process (CLI) or in the encoder service (server)."""
+
+    encoder_spec: str  # the domain's configured (pretrained) encoder
+    encoder_id: str
+
+    def encode(self, images: np.ndarray) -> np.ndarray: ...
+
+    def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head: ...
+
+    def export(self, head: Head, key: str, info: dict) -> str: ...
+
+
+class FeatureCache:
+    """Backbone features by image content hash, on local disk. A cache, so no fsync: a torn file
+    fails to parse and is recomputed."""
+
+    def __init__(self, root: Path, encoder_id: str) -> None:
+        self.root = Path(root) / "features" / hashlib.sha256(encoder_id.encode()).hexdigest()[:16]
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        try:
+            return np.load(self._path(key), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(vector, dtype=np.float32), allow_pickle=False)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+
+
+def _encode_jobs(
+    jobs: list[tuple[str, Callable[[], np.ndarray]]],
+    backend: Backend,
+    cache: FeatureCache | None,
+    batch_size: int,
+    progress: Progress | None,
+) -> np.ndarray:
+    """Features for (cache key, pixel loader) jobs. Cached ones are not decoded; the rest are
+    decoded on a helper thread one batch ahead, so decoding overlaps encoding."""
+    out: list[np.ndarray | None] = [cache.get(k) if cache else None for k, _ in jobs]
+    todo = [i for i, v in enumerate(out) if v is None]
+    if progress and len(todo) < len(jobs):
+        progress(len(jobs) - len(todo))
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    for batch, pixels in prefetched(batches, lambda b: np.stack([jobs[i][1]() for i in b])):
+        vectors = np.asarray(backend.encode(pixels), dtype=np.float32)
+        for i, v in zip(batch, vectors, strict=True):
+            out[i] = v
+            if cache:
+                cache.put(jobs[i][0], v)
+        if progress:
+            progress(len(batch))
+    if not jobs:
+        return np.zeros((0, 0), np.float32)
+    return np.stack(out)  # type: ignore[arg-type]
+
+
+def content_hash(sample: Sample) -> str:
+    return hashlib.sha256(sample.data).hexdigest()
+
+
+def backbone_features(
+    samples: list[Sample],
+    backend: Backend,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    return _encode_jobs(
+        [(content_hash(s), lambda s=s: s.pixels) for s in samples], backend, cache, batch_size, progress
+    )
+
+
+def view_features(
+    samples: list[Sample],
+    n_views: int,
+    seed: int,
+    backend: Backend,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """Features of ``n_views`` augmented views per sample, and the sample each row came from."""
+    jobs, owner = [], []
+    for i, s in enumerate(samples):
+        h = content_hash(s)
+        for v in range(n_views):
+
+            def load(s=s, h=h, v=v) -> np.ndarray:
+                return augmented_view(s.pixels, h, v, seed)
+
+            jobs.append((f"{h}-aug{v}-s{seed}", load))
+            owner.append(i)
+    return _encode_jobs(jobs, backend, cache, batch_size, progress), owner
+
+
+@dataclass
+class Outcome:
+    mode: str
+    split: Split
+    pretrained: RetrievalResult | None
+    finetuned: RetrievalResult | None
+    head: Head | None
+    promoted: bool
+    reason: str
+    augmented_views: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def evaluation(self) -> dict:
+        return {
+            "mode": self.mode,
+            "pretrained": self.pretrained.summary() if self.pretrained else None,
+            "finetuned": self.finetuned.summary() if self.finetuned else None,
+            "promoted": self.promoted,
+            "reason": self.reason,
+            "holdout_images": len(self.split.holdout),
+            "train_images": len(self.split.train),
+            "augmented_views": self.augmented_views,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def fit_and_evaluate(
+    samples: list[Sample],
+    features: np.ndarray,
+    backend: Backend,
+    config: TrainingConfig,
+    mode: str,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> Outcome:
+    """Split, evaluate the pretrained embedding, fine-tune (unless told not to), decide."""
+    labels = [s.label for s in samples]
+    classes = sorted(set(labels))
+    split = stratified_split(labels, config.holdout_fraction, config.min_holdout_per_class, config.seed)
+    lab = np.asarray(labels)
+
+    def evaluate(vectors: np.ndarray) -> RetrievalResult | None:
+        if not split.evaluable:
+            return None
+        return evaluate_retrieval(
+            vectors[split.holdout], lab[split.holdout], vectors[split.train], lab[split.train]
+        )
+
+    pretrained = evaluate(features)
+    out = Outcome(mode, split, pretrained, None, None, False, "")
+    if mode == "pretrained":
+        out.reason = "mode=pretrained: indexed with the domain's pretrained encoder"
+        return out
+    if len(classes) < 2:
+        msg = f"only one category ({classes[0]!r}): fine-tuning needs at least two"
+        if mode == "finetune":
+            raise ClientError(f"mode=finetune: {msg}")
+        out.reason = f"{msg}; indexed with the pretrained encoder"
+        return out
+    if not split.evaluable and mode == "auto":
+        out.reason = (
+            "no category has two or more images, so there is no hold-out to compare on; indexed with "
+            "the pretrained encoder (mode=finetune fine-tunes without an evaluation)"
+        )
+        return out
+
+    train_idx = split.train if split.evaluable else np.arange(len(samples))
+    x, y = features[train_idx], lab[train_idx]
+    if config.augment_views and len(samples) <= config.augment_max_images:
+        t0 = time.perf_counter()
+        vx, owner = view_features(
+            [samples[i] for i in train_idx],
+            config.augment_views,
+            config.seed,
+            backend,
+            cache,
+            batch_size,
+            progress,
+        )
+        x = np.concatenate([x, vx])
+        y = np.concatenate([y, y[np.asarray(owner, dtype=np.int64)]])
+        out.augmented_views = len(vx)
+        out.seconds["augment"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    head = backend.train_head(x, y.tolist(), config)
+    out.seconds["head"] = time.perf_counter() - t0
+    out.head = head
+    out.finetuned = evaluate(head.apply(features))
+    if mode == "finetune":
+        out.promoted = True
+        out.reason = "mode=finetune: fine-tuned encoder promoted without comparison"
+        if out.finetuned is None:
+            out.reason += " (no hold-out: every category has one image)"
+    else:
+        assert out.finetuned is not None and pretrained is not None
+        out.promoted, out.reason = is_better(out.finetuned, pretrained)
+    return out
+
+
+def train_domain(
+    repo: Repository,
+    cfg: DomainConfig,
+    dataset: Dataset,
+    backend: Backend,
+    *,
+    mode: str | None = None,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+    started: float | None = None,
+) -> BuildReport:
+    """Publish a new version of ``cfg.name`` from ``dataset``; see the module docstring."""
+    t0 = started if started is not None else time.perf_counter()
+    mode = mode or cfg.training.mode
+    if not dataset.samples:
+        raise ClientError("no usable image in the archive")
+    if cfg.target_label and cfg.target_label not in dataset.labels():
+        raise ClientError(
+            f"domain {cfg.name!r} decides relevance for target label {cfg.target_label!r}, but the archive "
+            f"has no {cfg.target_label}/ folder (categories: {', '.join(dataset.labels())})"
+        )
+    previous = repo.current_version(cfg.name)
+    version = new_version_id()
+    t = time.perf_counter()
+    features = backbone_features(dataset.samples, backend, cache, batch_size, progress)
+    encode_seconds = time.perf_counter() - t
+    outcome = fit_and_evaluate(
+        dataset.samples, features, backend, cfg.training, mode, cache, batch_size, progress
+    )
+    outcome.seconds = {"encode": encode_seconds, **outcome.seconds}
+    encoder_spec, encoder_id, vectors = backend.encoder_spec, backend.encoder_id, features
+    if outcome.promoted and outcome.head is not None:
+        t = time.perf_counter()
+        encoder_id = f"{backend.encoder_id}+head:{cfg.name}/{version}"
+        encoder_spec = backend.export(
+            outcome.head,
+            f"domains/{cfg.name}/versions/{version}/encoder.tar",
+            {"id": encoder_id, "domain": cfg.name, "version": version, "training": cfg.training.model_dump()},
+        )
+        vectors = outcome.head.apply(features)
+        outcome.seconds["export"] = time.perf_counter() - t
+    evaluation = outcome.evaluation()
+    extra: dict = {"evaluation": evaluation}
+    if cfg.target_label:
+        extra["relevance"] = calibrate_relevance(
+            cfg, outcome.split, vectors, [s.label for s in dataset.samples]
+        )
+    logger.info("domain %s: %s", cfg.name, outcome.reason)
+    return publish_version(
+        repo,
+        cfg.name,
+        dataset,
+        vectors,
+        encoder_id=encoder_id,
+        encoder_spec=encoder_spec,
+        metric=cfg.metric,
+        policy=cfg.index,
+        version=version,
+        previous=previous,
+        extra_meta=extra,
+        started=t0,
+    )
+
+
+def calibrate_relevance(cfg: DomainConfig, split: Split, vectors: np.ndarray, labels: list[str]) -> dict:
+    """The per-image threshold of ``/relevance``: hold-out images scored against the training
+    images with the embedding this version serves (unseen by its head), at the configured precision."""
+    rc = cfg.relevance
+    lab = np.asarray(labels)
+    if split.evaluable:
+        m = margins_exact(
+            vectors[split.holdout],
+            vectors[split.train],
+            lab[split.train].tolist(),
+            cfg.target_label,
+            rc.k,
+            cfg.metric,
+        )
+        is_target = lab[split.holdout] == cfg.target_label
+    else:
+        m, is_target = np.zeros(0), np.zeros(0, dtype=bool)
+    out = calibrate(m, is_target, rc.precision, rc.default_image_threshold)
+    return {"target": cfg.target_label, "k": rc.k, "site_threshold": rc.site_threshold, **out}

@@ -1,0 +1,101 @@
+"""Fine-tuning with the real encoder on real images: the head, its losses, the exported SavedModel
+(loaded through tensorflow_hub) and fine-tuned encoders fetched from the artifact store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import DEMO, ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pool(builtin_tag, tmp_path_factory):
+    from simserver.encoder_pool import EncoderPool
+    from simserver.store import LocalStore
+
+    # The repo's cache keeps the built-in encoder's TFLite conversion from being redone per run.
+    return EncoderPool(cache_dir=ROOT / "var" / "cache", store=LocalStore(tmp_path_factory.mktemp("store")))
+
+
+@pytest.fixture(scope="module")
+def fashion(pool):
+    """The bundled fashion set (47 items x 3 art styles) and its backbone features."""
+    from simserver.domain_config import Limits
+    from simserver.encoder_pool import LocalBackend
+    from simserver.ingest import read_folder
+    from simserver.training import backbone_features
+
+    ds = read_folder(DEMO / "fashion", Limits())
+    backend = LocalBackend(pool, "builtin")
+    return ds, backend, backbone_features(ds.samples, backend)
+
+
+@pytest.mark.parametrize("loss", ["none", "contrastive", "triplet", "multi_similarity"])
+def test_fine_tuning_beats_pretrained_on_the_holdout(fashion, loss):
+    from simserver.finetune import TrainingConfig
+    from simserver.training import fit_and_evaluate
+
+    ds, backend, features = fashion
+    config = TrainingConfig(metric_loss=loss, augment_views=0)
+    out = fit_and_evaluate(ds.samples, features, backend, config, "auto")
+    assert out.pretrained is not None and out.finetuned is not None
+    assert out.pretrained.queries == 47  # one held-out style per item
+    assert out.finetuned.recall_at_1 > out.pretrained.recall_at_1 + 0.05, (loss, out.reason)
+    assert out.finetuned.map_at_r > out.pretrained.map_at_r
+    assert out.promoted
+
+
+def test_exported_savedmodel_is_backbone_plus_head_through_hub(fashion, pool, tmp_path):
+    import tensorflow_hub as hub
+
+    from simserver.finetune import TrainingConfig, train_head
+
+    ds, backend, features = fashion
+    labels = [s.label for s in ds.samples]
+    head = train_head(features, labels, TrainingConfig(embedding_dim=64, epochs=5))
+    spec = pool.export("builtin", head, "domains/t/versions/v1/encoder.tar", {"id": "t1"})
+    assert spec == "store:domains/t/versions/v1/encoder.tar"
+
+    photos = np.stack([s.pixels for s in ds.samples[:12]])
+    expected = head.apply(features[:12])
+    # The SavedModel alone, loaded by plain tensorflow_hub from the extracted folder.
+    layer = hub.KerasLayer(str(pool._local_folder(spec) / "saved_model"))
+    got = np.asarray(layer(photos.astype(np.float32) / 255.0))
+    assert got.shape == (12, 64)
+    assert np.min(np.sum(got * expected, axis=1)) > 0.999
+
+    # A fresh pool (another replica or a restart) fetches it from the store.
+    from simserver.encoder_pool import EncoderPool
+
+    other = EncoderPool(cache_dir=tmp_path / "cache", store=pool.store, runtime="savedmodel")
+    enc = other.get(spec)
+    assert enc.id == "t1" and enc.dim == 64 and enc.runtime == "savedmodel"
+    assert np.min(np.sum(enc.encode(photos) * expected, axis=1)) > 0.999
+    # With the backbone on TFLite, queries run as TFLite backbone + NumPy head (self-checked).
+    fast = pool.get(spec)
+    assert fast.runtime == "tflite+head"
+    assert np.min(np.sum(fast.encode(photos) * expected, axis=1)) > 0.999
+
+
+def test_pool_keeps_a_bounded_number_of_finetuned_encoders(fashion, pool):
+    from simserver.finetune import Head
+
+    _, _, features = fashion
+    rng = np.random.default_rng(0)
+    saved = pool.max_finetuned
+    pool.max_finetuned = 2
+    try:
+        specs = []
+        for i in range(3):
+            head = Head(rng.normal(size=(1280, 16)).astype(np.float32), np.zeros(16, np.float32))
+            specs.append(
+                pool.export("builtin", head, f"domains/t/versions/lru{i}/encoder.tar", {"id": f"lru{i}"})
+            )
+            pool.get(specs[-1])
+        assert specs[0] not in pool._finetuned and set(specs[1:]) <= set(pool._finetuned)
+        assert pool.get(specs[0]).id == "lru0"  # reloaded from the local copy on demand
+    finally:
+        pool.max_finetuned = saved

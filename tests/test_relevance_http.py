@@ -1,0 +1,105 @@
+"""POST /{domain}/relevance through a real `bentoml serve`: a domain with a target label, trained
+on the bundled almonds-suppliers images (target stand-in: peanuts), judges whole sites."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import DEMO
+from tests.test_finetune_http import train_mode
+from tests.test_http import assert_error, make_zip
+
+pytestmark = pytest.mark.slow
+
+ALMONDS = DEMO / "almonds-suppliers"
+
+
+def _variant(path, flip: bool = True) -> bytes:
+    """A site's copy of a catalogue image: mirrored and re-encoded as JPEG (new bytes)."""
+    rgba = Image.open(path).convert("RGBA")  # emoji have transparent backgrounds: put them on white
+    img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def nuts(train_server):
+    files = {f"{p.parent.name}/{p.name}": p.read_bytes() for p in sorted(ALMONDS.rglob("*.*")) if p.is_file()}
+    status, r = train_mode(train_server, make_zip(files), None, domain="nuts")
+    assert status == "completed", r.text
+    return train_server, r.json()
+
+
+def relevance(server, domain="nuts", archive=None, images=(), **fields) -> requests.Response:
+    files = []
+    if archive is not None:
+        files.append(("archive", ("site.zip", archive)))
+    files += [("images", (name, data)) for name, data in images]
+    return requests.post(
+        f"{server.url}/{domain}/relevance",
+        files=files,
+        data={k: str(v) for k, v in fields.items()},
+        timeout=120,
+    )
+
+
+def test_training_calibrates_the_image_threshold(nuts):
+    _, result = nuts
+    domains = {d["name"]: d for d in requests.get(f"{nuts[0].url}/domains", timeout=10).json()}
+    assert domains["nuts"]["version"] == result["version"]
+    assert result["labels"]["peanuts"] == 3
+
+
+def test_sites_with_and_without_the_target(nuts):
+    server, trained = nuts
+    peanuts = [(f"p{i}.jpg", _variant(p)) for i, p in enumerate(sorted((ALMONDS / "peanuts").iterdir()))]
+    others = [(f"o{i}.jpg", _variant(p)) for i, p in enumerate(sorted((ALMONDS / "random").iterdir())[:9])]
+
+    seller = relevance(server, archive=make_zip(dict(peanuts + others[:5])))
+    assert seller.status_code == 200, seller.text
+    body = seller.json()
+    assert body["version"] == trained["version"] and body["target"] == "peanuts"
+    assert body["site_threshold"] == 0.25 and isinstance(body["image_threshold"], float)
+    by_name = {i["name"]: i for i in body["images"]}
+    assert set(by_name) == {n for n, _ in peanuts + others[:5]}
+    assert all(by_name[n]["similar"] for n, _ in peanuts), body
+    assert body["relevant"] is True and body["fraction"] >= 3 / 8
+    for img in body["images"]:
+        assert len(img["nearest"]) == 3 and img["margin"] <= img["similarity"]
+        assert img["similar"] == (img["margin"] >= body["image_threshold"])
+
+    # The same kind of site without the product, sent as repeated `images` files.
+    other_site = relevance(server, images=others)
+    assert other_site.status_code == 200, other_site.text
+    body = other_site.json()
+    assert body["relevant"] is False and body["fraction"] < 0.25 and len(body["images"]) == 9
+
+    # Per-request thresholds override the calibrated and configured ones.
+    everything = relevance(server, images=others, image_threshold=-1, nearest=1).json()
+    assert everything["fraction"] == 1.0 and everything["relevant"] is True
+    assert everything["image_threshold"] == -1 and all(len(i["nearest"]) == 1 for i in everything["images"])
+    lenient = relevance(server, archive=make_zip(dict(peanuts[:1] + others)), site_threshold=0.05).json()
+    assert lenient["site_threshold"] == 0.05 and lenient["relevant"] is True
+
+
+def test_relevance_bad_input(nuts, train_server):
+    server, _ = nuts
+    good = _variant(sorted((ALMONDS / "peanuts").iterdir())[0])
+    assert_error(relevance(server, domain="ft", images=[("a.jpg", good)]), 400, "target_label")
+    assert_error(relevance(server, domain="nope", images=[("a.jpg", good)]), 404, "unknown domain")
+    assert_error(relevance(server), 400, "archive", "images")
+    assert_error(relevance(server, images=[("bad.png", b"not an image")]), 400, "no usable image")
+    assert_error(relevance(server, archive=b"not a zip"), 400, "not a valid zip")
+    assert_error(relevance(server, archive=make_zip({"../x.jpg": good})), 400, "..")
+    assert_error(relevance(server, images=[("a.jpg", good)], site_threshold=2), 400, "site_threshold")
+    assert_error(relevance(server, images=[("a.jpg", good)], nearest=99), 400, "nearest")
+    mixed = relevance(server, images=[("a.jpg", good), ("bad.png", b"\x89PNG broken")])
+    assert mixed.status_code == 200, mixed.text
+    assert [s["name"] for s in mixed.json()["skipped"]] == ["bad.png"] and len(mixed.json()["images"]) == 1

@@ -1,0 +1,84 @@
+"""Hold-out split and retrieval metrics, checked against a plain-Python oracle."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from simserver.evaluation import evaluate_retrieval, is_better, stratified_split
+
+
+def oracle(q, ql, g, gl):
+    """Per query: sort the gallery by cosine (ties by gallery order), then count by hand."""
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    r1 = r5 = 0
+    aps = []
+    for vec, label in zip(q, ql, strict=True):
+        sims = [(-float(vec @ gv), j) for j, gv in enumerate(g)]
+        ranked = [gl[j] for _, j in sorted(sims)]
+        r1 += ranked[0] == label
+        r5 += label in ranked[:5]
+        r = sum(1 for x in gl if x == label)
+        hits, total = 0, 0.0
+        for i in range(r):
+            if ranked[i] == label:
+                hits += 1
+                total += hits / (i + 1)
+        aps.append(total / r)
+    return r1 / len(q), r5 / len(q), sum(aps) / len(aps)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_oracle(seed):
+    rng = np.random.default_rng(seed)
+    labels = [f"c{i}" for i in range(6)]
+    centers = rng.normal(size=(6, 16))
+    gl = [labels[i % 6] for i in range(40)]
+    g = np.stack([centers[labels.index(x)] + rng.normal(scale=1.2, size=16) for x in gl])
+    ql = [labels[i % 6] for i in range(17)]
+    q = np.stack([centers[labels.index(x)] + rng.normal(scale=1.2, size=16) for x in ql])
+    got = evaluate_retrieval(q, ql, g, gl)
+    r1, r5, mapr = oracle(q, ql, g, gl)
+    assert got.recall_at_1 == pytest.approx(r1)
+    assert got.recall_at_5 == pytest.approx(r5)
+    assert got.map_at_r == pytest.approx(mapr)
+    assert 0 < got.map_at_r < 1 and got.queries == 17
+    assert got.recall_curve[0] == got.recall_at_1 and got.recall_curve == sorted(got.recall_curve)
+    per_class = {c: np.mean([got.first_correct[i] == 0 for i in range(17) if ql[i] == c]) for c in labels}
+    assert got.per_class_recall_at_1 == pytest.approx(per_class)
+
+
+def test_perfect_and_hopeless_embeddings():
+    g = np.eye(4, dtype=np.float32)
+    perfect = evaluate_retrieval(g, list("abcd"), g, list("abcd"))
+    assert (perfect.recall_at_1, perfect.map_at_r) == (1.0, 1.0)
+    wrong = evaluate_retrieval(g, list("abcd"), g, list("bcda"))
+    assert wrong.recall_at_1 == 0.0 and wrong.map_at_r == 0.0 and wrong.recall_at_5 == 1.0
+    assert wrong.summary()["per_class_recall_at_1"] == {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}
+
+
+def test_split_is_stratified_deterministic_and_keeps_a_gallery_per_class():
+    labels = ["a"] * 10 + ["b"] * 3 + ["c"] * 1 + ["d"] * 2
+    s = stratified_split(labels, fraction=0.2, min_per_class=1, seed=7)
+    assert stratified_split(labels, 0.2, 1, 7).holdout.tolist() == s.holdout.tolist()
+    held = Counter(labels[i] for i in s.holdout)
+    kept = Counter(labels[i] for i in s.train)
+    assert held == {"a": 2, "b": 1, "d": 1}  # c has a single image: it stays in training
+    assert kept == {"a": 8, "b": 2, "c": 1, "d": 1}
+    assert sorted(s.train.tolist() + s.holdout.tolist()) == list(range(len(labels)))
+    assert stratified_split(labels, 0.2, 1, 8).holdout.tolist() != s.holdout.tolist()
+    big = stratified_split(["x"] * 5, fraction=0.2, min_per_class=9)
+    assert len(big.holdout) == 4 and len(big.train) == 1  # never the whole class
+    assert not stratified_split(["a", "b", "c"]).evaluable
+
+
+def test_promotion_rule():
+    g = np.eye(3, dtype=np.float32)
+    good = evaluate_retrieval(g, list("abc"), g, list("abc"))
+    bad = evaluate_retrieval(g, list("abc"), g, list("bca"))
+    assert is_better(good, bad)[0] and not is_better(bad, good)[0]
+    promoted, reason = is_better(good, good)
+    assert not promoted and "does not beat" in reason

@@ -1,0 +1,64 @@
+"""Relevance scoring: margins from the served index equal the exact ones used for calibration,
+the calibrated threshold meets its precision, and the site decision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from simserver.index import DomainIndex, Item
+from simserver.relevance import calibrate, margins_exact, score_neighbours, site_decision
+
+
+def test_score_neighbours():
+    s = score_neighbours(["nut", "random", "nut", "olive"], [0.9, 0.8, 0.7, 0.6], "nut")
+    assert (s.similarity, s.other) == (0.9, 0.8) and s.margin == pytest.approx(0.1)
+    none = score_neighbours(["random", "olive"], [0.9, 0.5], "nut")
+    assert none.similarity == 0.0 and none.margin == pytest.approx(-0.9)
+    only = score_neighbours(["nut"], [0.4], "nut")
+    assert only.other == 0.0 and only.margin == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip", "l1"])
+def test_served_margins_equal_exact_margins(metric):
+    rng = np.random.default_rng(0)
+    labels = ["nut", "random", "olive"]
+    centers = rng.normal(size=(3, 16))
+    gl = [labels[i % 3] for i in range(60)]
+    g = np.stack([centers[labels.index(x)] + rng.normal(scale=0.8, size=16) for x in gl]).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = (centers[rng.integers(0, 3, 25)] + rng.normal(scale=0.8, size=(25, 16))).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    items = [Item(f"{x}/{i}.png", x, f"k{i}", "image/png") for i, x in enumerate(gl)]
+    index = DomainIndex.build(g, items, metric=metric, encoder_id="e", version="v")
+    served = [
+        score_neighbours([h.label for h in hits], [h.score for h in hits], "nut").margin
+        for hits in index.search_many(q, 7)
+    ]
+    np.testing.assert_allclose(served, margins_exact(q, g, gl, "nut", 7, metric), atol=1e-5)
+
+
+def test_calibration_meets_the_precision_with_the_most_recall():
+    margins = np.array([0.5, 0.4, 0.3, 0.2, 0.1, 0.35, 0.15, -0.2])
+    is_target = np.array([1, 1, 1, 1, 1, 0, 0, 0], dtype=bool)
+    # Thresholds: 0.2 keeps 4 targets + 1 other (precision 0.8); 0.1 keeps 5 + 2 (0.714);
+    # 0.4 keeps 2 + 0 (1.0).
+    c = calibrate(margins, is_target, precision=0.75, default=0.0)
+    assert (c["image_threshold"], c["precision"], c["recall"], c["method"]) == (0.2, 0.8, 0.8, "hold-out")
+    strict = calibrate(margins, is_target, precision=0.95, default=0.0)
+    assert (strict["image_threshold"], strict["precision"], strict["recall"]) == (0.4, 1.0, 0.4)
+    loose = calibrate(margins, is_target, precision=0.5, default=0.0)
+    assert loose["image_threshold"] == 0.1 and loose["recall"] == 1.0
+    assert (loose["positives"], loose["negatives"]) == (5, 3)
+    # Unreachable precision: the most precise threshold is used and its precision reported.
+    hard = calibrate(np.array([0.1, 0.5]), np.array([True, False]), precision=0.9, default=0.0)
+    assert hard["image_threshold"] == 0.1 and hard["precision"] == 0.5
+    empty = calibrate(np.array([0.2]), np.array([False]), precision=0.9, default=0.05)
+    assert empty["image_threshold"] == 0.05 and empty["method"] == "default"
+
+
+def test_site_decision():
+    similar, fraction, relevant = site_decision([0.3, -0.1, 0.0, 0.2], 0.1, 0.25)
+    assert similar == [True, False, False, True] and fraction == 0.5 and relevant
+    assert site_decision([0.3, -0.1, -0.2, -0.4, -0.5], 0.1, 0.25)[2] is False  # 20% < 25%
+    assert site_decision([], 0.0, 0.0) == ([], 0.0, False)

@@ -1,0 +1,148 @@
+"""The training pipeline's decisions (modes, degenerate sets, cache, atomicity) with a NumPy
+backend; the real TensorFlow head and encoder are tested in tests/test_finetune.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from simserver.domain_config import DomainConfig, Limits
+from simserver.errors import ClientError
+from simserver.finetune import Head
+from simserver.ingest import read_zip
+from simserver.training import FeatureCache, train_domain
+from tests.unit.conftest import fake_encode, make_zip, solid
+
+WARM = [(255, 0, 0), (240, 60, 0), (250, 120, 20), (200, 30, 30), (230, 90, 60)]
+COOL = [(0, 0, 255), (0, 200, 90), (30, 60, 240), (20, 160, 160), (60, 220, 30)]
+
+
+class Backend:
+    """fake_encode as the backbone; a head chosen by the test: 'good' projects onto the class-mean
+    direction (separates warm from cool), 'bad' maps everything to one direction plus noise."""
+
+    encoder_spec = "fake"
+    encoder_id = "fake:1"
+
+    def __init__(self, head: str = "good", fail_export: bool = False) -> None:
+        self.head_kind = head
+        self.fail_export = fail_export
+        self.encoded = 0
+        self.heads = 0
+        self.exports: list[str] = []
+
+    def encode(self, images):
+        self.encoded += len(images)
+        v = fake_encode(images)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def train_head(self, features, labels, config):
+        self.heads += 1
+        x = features / np.linalg.norm(features, axis=1, keepdims=True)
+        labels = np.asarray(labels)
+        rng = np.random.default_rng(0)
+        if self.head_kind == "good":
+            direction = x[labels == "warm"].mean(0) - x[labels == "cool"].mean(0)
+            kernel = np.stack([direction * 50, rng.normal(scale=0.01, size=x.shape[1])], axis=1)
+            return Head(kernel.astype(np.float32), np.zeros(2, np.float32))
+        kernel = rng.normal(scale=0.001, size=(x.shape[1], 2)).astype(np.float32)
+        return Head(kernel, np.array([1.0, 0.0], np.float32))
+
+    def export(self, head, key, info):
+        if self.fail_export:
+            raise RuntimeError("disk full")
+        self.exports.append(key)
+        return "store:" + key
+
+
+def dataset(warm=WARM, cool=COOL):
+    entries = {f"warm/{i}.png": solid(c) for i, c in enumerate(warm)}
+    entries.update({f"cool/{i}.png": solid(c) for i, c in enumerate(cool)})
+    return read_zip(make_zip(entries), Limits())
+
+
+def cfg(**training) -> DomainConfig:
+    return DomainConfig(name="shop", training={"augment_views": 0, **training})
+
+
+def test_pretrained_mode_evaluates_but_never_fine_tunes(repo):
+    be = Backend()
+    report = train_domain(repo, cfg(), dataset(), be, mode="pretrained")
+    ev = report.meta["evaluation"]
+    assert be.heads == 0 and be.exports == []
+    assert ev["mode"] == "pretrained" and ev["promoted"] is False and ev["finetuned"] is None
+    assert ev["pretrained"]["queries"] == 2 and ev["holdout_images"] == 2 and ev["train_images"] == 8
+    meta = json.loads(repo.store.get(f"domains/shop/versions/{report.version}/meta.json"))
+    assert meta["evaluation"] == ev and meta["encoder"] == "fake" and meta["encoder_id"] == "fake:1"
+    assert repo.load("shop", report.version).dim == 32  # all ten images, pretrained vectors
+    assert report.indexed == 10
+
+
+def test_finetune_mode_promotes_and_indexes_the_head_embedding(repo):
+    be = Backend("bad")
+    report = train_domain(repo, cfg(), dataset(), be, mode="finetune")
+    ev = report.meta["evaluation"]
+    assert ev["promoted"] is True and ev["finetuned"] is not None and "mode=finetune" in ev["reason"]
+    assert be.exports == [f"domains/shop/versions/{report.version}/encoder.tar"]
+    assert report.meta["encoder"] == "store:" + be.exports[0]
+    assert report.meta["encoder_id"] == f"fake:1+head:shop/{report.version}"
+    index = repo.load("shop", report.version)
+    assert index.dim == 2 and len(index) == 10
+
+
+@pytest.mark.parametrize(("head", "promoted"), [("good", True), ("bad", False)])
+def test_auto_promotes_only_a_better_head(repo, head, promoted):
+    be = Backend(head)
+    report = train_domain(repo, cfg(), dataset(), be)  # the domain's default mode: auto
+    ev = report.meta["evaluation"]
+    assert ev["mode"] == "auto" and ev["promoted"] is promoted and be.heads == 1
+    assert (be.exports != []) is promoted
+    assert report.meta["encoder"] == ("store:" + be.exports[0] if promoted else "fake")
+    if promoted:
+        assert ev["finetuned"]["recall_at_1"] > ev["pretrained"]["recall_at_1"] or (
+            ev["finetuned"]["map_at_r"] > ev["pretrained"]["map_at_r"]
+        )
+
+
+def test_degenerate_sets(repo):
+    one_class = dataset(cool=[])
+    with pytest.raises(ClientError) as err:
+        train_domain(repo, cfg(), one_class, Backend(), mode="finetune")
+    assert err.value.status == 400 and "one category" in err.value.message
+    assert repo.current_version("shop") is None
+
+    report = train_domain(repo, cfg(), one_class, Backend(), mode="auto")
+    ev = report.meta["evaluation"]
+    assert not ev["promoted"] and "one category" in ev["reason"] and report.meta["encoder"] == "fake"
+
+    singles = dataset(warm=WARM[:1], cool=COOL[:1])
+    be = Backend()
+    report = train_domain(repo, cfg(), singles, be, mode="auto")
+    ev = report.meta["evaluation"]
+    assert not ev["promoted"] and "no hold-out" in ev["reason"] and ev["pretrained"] is None
+    assert be.heads == 0
+    report = train_domain(repo, cfg(), singles, be, mode="finetune")
+    ev = report.meta["evaluation"]
+    assert ev["promoted"] and ev["finetuned"] is None and "no hold-out" in ev["reason"]
+
+
+def test_feature_cache_and_augmented_views(repo, tmp_path):
+    cache = FeatureCache(tmp_path / "cache", "fake:1")
+    be = Backend()
+    train_domain(repo, cfg(augment_views=2), dataset(), be, cache=cache)
+    assert be.encoded == 10 + 2 * 8  # every image once, two views of each training image
+    again = Backend()
+    report = train_domain(repo, cfg(augment_views=2), dataset(), again, cache=cache)
+    assert again.encoded == 0 and report.meta["evaluation"]["augmented_views"] == 16
+    big = Backend()
+    train_domain(repo, cfg(augment_views=2, augment_max_images=9), dataset(), big)
+    assert big.encoded == 10  # sets above augment_max_images are not augmented
+
+
+def test_failed_export_keeps_the_previous_version(repo):
+    first = train_domain(repo, cfg(), dataset(), Backend(), mode="pretrained")
+    with pytest.raises(RuntimeError):
+        train_domain(repo, cfg(), dataset(), Backend(fail_export=True), mode="finetune")
+    assert repo.current_version("shop") == first.version
