@@ -33,14 +33,13 @@ from simserver.finetune import Head, TrainingConfig
 from simserver.ingest import Dataset, read_site, read_zip
 from simserver.jobs import JobRecords
 from simserver.preprocess import prepare
-from simserver.relevance import score_neighbours, site_decision
+from simserver.relevance import judge_site
 from simserver.repository import Repository
 from simserver.schemas import (
     DomainInfo,
     RelevanceResponse,
     SearchResponse,
     SimilarityResponse,
-    SiteImage,
     TrainResponse,
 )
 from simserver.settings import api_keys, get_settings
@@ -295,6 +294,7 @@ class ImageSimilarity:
             raise ClientError("send the site's images as a zip in 'archive' or as files in 'images'")
         dataset = await anyio.to_thread.run_sync(_site_images, archive, images or [], cfg.limits)
         rc = cfg.relevance
+
         batch = SETTINGS.encode_batch_size
 
         async def run(spec: str) -> dict:
@@ -306,34 +306,20 @@ class ImageSimilarity:
             return await self.indexes[cfg.name].to_async.neighbours(vectors=vectors, k=rc.k, encoder=spec)
 
         found = await self._with_served_encoder(cfg, run)
-        calibration = found.get("relevance") or {}
-        t_image = image_threshold if image_threshold is not None else calibration.get("image_threshold")
-        if t_image is None:
-            t_image = rc.default_image_threshold
-        t_site = site_threshold if site_threshold is not None else rc.site_threshold
-        scores = [
-            score_neighbours([h["label"] for h in hits], [h["score"] for h in hits], cfg.target_label)
-            for hits in found["hits"]
-        ]
-        similar, fraction, relevant = site_decision([s.margin for s in scores], t_image, t_site)
+        verdict = judge_site(
+            [s.name for s in dataset.samples],
+            found["hits"],
+            cfg.target_label,
+            cfg.relevance,
+            calibration=found.get("relevance"),
+            image_threshold=image_threshold,
+            site_threshold=site_threshold,
+            nearest=nearest,
+        )
         return RelevanceResponse(
             domain=cfg.name,
             version=found["version"],
-            relevant=relevant,
-            fraction=round(fraction, 4),
-            target=cfg.target_label,
-            image_threshold=t_image,
-            site_threshold=t_site,
-            images=[
-                SiteImage(
-                    name=sample.name,
-                    similarity=round(sc.similarity, 4),
-                    margin=round(sc.margin, 4),
-                    similar=sim,
-                    nearest=hits[:nearest],
-                )
-                for sample, sc, sim, hits in zip(dataset.samples, scores, similar, found["hits"], strict=True)
-            ],
+            **verdict,
             skipped=[{"name": s.name, "reason": s.reason} for s in dataset.skipped],
         )
 

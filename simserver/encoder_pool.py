@@ -106,7 +106,8 @@ class EncoderPool:
         self._base: dict[str, Encoder] = {}
         self._finetuned: OrderedDict[str, FinetunedEncoder] = OrderedDict()
         self._templates: dict[tuple, _Template] = {}
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # guards the dicts only, never held while loading
+        self._loading: dict[str, threading.Lock] = {}
         self._export_lock = threading.Lock()
 
     @classmethod
@@ -121,19 +122,20 @@ class EncoderPool:
         )
 
     def get(self, spec: str) -> Encoder | FinetunedEncoder:
+        """The loaded encoder for ``spec``, loading it on first use. A load takes seconds; it
+        holds only that spec's lock, so encoding with the other encoders goes on meanwhile."""
+        enc = self._cached(spec)
+        if enc is not None:
+            return enc
         with self._lock:
-            if is_store_spec(spec):
-                enc = self._finetuned.get(spec)
-                if enc is None:
-                    enc = self._load_finetuned(spec)
-                    self._finetuned[spec] = enc
-                    while len(self._finetuned) > self.max_finetuned:
-                        old, _ = self._finetuned.popitem(last=False)
-                        logger.info("unloaded encoder %s (least recently used)", old)
-                self._finetuned.move_to_end(spec)
+            loading = self._loading.setdefault(spec, threading.Lock())
+        with loading:
+            enc = self._cached(spec)
+            if enc is not None:
                 return enc
-            enc = self._base.get(spec)
-            if enc is None:
+            if is_store_spec(spec):
+                enc = self._load_finetuned(spec)
+            else:
                 enc = Encoder(
                     spec,
                     builtin_model=self.builtin_model,
@@ -141,8 +143,24 @@ class EncoderPool:
                     runtime=self.runtime,
                     cache_dir=self.cache_dir,
                 )
-                self._base[spec] = enc
+            with self._lock:
+                if isinstance(enc, FinetunedEncoder):
+                    self._finetuned[spec] = enc
+                    while len(self._finetuned) > self.max_finetuned:
+                        old, _ = self._finetuned.popitem(last=False)
+                        logger.info("unloaded encoder %s (least recently used)", old)
+                else:
+                    self._base[spec] = enc
             return enc
+
+    def _cached(self, spec: str) -> Encoder | FinetunedEncoder | None:
+        with self._lock:
+            if is_store_spec(spec):
+                enc = self._finetuned.get(spec)
+                if enc is not None:
+                    self._finetuned.move_to_end(spec)
+                return enc
+            return self._base.get(spec)
 
     # -- fine-tuned encoders in the store -------------------------------------------------------------
     def _local_folder(self, spec: str) -> Path:

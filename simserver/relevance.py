@@ -88,8 +88,9 @@ def margins_exact(
 
 
 def calibrate(margins: np.ndarray, is_target: np.ndarray, precision: float, default: float) -> dict:
-    """The lowest margin threshold whose precision on labelled data reaches ``precision`` (so the
-    most target images are still found); if none reaches it, the most precise one."""
+    """A margin threshold from labelled margins: the lowest target margin whose precision reaches
+    ``precision`` (so the most target images are still found; if none reaches it, the most precise
+    one), then moved midway down to the next lower margin."""
     margins = np.asarray(margins, dtype=np.float64)
     is_target = np.asarray(is_target, dtype=bool)
     pos, neg = int(is_target.sum()), int((~is_target).sum())
@@ -107,9 +108,14 @@ def calibrate(margins: np.ndarray, is_target: np.ndarray, precision: float, defa
             best = (key, float(t), prec, rec)
     assert best is not None
     _, t, prec, rec = best
+    # Midway to the next lower margin (always a non-target one): the same decisions on this data,
+    # but unseen target images scoring a little below the lowest calibration one still count.
+    # With a handful of target images, a threshold *at* one of them would overfit.
+    below = margins[margins < t]
+    threshold = (t + float(below.max())) / 2 if below.size else t
     return {
         **base,
-        "image_threshold": round(t, 6),
+        "image_threshold": round(threshold, 6),
         "precision": round(prec, 4),
         "recall": round(rec, 4),
         "method": "hold-out",
@@ -123,3 +129,41 @@ def site_decision(
     similar = [m >= image_threshold for m in margins]
     fraction = sum(similar) / len(similar) if similar else 0.0
     return similar, fraction, bool(similar) and fraction >= site_threshold
+
+
+def judge_site(
+    names: list[str],
+    hits: list[list[dict]],
+    target: str,
+    config: RelevanceConfig,
+    *,
+    calibration: dict | None = None,
+    image_threshold: float | None = None,
+    site_threshold: float | None = None,
+    nearest: int = 3,
+) -> dict:
+    """The ``/relevance`` verdict from each site image's neighbours (``{"id", "label", "score"}``,
+    best first). Thresholds: the request's, else the version's calibrated one / the config's."""
+    t_image = image_threshold
+    if t_image is None:
+        t_image = (calibration or {}).get("image_threshold", config.default_image_threshold)
+    t_site = site_threshold if site_threshold is not None else config.site_threshold
+    scores = [score_neighbours([h["label"] for h in row], [h["score"] for h in row], target) for row in hits]
+    similar, fraction, relevant = site_decision([s.margin for s in scores], t_image, t_site)
+    return {
+        "relevant": relevant,
+        "fraction": round(fraction, 4),
+        "target": target,
+        "image_threshold": t_image,
+        "site_threshold": t_site,
+        "images": [
+            {
+                "name": name,
+                "similarity": round(sc.similarity, 4),
+                "margin": round(sc.margin, 4),
+                "similar": sim,
+                "nearest": row[:nearest],
+            }
+            for name, sc, sim, row in zip(names, scores, similar, hits, strict=True)
+        ],
+    }

@@ -41,14 +41,20 @@ def test_served_margins_equal_exact_margins(metric):
 def test_calibration_meets_the_precision_with_the_most_recall():
     margins = np.array([0.5, 0.4, 0.3, 0.2, 0.1, 0.35, 0.15, -0.2])
     is_target = np.array([1, 1, 1, 1, 1, 0, 0, 0], dtype=bool)
-    # Thresholds: 0.2 keeps 4 targets + 1 other (precision 0.8); 0.1 keeps 5 + 2 (0.714);
-    # 0.4 keeps 2 + 0 (1.0).
+    # Cut at a target margin: 0.2 keeps 4 targets + 1 other (precision 0.8); 0.1 keeps 5 + 2
+    # (0.714); 0.4 keeps 2 + 0 (1.0). The threshold then sits midway to the next lower margin.
     c = calibrate(margins, is_target, precision=0.75, default=0.0)
-    assert (c["image_threshold"], c["precision"], c["recall"], c["method"]) == (0.2, 0.8, 0.8, "hold-out")
+    assert (c["precision"], c["recall"], c["method"]) == (0.8, 0.8, "hold-out")
+    assert c["image_threshold"] == pytest.approx((0.2 + 0.15) / 2)
     strict = calibrate(margins, is_target, precision=0.95, default=0.0)
-    assert (strict["image_threshold"], strict["precision"], strict["recall"]) == (0.4, 1.0, 0.4)
+    assert (strict["precision"], strict["recall"]) == (1.0, 0.4)
+    assert strict["image_threshold"] == pytest.approx((0.4 + 0.35) / 2)
     loose = calibrate(margins, is_target, precision=0.5, default=0.0)
-    assert loose["image_threshold"] == 0.1 and loose["recall"] == 1.0
+    assert loose["image_threshold"] == pytest.approx((0.1 - 0.2) / 2) and loose["recall"] == 1.0
+    for cal in (c, strict, loose):  # the stated precision and recall hold at the returned threshold
+        chosen = margins >= cal["image_threshold"]
+        assert (chosen & is_target).sum() / chosen.sum() == pytest.approx(cal["precision"], abs=1e-4)
+        assert (chosen & is_target).sum() / is_target.sum() == pytest.approx(cal["recall"], abs=1e-4)
     assert (loose["positives"], loose["negatives"]) == (5, 3)
     # Unreachable precision: the most precise threshold is used and its precision reported.
     hard = calibrate(np.array([0.1, 0.5]), np.array([True, False]), precision=0.9, default=0.0)
@@ -62,3 +68,31 @@ def test_site_decision():
     assert similar == [True, False, False, True] and fraction == 0.5 and relevant
     assert site_decision([0.3, -0.1, -0.2, -0.4, -0.5], 0.1, 0.25)[2] is False  # 20% < 25%
     assert site_decision([], 0.0, 0.0) == ([], 0.0, False)
+
+
+def test_judge_site_thresholds_come_from_request_then_calibration_then_config():
+    from simserver.relevance import RelevanceConfig, judge_site
+
+    hits = [
+        [{"id": 1, "label": "nut", "score": 0.9}, {"id": 2, "label": "random", "score": 0.7}],  # +0.2
+        [{"id": 3, "label": "random", "score": 0.8}, {"id": 1, "label": "nut", "score": 0.75}],  # -0.05
+        [{"id": 4, "label": "random", "score": 0.9}],  # -0.9
+    ]
+    cfg = RelevanceConfig(default_image_threshold=0.0, site_threshold=0.25)
+    v = judge_site(["a", "b", "c"], hits, "nut", cfg, nearest=1)
+    assert v["image_threshold"] == 0.0 and [i["similar"] for i in v["images"]] == [True, False, False]
+    assert v["fraction"] == pytest.approx(1 / 3, abs=1e-4) and v["relevant"] is True
+    assert v["images"][1]["margin"] == pytest.approx(-0.05) and v["images"][1]["similarity"] == 0.75
+    assert [len(i["nearest"]) for i in v["images"]] == [1, 1, 1] and v["images"][0]["name"] == "a"
+    calibrated = judge_site(["a", "b", "c"], hits, "nut", cfg, calibration={"image_threshold": 0.3})
+    assert calibrated["image_threshold"] == 0.3 and calibrated["relevant"] is False
+    asked = judge_site(
+        ["a", "b", "c"],
+        hits,
+        "nut",
+        cfg,
+        calibration={"image_threshold": 0.3},
+        image_threshold=-0.1,
+        site_threshold=0.7,
+    )
+    assert asked["fraction"] == pytest.approx(2 / 3, abs=1e-4) and asked["relevant"] is False
