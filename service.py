@@ -306,6 +306,8 @@ class ImageSimilarity:
             return await self.indexes[cfg.name].to_async.neighbours(vectors=vectors, k=rc.k, encoder=spec)
 
         found = await self._with_served_encoder(cfg, run)
+        if found.get("error"):
+            raise Conflict(f"domain {cfg.name!r}: {found['error']}")
         verdict = judge_site(
             [s.name for s in dataset.samples],
             found["hits"],

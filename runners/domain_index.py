@@ -73,8 +73,16 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             if index is None:
                 return {"version": None, "hits": []}
             served = index.meta.get("encoder") or cfg.encoder
-            if (encoder is not None and encoder != served) or vectors.shape[-1] != index.dim:
+            if encoder is not None and encoder != served:
                 return {"version": index.version, "hits": [], "encoder": served}
+            if vectors.shape[-1] != index.dim:
+                return {
+                    "version": index.version,
+                    "hits": [],
+                    "encoder": served,
+                    "error": f"index version {index.version} holds {index.dim}-d vectors but the encoder "
+                    f"gives {vectors.shape[-1]}-d: retrain",
+                }
             hits = [
                 [{"id": h.id, "label": h.label, "score": h.score} for h in row]
                 for row in index.search_many(vectors, k)

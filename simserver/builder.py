@@ -46,6 +46,7 @@ class BuildReport:
             "encoder": self.meta.get("encoder"),
             "encoder_id": self.meta.get("encoder_id"),
             "evaluation": self.meta.get("evaluation"),
+            "relevance": self.meta.get("relevance"),
         }
 
 

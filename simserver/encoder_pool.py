@@ -9,10 +9,12 @@ recently used few of them.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -31,6 +33,7 @@ from simserver.store import ArtifactStore
 logger = logging.getLogger(__name__)
 
 STORE_PREFIX = "store:"
+ENCODER_KEY = re.compile(r"^domains/[a-z0-9][a-z0-9-]{0,62}/versions/[A-Za-z0-9-]{1,64}/encoder\.tar$")
 
 
 def is_store_spec(spec: str) -> bool:
@@ -179,7 +182,7 @@ class EncoderPool:
                 with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                     tar.extractall(tmp, filter="data")
                 os.replace(tmp, folder)
-            except OSError:
+            except Exception:
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not folder.is_dir():  # another thread or process won the race: fine
                     raise
@@ -192,6 +195,8 @@ class EncoderPool:
         return its spec (``store:<key>``). Nothing is visible until the caller publishes."""
         if self.store is None:
             raise ValueError("exporting a fine-tuned encoder needs an artifact store")
+        if not ENCODER_KEY.match(key):  # never overwrite pointers, indices or images
+            raise ValueError(f"not an encoder key: {key!r}")
         import tensorflow as tf
 
         base = self.get(base_spec)
@@ -240,8 +245,10 @@ class EncoderPool:
         key = (base.spec, tuple(shape))
         t = self._templates.get(key)
         if t is None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".template-"))
+            # A scratch folder of this process (only its own module may write checkpoints into
+            # copies of it), removed at exit.
+            folder = Path(tempfile.mkdtemp(prefix="export-template-"))
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
             zero = Head(np.zeros(shape, np.float32), np.zeros(shape[1], np.float32))
             module = export_finetuned(base.resolved, zero, folder, image_size=base.image_size)
             t = _Template(module, module.head_kernel, module.head_bias, folder)

@@ -41,8 +41,15 @@ class TrainingConfig(BaseModel):
     metric_loss: Literal["none", "contrastive", "triplet", "multi_similarity"] = Field(
         "none", description="metric-learning loss added to the classification loss"
     )
-    epochs: int = Field(30, ge=1, le=1000, description="passes over the training features")
-    batch_size: int = Field(64, ge=8, le=1024)
+    epochs: int = Field(
+        30, ge=1, le=1000, description="steps = epochs x training rows / batch_size (at least 50)"
+    )
+    batch_size: int = Field(
+        64,
+        ge=8,
+        le=1024,
+        description="at most; a batch is min(categories, batch_size/4) categories x 4 images",
+    )
     learning_rate: float = Field(1e-3, gt=0, le=1)
     dropout: float = Field(0.2, ge=0, lt=1, description="on the backbone features, while training")
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
@@ -172,8 +179,9 @@ def train_head(features: np.ndarray, labels: list[str] | np.ndarray, config: Tra
     tf.random.set_seed(config.seed)
     # Orthogonal init: at the start the head is a rotation-like projection, so the embedding
     # begins close to the pretrained one's geometry instead of random.
-    q, _ = np.linalg.qr(rng.normal(size=(d, max(d, config.embedding_dim))))
-    kernel = tf.Variable(q[:, : config.embedding_dim].astype(np.float32))
+    side = max(d, config.embedding_dim)
+    q, _ = np.linalg.qr(rng.normal(size=(side, side)))
+    kernel = tf.Variable(q[:d, : config.embedding_dim].astype(np.float32))
     bias = tf.Variable(tf.zeros([config.embedding_dim]))
     proxies = tf.Variable(rng.normal(0, 1, (config.embedding_dim, len(names))).astype(np.float32))
     lr, beta1, beta2, eps = config.learning_rate, 0.9, 0.999, 1e-7
@@ -206,7 +214,7 @@ def train_head(features: np.ndarray, labels: list[str] | np.ndarray, config: Tra
             var.assign_sub(lr * correction * m / (tf.sqrt(v) + eps))
         return loss
 
-    # The whole loop in one graph: a Python loop of small steps costs ~7 ms of overhead per step.
+    # The whole loop as one graph: traced once per training, no Python call per step.
     @tf.function
     def run(plan):
         first = step(plan[0])

@@ -277,6 +277,10 @@ def read_site(
             if "no usable image" not in exc.message or not files:
                 raise
             skipped.append(Skipped("archive", exc.message))
+    if len(samples) + len(skipped) + len(files) > limits.max_entries:
+        raise TooLarge(
+            f"{len(samples) + len(skipped) + len(files)} images in all; the limit is {limits.max_entries}"
+        )
     for name, data in files:
         if _checked_image(name, lambda d=data: d, limits, image_size, skipped, None) is not None:
             samples.append(Sample(name, "", data, _media_type(data), {}, image_size, limits.max_image_pixels))

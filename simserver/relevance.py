@@ -61,8 +61,8 @@ def _distances(metric: str, q: np.ndarray, g: np.ndarray) -> np.ndarray:
     if metric == "l2":
         sq = (q**2).sum(1)[:, None] + (g**2).sum(1)[None, :] - 2 * q @ g.T
         return np.sqrt(np.maximum(sq, 0.0))
-    if metric == "l1":
-        return np.abs(q[:, None, :] - g[None, :, :]).sum(-1)
+    if metric == "l1":  # one query at a time: a [Q, G, D] array would not fit for large sets
+        return np.stack([np.abs(g - row).sum(-1) for row in q]) if len(q) else np.zeros((0, len(g)))
     raise ValueError(f"unknown metric {metric!r}")
 
 

@@ -58,6 +58,9 @@ class TrainResponse(BaseModel):
     encoder: str | None = Field(None, description="encoder spec this version serves with")
     encoder_id: str | None = None
     evaluation: Evaluation | None = None
+    relevance: dict | None = Field(
+        None, description="domains with a target_label: the calibrated image_threshold and how it was found"
+    )
 
 
 class Neighbour(BaseModel):

@@ -68,9 +68,10 @@ class FeatureCache:
 
     def get(self, key: str) -> np.ndarray | None:
         try:
-            return np.load(self._path(key), allow_pickle=False)
-        except (OSError, ValueError):
+            vector = np.load(self._path(key), allow_pickle=False)
+        except Exception:  # missing, empty, torn or not an array: recompute
             return None
+        return vector if vector.ndim == 1 and vector.dtype == np.float32 else None
 
     def put(self, key: str, vector: np.ndarray) -> None:
         path = self._path(key)

@@ -99,3 +99,21 @@ def test_pool_keeps_a_bounded_number_of_finetuned_encoders(fashion, pool):
         assert pool.get(specs[0]).id == "lru0"  # reloaded from the local copy on demand
     finally:
         pool.max_finetuned = saved
+
+
+def test_head_wider_than_the_backbone_and_export_keys():
+    from simserver.finetune import TrainingConfig, train_head
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(40, 16)).astype(np.float32)
+    head = train_head(features, [f"c{i % 4}" for i in range(40)], TrainingConfig(embedding_dim=32, epochs=1))
+    assert head.kernel.shape == (16, 32) and head.apply(features).shape == (40, 32)
+
+
+def test_export_refuses_keys_that_are_not_a_versions_encoder(pool):
+    from simserver.finetune import Head
+
+    head = Head(np.zeros((1280, 8), np.float32), np.zeros(8, np.float32))
+    for key in ("domains/t/CURRENT", "domains/t/versions/v1/meta.json", "jobs/x.json", "../encoder.tar"):
+        with pytest.raises(ValueError, match="not an encoder key"):
+            pool.export("builtin", head, key, {})

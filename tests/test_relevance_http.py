@@ -51,10 +51,17 @@ def relevance(server, domain="nuts", archive=None, images=(), **fields) -> reque
 
 
 def test_training_calibrates_the_image_threshold(nuts):
-    _, result = nuts
-    domains = {d["name"]: d for d in requests.get(f"{nuts[0].url}/domains", timeout=10).json()}
+    server, result = nuts
+    domains = {d["name"]: d for d in requests.get(f"{server.url}/domains", timeout=10).json()}
     assert domains["nuts"]["version"] == result["version"]
     assert result["labels"]["peanuts"] == 3
+    cal = result["relevance"]
+    assert cal["method"] == "hold-out" and cal["target"] == "peanuts" and cal["positives"] == 1
+    assert cal["negatives"] == result["evaluation"]["holdout_images"] - 1
+    assert -1 <= cal["image_threshold"] <= 1 and cal["precision"] is not None
+    # /relevance uses it unless the request says otherwise.
+    image = _variant(sorted((ALMONDS / "random").iterdir())[0])
+    assert relevance(server, images=[("x.jpg", image)]).json()["image_threshold"] == cal["image_threshold"]
 
 
 def test_sites_with_and_without_the_target(nuts):

@@ -146,3 +146,26 @@ def test_failed_export_keeps_the_previous_version(repo):
     with pytest.raises(RuntimeError):
         train_domain(repo, cfg(), dataset(), Backend(fail_export=True), mode="finetune")
     assert repo.current_version("shop") == first.version
+
+
+def test_feature_cache_recomputes_what_it_cannot_read(tmp_path):
+    cache = FeatureCache(tmp_path, "enc")
+    cache.put("abcd", np.ones(4, np.float32))
+    np.testing.assert_array_equal(cache.get("abcd"), np.ones(4, np.float32))
+    assert cache.get("missing") is None
+    cache._path("abcd").write_bytes(b"")  # torn by a crash
+    assert cache.get("abcd") is None
+    cache.put("abcd", np.ones((2, 2), np.float32))  # not one vector
+    assert cache.get("abcd") is None
+
+
+def test_training_needs_the_target_label_folder(repo):
+    cfg_target = DomainConfig(name="shop", target_label="nuts", training={"augment_views": 0})
+    with pytest.raises(ClientError) as err:
+        train_domain(repo, cfg_target, dataset(), Backend())
+    assert err.value.status == 400 and "nuts/" in err.value.message
+    ok = DomainConfig(name="shop", target_label="warm", training={"augment_views": 0})
+    report = train_domain(repo, ok, dataset(), Backend())
+    cal = report.meta["relevance"]
+    assert cal["target"] == "warm" and cal["method"] == "hold-out" and cal["positives"] == 1
+    assert report.as_json()["relevance"] == cal
