@@ -2,8 +2,11 @@
 
 Exact ``Flat`` search up to ``flat_max`` vectors (it is exact, and at that size fast enough); above
 it HNSW when its graph fits the memory budget (best recall per millisecond), else IVF-PQ (compressed,
-a few dozen bytes per vector). Every approximate build is measured: recall@10 against exact search
-on a sample of the indexed vectors, stored in ``meta.json`` with the bytes each vector costs.
+a few dozen bytes per vector). PQ codes alone rank poorly (recall@10 ~0.57 on 1280-d embeddings), so
+when it fits the budget IVF-PQ re-ranks ``refine_k_factor`` x k candidates with 8-bit scalar-quantised
+vectors (1 byte per dimension, a quarter of the raw vectors). Every approximate build is measured:
+recall@10 against exact search on a sample of the indexed vectors, stored in ``meta.json`` with the
+bytes each vector costs.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class IndexPolicy(BaseModel):
     hnsw_m: int = Field(32, ge=4, le=128)
     hnsw_ef_search: int = Field(96, ge=8, le=4096)
     ivf_nprobe: int = Field(32, ge=1)
+    ivfpq_refine: Literal["auto", "sq8", "none"] = Field(
+        "auto", description="re-rank IVF-PQ candidates with 8-bit vectors (auto: if within the budget)"
+    )
+    refine_k_factor: int = Field(8, ge=1, le=64, description="candidates re-ranked per result")
     recall_sample: int = Field(200, ge=10, description="queries used to measure recall@10")
 
 
@@ -43,6 +50,10 @@ def _faiss_metric(metric: str) -> int:
 
 def _hnsw_bytes(n: int, d: int, m: int) -> int:
     return n * (4 * d + 2 * m * 4 + 16)
+
+
+def _refine_bytes(n: int, d: int, pq_bytes: int) -> int:
+    return n * (d + pq_bytes + 8)
 
 
 def choose_kind(n: int, d: int, metric: str, policy: IndexPolicy) -> str:
@@ -67,9 +78,17 @@ def build_faiss(vectors: np.ndarray, metric: str, policy: IndexPolicy) -> tuple[
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # FAISS wants ~39 points per centroid
         m = next(m for m in (64, 32, 16, 8, 4, 2, 1) if d % m == 0 and m <= d)
         quantizer = faiss.IndexFlat(d, fm)
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, fm)
+        ivf = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, fm)
+        ivf.nprobe = min(policy.ivf_nprobe, nlist)
+        refine = policy.ivfpq_refine == "sq8" or (
+            policy.ivfpq_refine == "auto" and _refine_bytes(n, d, m) <= policy.memory_budget_bytes
+        )
+        if refine:
+            index = faiss.IndexRefine(ivf, faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, fm))
+            index.k_factor = policy.refine_k_factor  # faiss's wrapper keeps both parts alive
+        else:
+            index = ivf
         index.train(vectors)
-        index.nprobe = min(policy.ivf_nprobe, nlist)
     else:
         raise ValueError(f"unknown index kind {kind!r}")
     index.add(vectors)
