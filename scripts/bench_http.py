@@ -1,8 +1,12 @@
 """Start the real server twice and measure startup, resident memory and search latency/errors.
 
-    python scripts/bench_http.py [--requests 500 --concurrency 16] [--json]
+    python scripts/bench_http.py [--requests 500 --concurrency 16]
+    python scripts/bench_http.py --synthetic 100000      # a domain of 100k synthetic vectors
 
-Uses the store in STORE_URI (build it first: `make demo`). Prints one JSON object.
+Uses the store in STORE_URI (build it first: `make demo`), or with --synthetic N a temporary store
+holding one domain of N clustered synthetic 1280-d vectors (index chosen by the default policy)
+queried with real images through the whole path (upload, decode, encoder, index): latency at 1, 4
+and 16 clients. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(tmp: Path) -> tuple[subprocess.Popen, str, float]:
+def start(tmp: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, float]:
     port = free_port()
     env = {
         "BENTOML_HOME": str(ROOT / "var" / "bentoml"),
@@ -40,6 +44,7 @@ def start(tmp: Path) -> tuple[subprocess.Popen, str, float]:
         **os.environ,
         "BENTOML_RESULT_STORE": str(tmp / f"tasks-{port}.db"),
         "PYTHONPATH": str(ROOT),
+        **(extra_env or {}),
     }
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -134,12 +139,67 @@ def load(url: str, domain: str, images: list[bytes], n: int, concurrency: int) -
     }
 
 
+def synthetic_domain(tmp: Path, n: int) -> tuple[dict[str, str], dict]:
+    """A store and domains folder with one domain ("synthetic") of n clustered 1280-d vectors."""
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from simserver.index import DomainIndex, Item
+    from simserver.repository import Repository, new_version_id
+    from simserver.store import LocalStore
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(1000, 1280)).astype(np.float32)
+    x = centres[rng.integers(0, 1000, n)] + 0.5 * rng.normal(size=(n, 1280)).astype(np.float32)
+    items = [
+        Item(f"c{i % 1000}/{i}.png", f"c{i % 1000}", f"domains/synthetic/images/{i}", "image/png")
+        for i in range(n)
+    ]
+    t0 = time.perf_counter()
+    index = DomainIndex.build(
+        x,
+        items,
+        metric="cosine",
+        encoder_id="synthetic",
+        version=new_version_id(),
+        extra_meta={"encoder": "builtin"},
+    )
+    build_s = time.perf_counter() - t0
+    Repository(LocalStore(tmp / "store")).publish("synthetic", index)
+    (tmp / "domains").mkdir()
+    (tmp / "domains" / "synthetic.yaml").write_text("name: synthetic\ndescription: synthetic vectors\n")
+    env = {"STORE_URI": f"file://{tmp / 'store'}", "DOMAINS_DIR": str(tmp / "domains")}
+    info = {k: index.meta[k] for k in ("count", "index_kind", "recall_at_10", "bytes_per_vector")}
+    return env, {**info, "build_s": round(build_s, 1)}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--domain", default="fashion")
+    ap.add_argument("--synthetic", type=int, default=0, help="serve one domain of N synthetic vectors")
     args = ap.parse_args()
+    images = [p.read_bytes() for p in sorted((ROOT / "demo" / "fashion").rglob("*"))[:64] if p.is_file()]
+    if args.synthetic:
+        with tempfile.TemporaryDirectory() as tmp:
+            env, info = synthetic_domain(Path(tmp), args.synthetic)
+            proc, url, startup = start(Path(tmp), env)
+            try:
+                load(url, "synthetic", images, 32, 4)  # warm-up
+                runs = {
+                    f"{c}_clients": load(url, "synthetic", images, n, c)
+                    for c, n in ((1, 200), (4, 400), (16, 500))
+                }
+                rss = rss_mb(proc)
+            finally:
+                stop(proc)
+        print(
+            json.dumps(
+                {"domain": info, "startup_s": round(startup, 1), "search": runs, "rss_mb": rss}, indent=2
+            )
+        )
+        return
     images = [p.read_bytes() for p in sorted((ROOT / "demo" / args.domain).rglob("*"))[:64] if p.is_file()]
     with tempfile.TemporaryDirectory() as tmp:
         proc, url, first = start(Path(tmp))
