@@ -22,14 +22,13 @@ from pydantic import Field
 from starlette.responses import JSONResponse, Response
 
 from runners.domain_index import make_domain_service
-from runners.encoder import EncoderService
+from runners.encoder import EncoderService, EncoderServiceBackend
 from simserver import metrics
 from simserver.asgi import GatewayMiddleware, harden_multipart
 from simserver.builder import decode_batch
 from simserver.domain_config import BUILTIN, Limits, load_domains
 from simserver.encoder import IMAGE_SIZE
 from simserver.errors import ClientError, Conflict, TooLarge, UnknownDomain
-from simserver.finetune import Head, TrainingConfig
 from simserver.ingest import Dataset, read_site, read_zip
 from simserver.jobs import JobRecords
 from simserver.preprocess import prepare
@@ -84,8 +83,7 @@ def client_errors(fn):
 
 
 def _site_images(archive: Path | None, images: list[Path], limits: Limits) -> Dataset:
-    if len(images) > limits.max_entries:
-        raise TooLarge(f"{len(images)} images; the limit is {limits.max_entries}")
+    """read_site refuses more than ``limits.max_entries`` images in all (archive and files)."""
     data = _read_upload(archive, limits, "archive") if archive is not None else None
     files = [(_upload_name(p), _read_upload(p, limits, "images")) for p in images]
     return read_site(data, files, limits, IMAGE_SIZE)
@@ -102,31 +100,6 @@ def _read_upload(path: Path, limits: Limits, field: str) -> bytes:
     if size > limits.max_upload_bytes:
         raise TooLarge(f"{field}: {size} bytes exceeds the limit of {limits.max_upload_bytes}")
     return path.read_bytes()
-
-
-class ServiceBackend:
-    """Training backend whose TensorFlow work runs in the encoder service (sync client calls,
-    made from a worker thread)."""
-
-    def __init__(self, client, encoder_spec: str, encoder_id: str) -> None:
-        self.client = client
-        self.encoder_spec = encoder_spec
-        self.encoder_id = encoder_id
-
-    def encode(self, images):
-        return self.client.encode(images=images, encoder=self.encoder_spec)
-
-    def train_head(self, features, labels: list[str], config: TrainingConfig) -> Head:
-        return Head.unpack(
-            self.client.train_head(features=features, labels=labels, config=config.model_dump())
-        )
-
-    def export(self, head: Head, key: str, info: dict) -> str:
-        spec = self.client.export(encoder=self.encoder_spec, head=head.pack(), key=key, info=info)
-        # Load (and self-check) it in the encoder service before the version goes live, so the
-        # first search on the new version does not wait for it.
-        self.client.describe(encoder=spec)
-        return spec
 
 
 class ImageSimilarity:
@@ -241,7 +214,7 @@ class ImageSimilarity:
             data = await anyio.to_thread.run_sync(_read_upload, archive, cfg.limits, "archive")
             dataset = await anyio.to_thread.run_sync(read_zip, data, cfg.limits, IMAGE_SIZE)
             encoder_id = (await self.encoder.to_async.describe(encoder=cfg.encoder))["id"]
-            backend = ServiceBackend(self.encoder, cfg.encoder, encoder_id)
+            backend = EncoderServiceBackend(self.encoder, cfg.encoder, encoder_id)
             report = await anyio.to_thread.run_sync(
                 functools.partial(
                     train_domain,
@@ -294,7 +267,6 @@ class ImageSimilarity:
             raise ClientError("send the site's images as a zip in 'archive' or as files in 'images'")
         dataset = await anyio.to_thread.run_sync(_site_images, archive, images or [], cfg.limits)
         rc = cfg.relevance
-
         batch = SETTINGS.encode_batch_size
 
         async def run(spec: str) -> dict:
@@ -312,7 +284,7 @@ class ImageSimilarity:
             [s.name for s in dataset.samples],
             found["hits"],
             cfg.target_label,
-            cfg.relevance,
+            rc,
             calibration=found.get("relevance"),
             image_threshold=image_threshold,
             site_threshold=site_threshold,

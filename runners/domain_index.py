@@ -42,6 +42,23 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
         def __is_ready__(self) -> bool:
             return True
 
+        def _unusable(self, index, dim: int, encoder: str | None, empty: str) -> dict | None:
+            """The answer when vectors from ``encoder`` (``dim``-d) cannot be searched in ``index``:
+            another encoder serves this version (the caller encodes again with the one named), or
+            the dimensions differ (retrain). None when they can."""
+            served = index.meta.get("encoder") or cfg.encoder
+            if encoder is not None and encoder != served:
+                return {"version": index.version, empty: [], "encoder": served}
+            if dim != index.dim:
+                return {
+                    "version": index.version,
+                    empty: [],
+                    "encoder": served,
+                    "error": f"index version {index.version} was built with {index.meta['encoder_id']} "
+                    f"({index.dim}-d) but the encoder gives {dim}-d vectors: retrain",
+                }
+            return None
+
         @bentoml.api
         def search(self, vector: np.ndarray, top_k: int, encoder: str | None = None) -> dict:
             """``encoder``: the spec the caller encoded with; if the served version was built with
@@ -49,19 +66,12 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             index = self.live.current
             if index is None:
                 return {"version": None, "results": []}
-            served = index.meta.get("encoder") or cfg.encoder
-            if encoder is not None and encoder != served:
-                return {"version": index.version, "results": [], "encoder": served}
-            if vector.shape[-1] != index.dim:
-                return {
-                    "version": index.version,
-                    "results": [],
-                    "error": f"index version {index.version} was built with {index.meta['encoder_id']} "
-                    f"({index.dim}-d) but the encoder gives {vector.shape[-1]}-d vectors: retrain",
-                }
+            refused = self._unusable(index, vector.shape[-1], encoder, "results")
+            if refused:
+                return refused
             return {
                 "version": index.version,
-                "encoder": served,
+                "encoder": index.meta.get("encoder") or cfg.encoder,
                 "results": [asdict(h) for h in index.search(vector, top_k)],
             }
 
@@ -72,24 +82,16 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             index = self.live.current
             if index is None:
                 return {"version": None, "hits": []}
-            served = index.meta.get("encoder") or cfg.encoder
-            if encoder is not None and encoder != served:
-                return {"version": index.version, "hits": [], "encoder": served}
-            if vectors.shape[-1] != index.dim:
-                return {
-                    "version": index.version,
-                    "hits": [],
-                    "encoder": served,
-                    "error": f"index version {index.version} holds {index.dim}-d vectors but the encoder "
-                    f"gives {vectors.shape[-1]}-d: retrain",
-                }
+            refused = self._unusable(index, vectors.shape[-1], encoder, "hits")
+            if refused:
+                return refused
             hits = [
                 [{"id": h.id, "label": h.label, "score": h.score} for h in row]
                 for row in index.search_many(vectors, k)
             ]
             return {
                 "version": index.version,
-                "encoder": served,
+                "encoder": index.meta.get("encoder") or cfg.encoder,
                 "hits": hits,
                 "relevance": index.meta.get("relevance"),
             }

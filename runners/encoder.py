@@ -74,3 +74,28 @@ class EncoderService:
     def export(self, encoder: str, head: np.ndarray, key: str, info: dict) -> str:
         """Save ``encoder`` + head as one SavedModel at ``key`` in the store; returns its spec."""
         return self.pool.export(encoder, Head.unpack(head), key, info)
+
+
+class EncoderServiceBackend:
+    """The training backend (``simserver.training.Backend``) of the gateway: the TensorFlow work
+    runs in this service, through its dependency client (sync calls, made from a worker thread)."""
+
+    def __init__(self, client, encoder_spec: str, encoder_id: str) -> None:
+        self.client = client
+        self.encoder_spec = encoder_spec
+        self.encoder_id = encoder_id
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        return self.client.encode(images=images, encoder=self.encoder_spec)
+
+    def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
+        return Head.unpack(
+            self.client.train_head(features=features, labels=labels, config=config.model_dump())
+        )
+
+    def export(self, head: Head, key: str, info: dict) -> str:
+        spec = self.client.export(encoder=self.encoder_spec, head=head.pack(), key=key, info=info)
+        # Load (and self-check) it in the encoder service before the version goes live, so the
+        # first search on the new version does not wait for it.
+        self.client.describe(encoder=spec)
+        return spec

@@ -66,15 +66,28 @@ def decode_batch(samples: list[Sample]) -> np.ndarray:
     return np.stack([s.pixels for s in samples])
 
 
+def encode_images(
+    loaders: list[Callable[[], np.ndarray]],
+    encode: EncodeFn,
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> list[np.ndarray]:
+    """One vector per pixel loader, in order; batches are decoded one ahead of encoding."""
+    batches = list(iter_chunks(loaders, batch_size))
+    out: list[np.ndarray] = []
+    for batch, pixels in prefetched(batches, lambda b: np.stack([load() for load in b])):
+        out.extend(np.asarray(encode(pixels), dtype=np.float32))
+        if progress:
+            progress(len(batch))
+    return out
+
+
 def encode_dataset(
     dataset: Dataset, encode: EncodeFn, batch_size: int = 32, progress: Callable[[int], None] | None = None
 ) -> np.ndarray:
-    chunks = []
-    for chunk, pixels in prefetched(list(iter_chunks(dataset.samples, batch_size)), decode_batch):
-        chunks.append(np.asarray(encode(pixels), dtype=np.float32))
-        if progress:
-            progress(len(chunk))
-    return np.concatenate(chunks)
+    return np.stack(
+        encode_images([lambda s=s: s.pixels for s in dataset.samples], encode, batch_size, progress)
+    )
 
 
 def publish_version(

@@ -45,8 +45,10 @@ class FinetunedEncoder:
     runtime, queries run as backbone (fast) + head (NumPy) after checking that this reproduces the
     SavedModel (cosine >= 0.999), which avoids converting a second copy of the backbone."""
 
-    def __init__(self, folder: Path, spec: str, backbone: Encoder | None) -> None:
-        loaded = load_head(folder)
+    def __init__(
+        self, folder: Path, spec: str, backbone: Encoder | None, loaded: tuple[Head, dict] | None
+    ) -> None:
+        """``loaded``: :func:`load_head` of ``folder`` (None for a SavedModel without a head file)."""
         info = loaded[1] if loaded else {}
         self.spec = spec
         truth = Encoder(str(folder / "saved_model"), runtime="savedmodel", encoder_id=info.get("id", spec))
@@ -188,7 +190,7 @@ class EncoderPool:
                     raise
         loaded = load_head(folder)
         backbone = self.get(loaded[1]["backbone"]) if loaded else None
-        return FinetunedEncoder(folder, spec, backbone)
+        return FinetunedEncoder(folder, spec, backbone, loaded)
 
     def export(self, base_spec: str, head: Head, key: str, info: dict) -> str:
         """Save backbone ``base_spec`` + ``head`` as one SavedModel tar at ``key`` in the store;

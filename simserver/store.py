@@ -57,7 +57,11 @@ class ArtifactStore(ABC):
 
 
 class LocalStore(ArtifactStore):
-    def __init__(self, root: str | Path) -> None:
+    """``durable=False`` skips the fsyncs: for caches, where a write lost in a crash is simply
+    recomputed (the rename still makes each write atomic)."""
+
+    def __init__(self, root: str | Path, durable: bool = True) -> None:
+        self.durable = durable
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.uri = f"file://{self.root}"
@@ -78,10 +82,12 @@ class LocalStore(ArtifactStore):
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if self.durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            if self.durable:
+                _fsync_dir(path.parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from simserver.augment import view as augmented_view
-from simserver.builder import BuildReport, prefetched, publish_version
+from simserver.builder import BuildReport, encode_images, publish_version
 from simserver.domain_config import DomainConfig
 from simserver.errors import ClientError
 from simserver.evaluation import RetrievalResult, Split, evaluate_retrieval, is_better, stratified_split
@@ -37,6 +35,7 @@ from simserver.finetune import Head, TrainingConfig
 from simserver.ingest import Dataset, Sample
 from simserver.relevance import calibrate, margins_exact
 from simserver.repository import Repository, new_version_id
+from simserver.store import LocalStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,31 +56,28 @@ class Backend(Protocol):
 
 
 class FeatureCache:
-    """Backbone features by image content hash, on local disk. A cache, so no fsync: a torn file
-    fails to parse and is recomputed."""
+    """Backbone features by image content hash, on local disk. A cache, so no fsync
+    (``LocalStore(durable=False)``): a torn or lost file fails to parse and is recomputed."""
 
     def __init__(self, root: Path, encoder_id: str) -> None:
-        self.root = Path(root) / "features" / hashlib.sha256(encoder_id.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(encoder_id.encode()).hexdigest()[:16]
+        self.store = LocalStore(Path(root) / "features" / digest, durable=False)
 
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.npy"
+    @staticmethod
+    def _key(key: str) -> str:
+        return f"{key[:2]}/{key}.npy"
 
     def get(self, key: str) -> np.ndarray | None:
         try:
-            vector = np.load(self._path(key), allow_pickle=False)
+            vector = np.load(io.BytesIO(self.store.get(self._key(key))), allow_pickle=False)
         except Exception:  # missing, empty, torn or not an array: recompute
             return None
         return vector if vector.ndim == 1 and vector.dtype == np.float32 else None
 
     def put(self, key: str, vector: np.ndarray) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, np.asarray(vector, dtype=np.float32), allow_pickle=False)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
+        self.store.put(self._key(key), buf.getvalue())
 
 
 def _encode_jobs(
@@ -97,15 +93,11 @@ def _encode_jobs(
     todo = [i for i, v in enumerate(out) if v is None]
     if progress and len(todo) < len(jobs):
         progress(len(jobs) - len(todo))
-    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    for batch, pixels in prefetched(batches, lambda b: np.stack([jobs[i][1]() for i in b])):
-        vectors = np.asarray(backend.encode(pixels), dtype=np.float32)
-        for i, v in zip(batch, vectors, strict=True):
-            out[i] = v
-            if cache:
-                cache.put(jobs[i][0], v)
-        if progress:
-            progress(len(batch))
+    vectors = encode_images([jobs[i][1] for i in todo], backend.encode, batch_size, progress)
+    for i, v in zip(todo, vectors, strict=True):
+        out[i] = v
+        if cache:
+            cache.put(jobs[i][0], v)
     if not jobs:
         return np.zeros((0, 0), np.float32)
     return np.stack(out)  # type: ignore[arg-type]
