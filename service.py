@@ -36,6 +36,7 @@ from simserver.relevance import judge_site
 from simserver.repository import Repository
 from simserver.schemas import (
     DomainInfo,
+    EncoderStats,
     RelevanceResponse,
     SearchResponse,
     SimilarityResponse,
@@ -359,6 +360,12 @@ async def list_domains() -> list[DomainInfo]:
             )
         )
     return out
+
+
+@http_app.get("/stats", response_model=EncoderStats, summary="Encoder batching since start")
+async def stats() -> EncoderStats:
+    """How concurrent encodes were batched together (calls per model run), since the server started."""
+    return EncoderStats(**await bentoml.get_current_service().encoder.to_async.stats())
 
 
 @http_app.get(

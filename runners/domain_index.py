@@ -12,7 +12,7 @@ from dataclasses import asdict
 import bentoml
 import numpy as np
 
-from runners import RUNNER_CONNECTION
+from runners import INTERNAL_SERVICE, RUNNER_CONNECTION
 from simserver.domain_config import DomainConfig
 from simserver.live import LiveIndex
 from simserver.repository import Repository
@@ -137,6 +137,8 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
     return bentoml.service(
         name=service_name(cfg.name),
         workers=1,
+        threads=4,  # FAISS releases the GIL; BentoML's default of 1 thread serializes searches
         traffic={"timeout": 120},
         runner_connection=RUNNER_CONNECTION,
+        **INTERNAL_SERVICE,
     )(DomainIndexService)

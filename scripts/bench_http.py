@@ -6,7 +6,8 @@
 Uses the store in STORE_URI (build it first: `make demo`), or with --synthetic N a temporary store
 holding one domain of N clustered synthetic 1280-d vectors (index chosen by the default policy)
 queried with real images through the whole path (upload, decode, encoder, index): latency at 1, 4
-and 16 clients. Prints one JSON object.
+and 16 clients (each with a keep-alive connection), and how the encoder batched concurrent calls
+(``GET /stats``). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,34 +89,84 @@ def stop(proc: subprocess.Popen) -> float:
     return time.monotonic() - t0
 
 
-def rss_mb(proc: subprocess.Popen) -> dict[str, float]:
+def _role(p: psutil.Process) -> str:
+    cmd = " ".join(p.cmdline())
+    if "encoder" in cmd:
+        return "encoder"
+    if "index-" in cmd:
+        return "index"
+    if "ImageSimilarity" in cmd and "worker" in cmd:
+        return "gateway"
+    return "supervisor/other"
+
+
+def _by_role(proc: subprocess.Popen, measure) -> dict[str, float]:
     root = psutil.Process(proc.pid)
     out: dict[str, float] = {}
     for p in [root, *root.children(recursive=True)]:
         try:
-            cmd = " ".join(p.cmdline())
-            rss = p.memory_info().rss / 2**20
+            role, value = _role(p), measure(p)
         except psutil.Error:
             continue
-        name = (
-            "encoder"
-            if "encoder" in cmd
-            else "index"
-            if "index-" in cmd
-            else "gateway"
-            if "ImageSimilarity" in cmd and "worker" in cmd
-            else "supervisor/other"
-        )
-        out[name] = out.get(name, 0.0) + rss
+        out[role] = out.get(role, 0.0) + value
+    return out
+
+
+def rss_mb(proc: subprocess.Popen) -> dict[str, float]:
+    out = _by_role(proc, lambda p: p.memory_info().rss / 2**20)
     out["total"] = sum(out.values())
     return {k: round(v, 1) for k, v in out.items()}
 
 
-def load(url: str, domain: str, images: list[bytes], n: int, concurrency: int) -> dict:
+def cpu_seconds(proc: subprocess.Popen | None) -> dict[str, float]:
+    """CPU seconds (user + system) so far per server role, and of this client process."""
+    out = _by_role(proc, lambda p: sum(p.cpu_times()[:2])) if proc else {}
+    out["client"] = sum(psutil.Process().cpu_times()[:2])
+    return out
+
+
+def encoder_stats(url: str) -> dict:
+    return requests.get(f"{url}/stats", timeout=30).json()
+
+
+def wait_idle(url: str) -> None:
+    """The encoder traces export templates in the background after start; measure after that."""
+    deadline = time.monotonic() + 300
+    while not encoder_stats(url)["export_templates_ready"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def batched(before: dict, after: dict) -> dict:
+    """Calls per model run during one load phase (summed over base encoders)."""
+    hist: dict[str, int] = {}
+    calls = runs = 0
+    for spec, a in after["batching"].items():
+        b = before["batching"].get(spec, {"runs": 0, "calls": 0, "calls_per_run": {}})
+        calls += a["calls"] - b["calls"]
+        runs += a["runs"] - b["runs"]
+        for k, v in a["calls_per_run"].items():
+            if v - b["calls_per_run"].get(k, 0):
+                hist[k] = hist.get(k, 0) + v - b["calls_per_run"].get(k, 0)
+    return {
+        "mean_calls_per_run": round(calls / runs, 2) if runs else None,
+        "calls_per_run": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+    }
+
+
+def load(
+    url: str, domain: str, images: list[bytes], n: int, concurrency: int, proc: subprocess.Popen | None = None
+) -> dict:
+    """n searches from ``concurrency`` clients, each with its own keep-alive connection; with the
+    server's ``proc``, also the CPU milliseconds each process spent per request (where time goes)."""
+    local = threading.local()
+
     def one(i: int) -> tuple[int, float]:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        session = local.session
         t0 = time.perf_counter()
         try:
-            r = requests.post(
+            r = session.post(
                 f"{url}/{domain}/search", files={"image": ("q", images[i % len(images)])}, timeout=60
             )
             code = r.status_code
@@ -122,10 +174,14 @@ def load(url: str, domain: str, images: list[bytes], n: int, concurrency: int) -
             code = 0
         return code, (time.perf_counter() - t0) * 1000
 
+    before = encoder_stats(url)
+    cpu_before = cpu_seconds(proc)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         res = list(pool.map(one, range(n)))
     wall = time.perf_counter() - t0
+    cpu = {k: (v - cpu_before.get(k, 0.0)) * 1000 / n for k, v in cpu_seconds(proc).items()}
+    batching = batched(before, encoder_stats(url))
     ms = sorted(m for _, m in res)
     q = statistics.quantiles(ms, n=100)
     return {
@@ -136,6 +192,8 @@ def load(url: str, domain: str, images: list[bytes], n: int, concurrency: int) -
         "p95_ms": round(q[94], 1),
         "p99_ms": round(q[98], 1),
         "rps": round(n / wall, 1),
+        "encoder_batching": batching,
+        **({"cpu_ms_per_request": {k: round(v, 2) for k, v in cpu.items() if v >= 0.05}} if proc else {}),
     }
 
 
@@ -173,6 +231,26 @@ def synthetic_domain(tmp: Path, n: int) -> tuple[dict[str, str], dict]:
     return env, {**info, "build_s": round(build_s, 1)}
 
 
+def query_images(domain: str = "fashion") -> list[bytes]:
+    return [p.read_bytes() for p in sorted((ROOT / "demo" / domain).rglob("*"))[:64] if p.is_file()]
+
+
+def search_figures(n: int, levels=((1, 200), (4, 400), (16, 500))) -> dict:
+    """A server with one domain of n synthetic vectors; (clients, requests) per load level."""
+    images = query_images()
+    with tempfile.TemporaryDirectory() as tmp:
+        env, info = synthetic_domain(Path(tmp), n)
+        proc, url, startup = start(Path(tmp), env)
+        try:
+            wait_idle(url)
+            load(url, "synthetic", images, 32, 4)  # warm-up
+            runs = {f"{c}_clients": load(url, "synthetic", images, r, c, proc) for c, r in levels}
+            rss = rss_mb(proc)
+        finally:
+            stop(proc)
+    return {"domain": info, "startup_s": round(startup, 1), **runs, "rss_mb": rss}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=500)
@@ -180,25 +258,8 @@ def main() -> None:
     ap.add_argument("--domain", default="fashion")
     ap.add_argument("--synthetic", type=int, default=0, help="serve one domain of N synthetic vectors")
     args = ap.parse_args()
-    images = [p.read_bytes() for p in sorted((ROOT / "demo" / "fashion").rglob("*"))[:64] if p.is_file()]
     if args.synthetic:
-        with tempfile.TemporaryDirectory() as tmp:
-            env, info = synthetic_domain(Path(tmp), args.synthetic)
-            proc, url, startup = start(Path(tmp), env)
-            try:
-                load(url, "synthetic", images, 32, 4)  # warm-up
-                runs = {
-                    f"{c}_clients": load(url, "synthetic", images, n, c)
-                    for c, n in ((1, 200), (4, 400), (16, 500))
-                }
-                rss = rss_mb(proc)
-            finally:
-                stop(proc)
-        print(
-            json.dumps(
-                {"domain": info, "startup_s": round(startup, 1), "search": runs, "rss_mb": rss}, indent=2
-            )
-        )
+        print(json.dumps(search_figures(args.synthetic), indent=2))
         return
     images = [p.read_bytes() for p in sorted((ROOT / "demo" / args.domain).rglob("*"))[:64] if p.is_file()]
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,10 +267,11 @@ def main() -> None:
         stop(proc)
         proc, url, second = start(Path(tmp))
         try:
+            wait_idle(url)
             load(url, args.domain, images, 32, 4)  # warm-up
             idle = rss_mb(proc)
-            single = load(url, args.domain, images, 100, 1)
-            loaded = load(url, args.domain, images, args.requests, args.concurrency)
+            single = load(url, args.domain, images, 100, 1, proc)
+            loaded = load(url, args.domain, images, args.requests, args.concurrency, proc)
             busy = rss_mb(proc)
         finally:
             shutdown = stop(proc)

@@ -101,6 +101,7 @@ class EncoderPool:
         cache_dir: Path | None = None,
         store: ArtifactStore | None = None,
         max_finetuned: int = 6,
+        threads: int = 0,
     ) -> None:
         self.builtin_model = builtin_model
         self.batch_size = batch_size
@@ -108,6 +109,7 @@ class EncoderPool:
         self.cache_dir = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="encoders-"))
         self.store = store
         self.max_finetuned = max_finetuned
+        self.threads = threads
         self._base: dict[str, Encoder] = {}
         self._finetuned: OrderedDict[str, FinetunedEncoder] = OrderedDict()
         self._templates: dict[tuple, _Template] = {}
@@ -124,6 +126,7 @@ class EncoderPool:
             runtime=settings.encoder_runtime,
             cache_dir=settings.store_cache_dir,
             store=store,
+            threads=settings.encoder_threads,
         )
 
     def get(self, spec: str) -> Encoder | FinetunedEncoder:
@@ -147,6 +150,7 @@ class EncoderPool:
                     batch_size=self.batch_size,
                     runtime=self.runtime,
                     cache_dir=self.cache_dir,
+                    threads=self.threads,
                 )
             with self._lock:
                 if isinstance(enc, FinetunedEncoder):
@@ -157,6 +161,12 @@ class EncoderPool:
                 else:
                     self._base[spec] = enc
             return enc
+
+    def batch_stats(self) -> dict[str, dict]:
+        """:meth:`Encoder.batch_stats` of each loaded base encoder, by spec."""
+        with self._lock:
+            base = dict(self._base)
+        return {spec: st for spec, enc in base.items() if (st := enc.batch_stats()) is not None}
 
     def _cached(self, spec: str) -> Encoder | FinetunedEncoder | None:
         with self._lock:

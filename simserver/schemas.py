@@ -113,5 +113,17 @@ class DomainInfo(BaseModel):
     store_error: str | None = None
 
 
+class BatchingStats(BaseModel):
+    runs: int = Field(description="model runs")
+    calls: int = Field(description="encode calls served (one per search)")
+    rows: int = Field(description="images encoded")
+    calls_per_run: dict[str, int] = Field(description="histogram: calls batched together -> runs")
+
+
+class EncoderStats(BaseModel):
+    batching: dict[str, BatchingStats] = Field(description="per base encoder (fine-tuned ones share it)")
+    export_templates_ready: bool
+
+
 class ErrorResponse(BaseModel):
     error: str

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     encoder_runtime: Literal["auto", "tflite", "savedmodel"] = Field(
         "auto", description="auto: TFLite/XNNPACK when it reproduces the SavedModel, else TF"
     )
+    encoder_threads: int = Field(
+        0, ge=0, le=256, description="TFLite threads; 0: every CPU the process may use"
+    )
     log_level: str = "INFO"
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -114,3 +116,27 @@ def test_tflite_runtime_reproduces_the_saved_model_on_real_photos(encoder):
 def test_wrong_input_shape_is_refused(encoder):
     with pytest.raises(ValueError, match="expected"):
         encoder.encode(np.zeros((1, 100, 100, 3), np.uint8))
+
+
+def test_concurrent_calls_are_batched_and_each_gets_its_own_vectors(encoder):
+    """Single-image calls from many threads share model runs (adaptive batching), and the batched
+    path (single-thread interpreters in parallel) gives the same vectors as a lone call."""
+    photos = [*sorted(TEST_DATA.glob("*.webp")), *sorted((DEMO / "almonds-suppliers/random").iterdir())[:13]]
+    pixels = np.stack([_pixels(p.read_bytes()) for p in photos[:16]])
+    alone = np.concatenate([encoder.encode(pixels[i : i + 1]) for i in range(len(pixels))])
+    before = encoder.batch_stats()
+    start = threading.Barrier(8)
+
+    def worker(w: int) -> list[tuple[int, np.ndarray]]:
+        start.wait()
+        return [(i, encoder.encode(pixels[i : i + 1])[0]) for i in range(w, len(pixels), 8)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [r for rs in pool.map(worker, range(8)) for r in rs]
+    after = encoder.batch_stats()
+    assert sorted(i for i, _ in results) == list(range(len(pixels)))
+    for i, v in results:
+        assert float(v @ alone[i]) >= 0.99999
+    assert after["calls"] - before["calls"] == len(pixels)
+    assert after["rows"] - before["rows"] == len(pixels)
+    assert after["runs"] - before["runs"] < len(pixels), after  # some calls went together

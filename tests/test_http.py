@@ -73,7 +73,7 @@ def test_probes_and_docs(server):
     assert requests.get(f"{server.url}/livez", timeout=5).status_code == 200
     spec = requests.get(f"{server.url}/docs.json", timeout=10).json()
     paths = set(spec["paths"])
-    for route in ("/{domain}/search", "/{domain}/train/submit", "/similarity", "/domains"):
+    for route in ("/{domain}/search", "/{domain}/train/submit", "/similarity", "/domains", "/stats"):
         assert route in paths, sorted(paths)
 
 
@@ -318,10 +318,18 @@ def test_new_pointer_is_picked_up_without_restart(server, demo_store, encoder, d
 
 
 # -- robustness (BentoML 1.4 pitfalls) ---------------------------------------------------------------------
-def test_concurrent_searches_have_no_errors(server):
-    """Crosses BentoML's default 100-request client recycle, which dropped in-flight calls."""
+def _batching(server) -> dict:
+    r = requests.get(f"{server.url}/stats", timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()["batching"]["builtin"]
+
+
+def test_concurrent_searches_have_no_errors_and_are_batched(server):
+    """Crosses BentoML's default 100-request client recycle, which dropped in-flight calls; the
+    encoder runs concurrent searches' images together (GET /stats counts calls per run)."""
     queries = [p.read_bytes() for p in sorted((DEMO / "fashion").rglob("*.png"))[:16]]
     codes: list[int] = []
+    before = _batching(server)
 
     def one(i: int) -> int:
         return search(server, "fashion", queries[i % len(queries)]).status_code
@@ -329,6 +337,11 @@ def test_concurrent_searches_have_no_errors(server):
     with ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(one, range(240)))
     assert codes.count(200) == 240, {c: codes.count(c) for c in set(codes)}
+    after = _batching(server)
+    calls, runs = after["calls"] - before["calls"], after["runs"] - before["runs"]
+    assert calls == 240 and after["rows"] - before["rows"] == 240
+    assert runs < calls, after
+    assert sum(int(k) * v for k, v in after["calls_per_run"].items()) == after["calls"]
 
 
 def test_zz_sigterm_with_requests_in_flight_stops(server):

@@ -86,6 +86,7 @@ def test_reads_open_unless_search_requires_key():
     strict = mw_for(app, api_keys=["k"], search_requires_key=True)
     assert call(strict, "POST", "/fashion/search", POST)[0] == 401
     assert call(strict, "GET", "/domains")[0] == 401
+    assert call(strict, "GET", "/stats")[0] == 401
     assert call(strict, "GET", "/readyz")[0] == 200  # probes stay open for the load balancer
     assert call(strict, "POST", "/fashion/search", {**POST, "Authorization": "Bearer k"})[0] == 200
     assert call(mw_for(app), "POST", "/fashion/train/submit", POST)[0] == 200  # no keys configured

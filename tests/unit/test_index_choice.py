@@ -24,7 +24,14 @@ def test_rule():
     p = IndexPolicy(flat_max=1000, memory_budget_bytes=10**9)
     assert choose_kind(1000, 1280, "cosine", p) == "flat"
     assert choose_kind(1001, 1280, "cosine", p) == "hnsw"
-    assert choose_kind(10**6, 1280, "cosine", p) == "ivfpq"  # 1M x 1280 HNSW needs ~5.4 GB > 1 GB
+    # 1M x 1280: HNSW needs ~5.4 GB, over fp16 vectors ~2.8 GB
+    assert choose_kind(10**6, 1280, "cosine", p) == "ivfpq"  # budget 1 GB
+    assert choose_kind(10**6, 1280, "cosine", p.model_copy(update={"memory_budget_bytes": 4 * 2**30})) == (
+        "hnsw_fp16"
+    )
+    assert (
+        choose_kind(10**6, 1280, "cosine", p.model_copy(update={"memory_budget_bytes": 6 * 2**30})) == "hnsw"
+    )
     assert choose_kind(10**6, 1280, "l1", p) == "flat"
     assert choose_kind(10, 8, "l2", IndexPolicy(kind="ivfpq")) == "ivfpq"
 
@@ -34,6 +41,7 @@ def test_rule():
     [
         ("cosine", "hnsw", "auto"),
         ("l2", "hnsw", "auto"),
+        ("cosine", "hnsw_fp16", "auto"),
         ("cosine", "ivfpq", "none"),
         ("cosine", "ivfpq", "sq8"),
     ],
@@ -41,14 +49,24 @@ def test_rule():
 def test_approximate_builds_measure_recall_against_exact(metric, kind, refine):
     x = clustered(3000)
     policy = IndexPolicy(
-        flat_max=500, kind="auto" if kind == "hnsw" else "ivfpq", ivf_nprobe=16, ivfpq_refine=refine
+        flat_max=500, kind="auto" if kind == "hnsw" else kind, ivf_nprobe=16, ivfpq_refine=refine
     )
     idx = DomainIndex.build(x, items(len(x)), metric=metric, encoder_id="e", version="v", policy=policy)
     assert idx.meta["index_kind"] == kind
     # PQ codes alone trade recall for ~16x less memory; re-ranking with 8-bit vectors wins it back.
-    floor = {"hnsw": 0.9, "none": 0.3, "sq8": 0.9}[kind if kind == "hnsw" else refine]
+    floor = {"hnsw": 0.9, "hnsw_fp16": 0.9, "none": 0.3, "sq8": 0.9}[kind if kind != "ivfpq" else refine]
     assert floor <= idx.meta["recall_at_10"] <= 1.0
     assert idx.meta["bytes_per_vector"] > 0
+    if kind == "hnsw_fp16":  # the same graph over half-size vectors: 2 bytes less per dimension
+        full = DomainIndex.build(
+            x,
+            items(len(x)),
+            metric=metric,
+            encoder_id="e",
+            version="v",
+            policy=policy.model_copy(update={"kind": "hnsw"}),
+        )
+        assert full.meta["bytes_per_vector"] - idx.meta["bytes_per_vector"] == pytest.approx(2 * 64, abs=4)
     if kind == "ivfpq":
         # smaller than the raw float vector: PQ codes alone, or plus one byte per dimension
         assert idx.meta["bytes_per_vector"] < 64 * 4
