@@ -24,6 +24,7 @@ import numpy as np
 
 from simserver import metrics
 from simserver.batching import Batcher
+from simserver.cpu import usable_cpus
 from simserver.domain_config import BUILTIN
 from simserver.store import LocalStore
 
@@ -98,14 +99,6 @@ def check_reproduces(what: str, reference: np.ndarray, got: np.ndarray) -> float
     if worst < MIN_RUNTIME_COSINE:
         raise ValueError(f"{what} output differs from the SavedModel (cosine {worst:.5f})")
     return worst
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (a container's affinity, not the host's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class TFLiteInterpreter:

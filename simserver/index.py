@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from simserver import metrics
+from simserver.cpu import faiss_threads
 from simserver.index_choice import IndexPolicy, build_faiss, bytes_per_vector, recall_at_10
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class DomainIndex:
         k = min(top_k, len(self.items))
         if k <= 0 or len(q) == 0:
             return [[] for _ in range(len(q))]
+        faiss_threads(len(q))
         raw, ids = self.faiss.search(q, k)
         out = []
         for row_raw, row_ids in zip(raw, ids, strict=True):
