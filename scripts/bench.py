@@ -32,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import simserver  # noqa: E402,F401  (first: it sets FAISS's OpenMP wait policy before faiss loads)
+
 os.environ.setdefault("BENTOML_HOME", str(ROOT / "var" / "bentoml"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -87,14 +89,13 @@ def index_figures(
     # is an easy case for a graph and flatters recall.
     x = clustered(n + queries, d)
     x, q = x[:n], x[n:]
-    exact = faiss.IndexFlatIP(d)
-    exact.add(x)
-    _, truth = exact.search(q, 10)
-    del exact
+    _, truth = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)  # exact, without a copy of x
     out = {"n": n, "dim": d, "queries": "held out"}
-    for kind in kinds:
+    for wanted in kinds:
+        if wanted != "auto" and wanted in out:  # "auto" chose it already
+            continue
         t0 = time.perf_counter()
-        index, kind = build_faiss(x, "cosine", IndexPolicy(kind=kind))
+        index, kind = build_faiss(x, "cosine", IndexPolicy(kind=wanted))
         build_s = time.perf_counter() - t0
         faiss.omp_set_num_threads(1)  # the per-query figure is single-thread, as the target says
         t0 = time.perf_counter()

@@ -71,6 +71,7 @@ class Batcher:
             if call.done:
                 return self._result(call)
             self._busy = True
+        batch: list[_Call] = []
         try:
             # Leader: run queued calls in arrival order until our own is done; every call queued
             # before ours is served first, those after it by the next leader.
@@ -80,6 +81,9 @@ class Batcher:
                 self._run(batch)
         finally:
             with self._cv:
+                for c in batch:  # taken, then interrupted before finishing (e.g. KeyboardInterrupt)
+                    if not c.done:
+                        c.error, c.done = RuntimeError("encoding was interrupted"), True
                 self._busy = False
                 self._cv.notify_all()
         return self._result(call)
@@ -94,8 +98,8 @@ class Batcher:
 
     def _run(self, batch: list[_Call]) -> None:
         sizes = [len(c.rows) for c in batch]
-        self.stats.record(len(batch), sum(sizes))
         try:
+            self.stats.record(len(batch), sum(sizes))
             rows = batch[0].rows if len(batch) == 1 else np.concatenate([c.rows for c in batch])
             out = self.fn(rows)
             parts = np.split(out, np.cumsum(sizes)[:-1])

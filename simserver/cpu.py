@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 # Beyond this many query rows FAISS splits a search over threads; below it one thread is faster.
 PARALLEL_QUERIES = 16
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (a container's affinity, not the host's count)."""
+    """CPUs this process may run on: its affinity mask, capped by a container's CPU quota (Docker
+    ``--cpus``, a Kubernetes limit, an ECS task's CPU), which the affinity mask does not show."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(n, quota) if quota else n)
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The cgroup's CPU limit rounded up to whole CPUs (v2 ``cpu.max``, else v1 CFS), None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def faiss_threads(rows: int) -> None:

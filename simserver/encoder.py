@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +150,12 @@ class _TFLiteRunner:
         parts = np.array_split(batch, min(len(self._narrow), len(batch)))
         pairs = zip(self._narrow[1:], parts[1:], strict=False)  # fewer parts than interpreters is fine
         rest = [self._helpers.submit(interp, part) for interp, part in pairs]
-        first = self._narrow[0](parts[0])
+        try:
+            first = self._narrow[0](parts[0])
+        finally:
+            # Even if a part failed, the run ends only when every interpreter is free again: the
+            # next run reuses them, and each may be used by one thread at a time.
+            wait(rest)
         return np.concatenate([first, *(f.result() for f in rest)])
 
 

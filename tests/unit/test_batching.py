@@ -89,3 +89,31 @@ def test_a_failed_run_fails_its_calls_only_and_the_batcher_goes_on():
         with pytest.raises(ValueError, match="negative"):
             bad.result(10)
     assert batcher(np.ones((1, 1)))[0, 0] == 10
+
+
+def test_a_failed_part_returns_only_when_every_interpreter_is_free():
+    """A batch is split over interpreters run in parallel; if one part fails, the run must still
+    wait for the others, since the next run reuses them (one thread per interpreter at a time)."""
+    from simserver.encoder import _TFLiteRunner
+
+    finished: list[int] = []
+
+    class Slow:
+        def __call__(self, part: np.ndarray) -> np.ndarray:
+            time.sleep(0.3)
+            finished.append(len(part))
+            return part
+
+    class Bad:
+        def __call__(self, part: np.ndarray) -> np.ndarray:
+            raise ValueError("bad part")
+
+    runner = object.__new__(_TFLiteRunner)
+    runner._wide, runner._narrow = Bad(), [Bad(), Slow(), Slow()]
+    runner._helpers = ThreadPoolExecutor(2)
+    runner.batcher = Batcher(runner._run)
+    with pytest.raises(ValueError, match="bad part"):
+        runner(np.zeros((3, 1)))
+    assert finished == [1, 1]
+    runner._narrow[0] = Slow()
+    assert runner(np.arange(3.0)[:, None])[:, 0].tolist() == [0.0, 1.0, 2.0]

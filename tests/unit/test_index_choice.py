@@ -25,7 +25,10 @@ def oracle_recall(index, xs: np.ndarray, metric: str, sample: int) -> float:
     dist[np.arange(len(ids)), ids] = np.inf  # leave the query itself out
     truth = np.argsort(dist, axis=1)[:, :10]
     _, got = index.search(xs[ids], 11)
-    hits = [len(set(t) & set([g for g in row if g != own][:10])) for own, t, row in zip(ids, truth, got)]
+    hits = [
+        len(set(t) & set([g for g in row if g != own][:10]))
+        for own, t, row in zip(ids, truth, got, strict=True)
+    ]
     return sum(hits) / (10 * len(ids))
 
 
@@ -133,3 +136,20 @@ def test_faiss_threads_one_for_a_query_all_for_a_batch():
     assert faiss.omp_get_max_threads() == 1
     faiss_threads(PARALLEL_QUERIES)
     assert faiss.omp_get_max_threads() == usable_cpus()
+
+
+def test_usable_cpus_honours_a_container_quota(tmp_path):
+    from simserver.cpu import cgroup_cpu_quota
+
+    assert cgroup_cpu_quota(tmp_path) is None  # no cgroup files: no limit
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # docker --cpus=1.5
+    assert cgroup_cpu_quota(tmp_path) == 2
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_quota(v1) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert cgroup_cpu_quota(v1) == 1
