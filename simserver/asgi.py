@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable, Collection
@@ -36,7 +37,8 @@ class GatewayMiddleware:
     * body limits: ``Content-Length`` over the limit -> 413, a POST without one -> 411 (BentoML
       reads and, for tasks, stores the whole body before any handler could count it);
     * 4xx bodies rewritten to ``{"error": "..."}``; a task ``/status`` or ``/get`` unknown to this
-      replica is answered from the job records in the artifact store.
+      replica is answered from the job records in the artifact store;
+    * ``/readyz`` answers within ``ready_timeout`` (503 if the dependencies do not).
     """
 
     OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs", "/docs.json", "/schema.json", "/")
@@ -50,8 +52,10 @@ class GatewayMiddleware:
         api_keys: Collection[str] = (),
         search_requires_key: bool = False,
         job_lookup: Callable[[str], dict | None] | None = None,
+        ready_timeout: float = 4.0,
     ) -> None:
         self.app = app
+        self.ready_timeout = ready_timeout
         self.domains = domains
         self.domain_routes = domain_routes
         self.max_body_bytes = max_body_bytes
@@ -97,6 +101,9 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
+        if path == "/readyz":
+            await self._readyz(scope, receive, send)
+            return
         parts = path.strip("/").split("/")
         if len(parts) >= 2 and parts[1] in self.domain_routes and parts[0] not in self.domains:
             known = ", ".join(sorted(self.domains)) or "none"
@@ -166,6 +173,25 @@ class GatewayMiddleware:
                 await send(message)
 
         await self.app(scope, receive, send_wrapper)
+
+    async def _readyz(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        """BentoML's /readyz, answered within ``ready_timeout`` seconds: a probe that arrives while
+        the services are still starting otherwise waited for ever on a dependency (measured: no
+        answer after 100 s, while the next probe got 200 at once). Load balancers give up on a
+        silent probe; a 503 tells them "not yet"."""
+        started = False
+
+        async def mark(message: dict) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, receive, mark), self.ready_timeout)
+        except TimeoutError:
+            if not started:
+                message = f"not ready: dependencies did not answer in {self.ready_timeout} s"
+                await self._refuse(send, 503, message)
 
     async def _from_records(self, scope: Scope, parts: list[str]) -> tuple[int, Any] | None:
         import anyio

@@ -94,6 +94,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env, self.target, self.cwd = env, target, cwd
         self.log = log
+        self.probe_hangs = 0  # /readyz probes during startup that got no answer
         self._spawn()
 
     def restart(self) -> float:
@@ -133,8 +134,11 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log.read_text()[-4000:]}")
             try:
-                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                # A probe must get an answer (503 while starting), not hang: count those that did.
+                if requests.get(f"{self.url}/readyz", timeout=(2, 15)).status_code == 200:
                     return time.monotonic() - self.started
+            except requests.ReadTimeout:
+                self.probe_hangs += 1
             except requests.RequestException:
                 pass
             time.sleep(0.5)

@@ -70,6 +70,7 @@ def train(server, domain: str, archive: bytes, timeout: float = 300) -> tuple[st
 # -- health, docs, listing -------------------------------------------------------------------------
 def test_probes_and_docs(server):
     assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    assert server.probe_hangs == 0  # every probe while starting was answered (503), none hung
     assert requests.get(f"{server.url}/livez", timeout=5).status_code == 200
     spec = requests.get(f"{server.url}/docs.json", timeout=10).json()
     paths = set(spec["paths"])

@@ -135,3 +135,14 @@ def test_unknown_task_answered_from_job_records():
     status, body, _ = call(mw, "GET", "/fashion/train/get", query="task_id=t1")
     assert status == 413 and body == {"error": "too big"}
     assert call(mw, "GET", "/fashion/train/status", query="task_id=t2")[0] == 404
+
+
+def test_readyz_answers_503_when_dependencies_hang_and_passes_through_otherwise():
+    async def hanging(scope, receive, send):
+        await asyncio.sleep(3600)  # a dependency's readiness call that never returns (startup)
+
+    status, body, _ = call(mw_for(hanging, ready_timeout=0.2), "GET", "/readyz")
+    assert status == 503 and "not ready" in body["error"]
+    ready, calls = make_app(200, {"ready": True})
+    assert call(mw_for(ready, ready_timeout=0.2), "GET", "/readyz")[:2] == (200, {"ready": True})
+    assert calls == ["/readyz"]
