@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 PARALLEL_QUERIES = 16
 
 
+@functools.cache
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity mask, capped by a container's CPU quota (Docker
-    ``--cpus``, a Kubernetes limit, an ECS task's CPU), which the affinity mask does not show."""
+    ``--cpus``, a Kubernetes limit, an ECS task's CPU), which the affinity mask does not show.
+    Read once per process: every batch search asks, and neither changes while it runs."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
