@@ -67,10 +67,14 @@ def _refine_bytes(n: int, d: int, pq_bytes: int) -> int:
 
 
 def choose_kind(n: int, d: int, metric: str, policy: IndexPolicy) -> str:
+    if metric == "l1":  # FAISS's approximate indices do not support L1: they would rank by L2
+        if policy.kind not in ("auto", "flat"):
+            logger.warning("index kind %s cannot search L1; building exact Flat instead", policy.kind)
+        return "flat"
     if policy.kind != "auto":
         return policy.kind
-    if metric == "l1" or n <= policy.flat_max:
-        return "flat"  # FAISS's approximate indices do not support L1
+    if n <= policy.flat_max:
+        return "flat"
     if _hnsw_bytes(n, d, policy.hnsw_m) <= policy.memory_budget_bytes:
         return "hnsw"
     if _hnsw_bytes(n, d, policy.hnsw_m, 2) <= policy.memory_budget_bytes:

@@ -49,6 +49,8 @@ def test_rule():
         choose_kind(10**6, 1280, "cosine", p.model_copy(update={"memory_budget_bytes": 6 * 2**30})) == "hnsw"
     )
     assert choose_kind(10**6, 1280, "l1", p) == "flat"
+    # an approximate kind asked for explicitly would rank by L2: L1 stays exact
+    assert choose_kind(5000, 64, "l1", IndexPolicy(kind="hnsw")) == "flat"
     assert choose_kind(10, 8, "l2", IndexPolicy(kind="ivfpq")) == "ivfpq"
 
 
