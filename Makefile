@@ -11,8 +11,9 @@ export BENTOML_RESULT_STORE ?= $(CURDIR)/var/task-results-$(PORT).db
 export BENTOML_DO_NOT_TRACK := True
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 STAMP := $(VENV)/.installed
+SIMSERVER := $(VENV)/bin/simserver
 
-.PHONY: run test install encoder demo lint format bench bento deploy-dry-run clean
+.PHONY: run test test-fast install encoder demo lint format bench bento clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt requirements-deploy.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,33 +22,46 @@ $(STAMP): requirements.txt requirements-nodeps.txt requirements-dev.txt requirem
 	$(VENV)/bin/pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
-install: $(STAMP)
+# The project itself (the `simserver` command), after the pinned requirements: --no-deps, so it
+# changes no pin; editable, so the working tree is what runs.
+$(SIMSERVER): $(STAMP) pyproject.toml
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(SIMSERVER)
 
 encoder: install
-	$(PY) scripts/build_encoder.py
+	$(SIMSERVER) encoder build
 
 demo: encoder
-	$(PY) scripts/build_domain.py --demo --missing-only
+	$(SIMSERVER) domain build --demo --missing-only
 
 # --timeout-graceful-shutdown: without it a server with requests in flight may never stop on SIGTERM.
 run: demo
 	$(VENV)/bin/bentoml serve service:ImageSimilarity --host 127.0.0.1 --port $(PORT) --timeout-graceful-shutdown 20
 
+# Everything: unit, in-process gateway and integration tests (real servers, real models).
 test: encoder
 	$(PY) -m pytest -q
 
+# Unit and in-process gateway tests only (no server, no TensorFlow model): under a minute.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
+# A real server on the demo store: latency, throughput and the ratios against the encoder alone.
 bench: demo
-	$(PY) scripts/bench_http.py
+	$(SIMSERVER) bench http
 
 # The Bento (.bento archive) and a Docker build context under var/export (see deploy/aws/README.md).
 bento: encoder
-	$(PY) scripts/export_bento.py
+	$(SIMSERVER) bento export
 
+# *.egg-info: written by `pip install -e .` (setuptools' metadata of the editable install).
 clean:
-	rm -rf var $(VENV)
+	rm -rf var $(VENV) *.egg-info

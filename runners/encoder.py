@@ -1,7 +1,8 @@
 """The shared encoder service: the only process that loads TensorFlow (~0.6 GB RSS each).
 
-It encodes for every domain (pretrained and fine-tuned encoders, by spec) and does the TensorFlow
-part of a training: the head fit and the export of backbone + head as a SavedModel.
+It encodes for every domain (pretrained and fine-tuned encoders, by name: see
+:mod:`simserver.encoder_pool`) and does the TensorFlow part of a training for the trainer service:
+the head fit and the export of backbone + head as a SavedModel.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from runners import INTERNAL_SERVICE, RUNNER_CONNECTION
 from simserver.domain_config import BUILTIN, load_domains
 from simserver.encoder_pool import EncoderPool
 from simserver.finetune import Head, TrainingConfig, train_head
+from simserver.schemas import EncoderInfo, EncoderStats
 from simserver.settings import get_settings
 from simserver.store import open_store
 
@@ -43,8 +45,8 @@ class EncoderService:
             settings, store=open_store(settings.store_uri, settings.store_cache_dir)
         )
         domains = load_domains(settings.domains_dir).values()
-        for spec in sorted({BUILTIN} | {c.encoder for c in domains}):
-            self.pool.get(spec)
+        for encoder in sorted({BUILTIN} | {c.encoder for c in domains}):
+            self.pool.get(encoder)
         # Trace the fine-tuned-encoder export templates in the background (seconds each), so the
         # first training does not pay for them; a training that comes first simply waits its turn.
         wanted = sorted(
@@ -66,11 +68,11 @@ class EncoderService:
             self._templates_ready.set()
 
     def _prepare_templates(self, wanted: list[tuple[str, int]]) -> None:
-        for spec, dim in wanted:
+        for encoder, dim in wanted:
             try:
-                self.pool.prepare_export(spec, dim)
+                self.pool.prepare_export(encoder, dim)
             except Exception:  # only a head start: the export traces it again if needed
-                logger.exception("cannot prepare the export template for %s", spec)
+                logger.exception("cannot prepare the export template for %s", encoder)
 
     @bentoml.api
     def encode(self, images: np.ndarray, encoder: str = BUILTIN) -> np.ndarray:
@@ -78,19 +80,18 @@ class EncoderService:
         return self.pool.get(encoder).encode(images)
 
     @bentoml.api
-    def describe(self, encoder: str = BUILTIN) -> dict:
-        """Loads the encoder if needed (the gateway warms a fine-tuned one before publishing it)."""
+    def describe(self, encoder: str = BUILTIN) -> EncoderInfo:
+        """Loads the encoder if needed (the trainer warms a fine-tuned one before publishing it)."""
         enc = self.pool.get(encoder)
-        return {"id": enc.id, "dim": enc.dim, "image_size": enc.image_size, "runtime": enc.runtime}
+        return EncoderInfo(id=enc.id, dim=enc.dim, image_size=enc.image_size, runtime=enc.runtime)
 
     @bentoml.api
-    def stats(self) -> dict:
+    def stats(self) -> EncoderStats:
         """Adaptive batching so far, per loaded base encoder (fine-tuned ones share their backbone's),
         and whether the background export templates are done."""
-        return {
-            "batching": self.pool.batch_stats(),
-            "export_templates_ready": self._templates_ready.is_set(),
-        }
+        return EncoderStats.model_validate(
+            {"batching": self.pool.batch_stats(), "export_templates_ready": self._templates_ready.is_set()}
+        )
 
     @bentoml.api
     def train_head(self, features: np.ndarray, labels: list[str], config: dict) -> np.ndarray:
@@ -99,30 +100,6 @@ class EncoderService:
 
     @bentoml.api
     def export(self, encoder: str, head: np.ndarray, key: str, info: dict) -> str:
-        """Save ``encoder`` + head as one SavedModel at ``key`` in the store; returns its spec."""
+        """Save ``encoder`` + head as one SavedModel at ``key`` in the store; returns the new
+        encoder (``store:<key>``)."""
         return self.pool.export(encoder, Head.unpack(head), key, info)
-
-
-class EncoderServiceBackend:
-    """The training backend (``simserver.training.Backend``) of the gateway: the TensorFlow work
-    runs in this service, through its dependency client (sync calls, made from a worker thread)."""
-
-    def __init__(self, client, encoder_spec: str, encoder_id: str) -> None:
-        self.client = client
-        self.encoder_spec = encoder_spec
-        self.encoder_id = encoder_id
-
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        return self.client.encode(images=images, encoder=self.encoder_spec)
-
-    def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
-        return Head.unpack(
-            self.client.train_head(features=features, labels=labels, config=config.model_dump())
-        )
-
-    def export(self, head: Head, key: str, info: dict) -> str:
-        spec = self.client.export(encoder=self.encoder_spec, head=head.pack(), key=key, info=info)
-        # Load (and self-check) it in the encoder service before the version goes live, so the
-        # first search on the new version does not wait for it.
-        self.client.describe(encoder=spec)
-        return spec

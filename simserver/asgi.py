@@ -9,24 +9,10 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 from urllib.parse import parse_qs
 
+from simserver.http_errors import error_body
+
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
-
-
-def clarify(body: Any) -> Any:
-    """BentoML answers 4xx as ``[{"error": ...}]`` and validation errors as "1 validation error for
-    Input" with the useful part in ``detail``; turn both into ``{"error": "<field>: <what>"}``."""
-    if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict) and "error" in body[0]:
-        body = body[0]
-    if isinstance(body, dict) and isinstance(body.get("detail"), list) and body["detail"]:
-        parts = []
-        for d in body["detail"]:
-            if isinstance(d, dict) and "msg" in d:
-                loc = ".".join(str(x) for x in d.get("loc", ()) if x not in ("body",))
-                parts.append(f"{loc}: {d['msg']}" if loc else d["msg"])
-        if parts:
-            body = {**body, "error": "; ".join(parts)}
-    return body
 
 
 class GatewayMiddleware:
@@ -162,7 +148,7 @@ class GatewayMiddleware:
                     return
                 raw = b"".join(chunks)
                 try:
-                    raw = json.dumps(clarify(json.loads(raw))).encode()
+                    raw = json.dumps(error_body(json.loads(raw))).encode()
                 except ValueError:
                     pass
                 hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
@@ -235,9 +221,15 @@ def harden_multipart() -> None:
 
     async def parse_request(self, request, cls):
         try:
-            return await original_parse(self, request, cls)
+            form = await request.form()  # parsed once: BentoML's parse reads the cached form
         except HTTPException as exc:
             raise BadInput(f"malformed multipart body: {exc.detail}") from None
+        for name in form:
+            # BentoML json-decodes a file part sent under a non-file field name (500 on binary).
+            if name not in cls.multipart_fields and isinstance(form[name], UploadFile):
+                expected = ", ".join(sorted(cls.multipart_fields)) or "none"
+                raise BadInput(f"{name}: not a file field of this route (file fields: {expected})")
+        return await original_parse(self, request, cls)
 
     MultipartSerde.ensure_file = staticmethod(ensure_file)
     MultipartSerde.parse_request = parse_request

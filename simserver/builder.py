@@ -1,4 +1,4 @@
-"""Build a new domain version from a dataset: encode, index, store images, publish.
+"""Build a new domain version from encoded vectors: store images, index, publish.
 
 Nothing is visible to searches until :meth:`Repository.publish` writes the pointer, which is the
 last step; any failure before it leaves the previous version serving.
@@ -17,8 +17,9 @@ import numpy as np
 
 from simserver.index import DomainIndex, Item
 from simserver.index_choice import IndexPolicy
-from simserver.ingest import Dataset, Sample, Skipped, iter_chunks
+from simserver.ingest import Dataset, Sample, iter_chunks
 from simserver.repository import Repository, image_key, new_version_id
+from simserver.schemas import Skipped, TrainReply
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +37,21 @@ class BuildReport:
     seconds: float
     meta: dict = field(default_factory=dict)
 
+    def reply(self) -> TrainReply:
+        return TrainReply(
+            version=self.version,
+            indexed=self.indexed,
+            skipped=self.skipped,
+            labels=self.labels,
+            seconds=round(self.seconds, 3),
+            encoder=self.meta.get("encoder"),
+            encoder_id=self.meta.get("encoder_id"),
+            evaluation=self.meta.get("evaluation"),
+            relevance=self.meta.get("relevance"),
+        )
+
     def as_json(self) -> dict:
-        return {
-            "version": self.version,
-            "indexed": self.indexed,
-            "skipped": [{"name": s.name, "reason": s.reason} for s in self.skipped],
-            "labels": self.labels,
-            "seconds": round(self.seconds, 3),
-            "encoder": self.meta.get("encoder"),
-            "encoder_id": self.meta.get("encoder_id"),
-            "evaluation": self.meta.get("evaluation"),
-            "relevance": self.meta.get("relevance"),
-        }
+        return self.reply().model_dump(mode="json")
 
 
 def prefetched(batches: list[list[T]], load: Callable[[list[T]], R]) -> Iterator[tuple[list[T], R]]:
@@ -82,14 +86,6 @@ def encode_images(
     return out
 
 
-def encode_dataset(
-    dataset: Dataset, encode: EncodeFn, batch_size: int = 32, progress: Callable[[int], None] | None = None
-) -> np.ndarray:
-    return np.stack(
-        encode_images([lambda s=s: s.pixels for s in dataset.samples], encode, batch_size, progress)
-    )
-
-
 def publish_version(
     repo: Repository,
     domain: str,
@@ -97,7 +93,7 @@ def publish_version(
     vectors: np.ndarray,
     *,
     encoder_id: str,
-    encoder_spec: str | None,
+    encoder: str,
     metric: str,
     policy: IndexPolicy | None = None,
     version: str | None = None,
@@ -118,42 +114,10 @@ def publish_version(
         metric=metric,
         encoder_id=encoder_id,
         version=version or new_version_id(),
-        extra_meta={"skipped": len(dataset.skipped), "encoder": encoder_spec, **(extra_meta or {})},
+        extra_meta={"skipped": len(dataset.skipped), "encoder": encoder, **(extra_meta or {})},
         policy=policy,
     )
     repo.publish(domain, index, expected_previous=previous)
     return BuildReport(
         index.version, len(items), dataset.skipped, dataset.labels(), time.perf_counter() - t0, index.meta
-    )
-
-
-def build_domain(
-    repo: Repository,
-    domain: str,
-    dataset: Dataset,
-    *,
-    encode: EncodeFn,
-    encoder_id: str,
-    metric: str,
-    encoder_spec: str | None = None,
-    policy: IndexPolicy | None = None,
-    batch_size: int = 32,
-    progress: Callable[[int], None] | None = None,
-    started: float | None = None,
-) -> BuildReport:
-    """Index ``dataset`` with one pretrained encoder, no fine-tuning (see simserver.training)."""
-    t0 = started if started is not None else time.perf_counter()
-    previous = repo.current_version(domain)
-    vectors = encode_dataset(dataset, encode, batch_size, progress)
-    return publish_version(
-        repo,
-        domain,
-        dataset,
-        vectors,
-        encoder_id=encoder_id,
-        encoder_spec=encoder_spec,
-        metric=metric,
-        policy=policy,
-        previous=previous,
-        started=t0,
     )

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from simserver.finetune import TrainingConfig
 from simserver.index_choice import IndexPolicy
+from simserver.metrics import Metric
 from simserver.relevance import RelevanceConfig
 from simserver.settings import PROJECT_ROOT
 
-Metric = Literal["cosine", "l2", "l1", "ip"]
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 BUILTIN = "builtin"
 

@@ -1,9 +1,9 @@
 """Encoder loading through ``tensorflow_hub`` and batched encoding to L2-normalised vectors.
 
-An encoder spec is one of:
+An encoder (as a domain's yaml names it) is one of:
 
 * ``builtin``: the EfficientNet-Lite0 SavedModel this project builds offline into the BentoML model
-  store (``scripts/build_encoder.py``);
+  store (``simserver encoder build``);
 * a TF Hub handle (``https://tfhub.dev/...``, ``https://www.kaggle.com/models/...``): needs network
   access the first time, then TF Hub's cache (``TFHUB_CACHE_DIR``);
 * a local SavedModel folder (TF2 reusable SavedModel or TF1 Hub format).
@@ -106,9 +106,10 @@ class TFLiteInterpreter:
     thread-safe, so each is used by one thread at a time."""
 
     def __init__(self, model: bytes, threads: int) -> None:
-        import tensorflow as tf
+        # LiteRT's interpreter: tf.lite.Interpreter is deprecated and warns it will be removed.
+        from ai_edge_litert.interpreter import Interpreter
 
-        self._interp = tf.lite.Interpreter(model_content=model, num_threads=threads)
+        self._interp = Interpreter(model_content=model, num_threads=threads)
         self._in = self._interp.get_input_details()[0]
         self._out = self._interp.get_output_details()[0]
         height, width = (int(v) for v in self._in["shape"][1:3])
@@ -169,7 +170,7 @@ class Encoder:
 
     def __init__(
         self,
-        spec: str,
+        encoder: str,
         *,
         builtin_model: str = "efficientnet-lite0-imagenet",
         image_size: int = IMAGE_SIZE,
@@ -184,15 +185,14 @@ class Encoder:
         import tensorflow as tf
         import tensorflow_hub as hub
 
-        if spec == BUILTIN:
+        if encoder == BUILTIN:
             self.id, handle = builtin_model_path(builtin_model)
             handle = str(handle)
         else:
-            handle = spec
-            self.id = spec
+            handle = encoder
+            self.id = encoder
         self.id = encoder_id or self.id
-        self.spec = spec
-        self.handle = handle
+        self.name = encoder  # as configured: builtin, a TF Hub handle or a folder
         self.image_size = image_size
         self.batch_size = batch_size
         self.threads = threads or usable_cpus()
@@ -218,7 +218,7 @@ class Encoder:
 
         local = Path(handle) if Path(handle).is_dir() else Path(hub.resolve(handle))
         shipped = local.parent / TFLITE_FILE  # the built-in model carries its conversion
-        if self.spec == BUILTIN and shipped.is_file():
+        if self.name == BUILTIN and shipped.is_file():
             model = shipped.read_bytes()
         else:
             stamp = f"{local.resolve()}:{(local / 'saved_model.pb').stat().st_mtime_ns}"

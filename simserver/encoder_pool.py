@@ -1,6 +1,7 @@
-"""Loaded encoders by spec, including fine-tuned ones kept in the artifact store.
+"""Loaded encoders by name (a domain's or version's ``encoder``), including fine-tuned ones kept
+in the artifact store.
 
-Specs: ``builtin``, a TF Hub handle or a local SavedModel folder (see :mod:`simserver.encoder`),
+Encoders: ``builtin``, a TF Hub handle or a local SavedModel folder (see :mod:`simserver.encoder`),
 or ``store:<key>``: a fine-tuned encoder (backbone + head SavedModel, as a tar) that a training
 wrote into the artifact store next to its index version. Store encoders are fetched once into the
 local cache and loaded through the same ``tensorflow_hub`` loader; the pool keeps the most
@@ -36,8 +37,8 @@ STORE_PREFIX = "store:"
 ENCODER_KEY = re.compile(r"^domains/[a-z0-9][a-z0-9-]{0,62}/versions/[A-Za-z0-9-]{1,64}/encoder\.tar$")
 
 
-def is_store_spec(spec: str) -> bool:
-    return spec.startswith(STORE_PREFIX)
+def is_store_encoder(encoder: str) -> bool:
+    return encoder.startswith(STORE_PREFIX)
 
 
 class FinetunedEncoder:
@@ -46,12 +47,12 @@ class FinetunedEncoder:
     SavedModel (cosine >= 0.999), which avoids converting a second copy of the backbone."""
 
     def __init__(
-        self, folder: Path, spec: str, backbone: Encoder | None, loaded: tuple[Head, dict] | None
+        self, folder: Path, encoder: str, backbone: Encoder | None, loaded: tuple[Head, dict] | None
     ) -> None:
         """``loaded``: :func:`load_head` of ``folder`` (None for a SavedModel without a head file)."""
         info = loaded[1] if loaded else {}
-        self.spec = spec
-        truth = Encoder(str(folder / "saved_model"), runtime="savedmodel", encoder_id=info.get("id", spec))
+        self.name = encoder
+        truth = Encoder(str(folder / "saved_model"), runtime="savedmodel", encoder_id=info.get("id", encoder))
         self.id = truth.id
         self.dim = truth.dim
         self.image_size = truth.image_size
@@ -129,23 +130,23 @@ class EncoderPool:
             threads=settings.encoder_threads,
         )
 
-    def get(self, spec: str) -> Encoder | FinetunedEncoder:
-        """The loaded encoder for ``spec``, loading it on first use. A load takes seconds; it
-        holds only that spec's lock, so encoding with the other encoders goes on meanwhile."""
-        enc = self._cached(spec)
+    def get(self, encoder: str) -> Encoder | FinetunedEncoder:
+        """The loaded encoder for ``encoder``, loading it on first use. A load takes seconds; it
+        holds only that encoder's lock, so encoding with the other encoders goes on meanwhile."""
+        enc = self._cached(encoder)
         if enc is not None:
             return enc
         with self._lock:
-            loading = self._loading.setdefault(spec, threading.Lock())
+            loading = self._loading.setdefault(encoder, threading.Lock())
         with loading:
-            enc = self._cached(spec)
+            enc = self._cached(encoder)
             if enc is not None:
                 return enc
-            if is_store_spec(spec):
-                enc = self._load_finetuned(spec)
+            if is_store_encoder(encoder):
+                enc = self._load_finetuned(encoder)
             else:
                 enc = Encoder(
-                    spec,
+                    encoder,
                     builtin_model=self.builtin_model,
                     batch_size=self.batch_size,
                     runtime=self.runtime,
@@ -154,40 +155,40 @@ class EncoderPool:
                 )
             with self._lock:
                 if isinstance(enc, FinetunedEncoder):
-                    self._finetuned[spec] = enc
+                    self._finetuned[encoder] = enc
                     while len(self._finetuned) > self.max_finetuned:
                         old, _ = self._finetuned.popitem(last=False)
                         logger.info("unloaded encoder %s (least recently used)", old)
                 else:
-                    self._base[spec] = enc
+                    self._base[encoder] = enc
             return enc
 
     def batch_stats(self) -> dict[str, dict]:
-        """:meth:`Encoder.batch_stats` of each loaded base encoder, by spec."""
+        """:meth:`Encoder.batch_stats` of each loaded base encoder, by encoder."""
         with self._lock:
             base = dict(self._base)
-        return {spec: st for spec, enc in base.items() if (st := enc.batch_stats()) is not None}
+        return {encoder: st for encoder, enc in base.items() if (st := enc.batch_stats()) is not None}
 
-    def _cached(self, spec: str) -> Encoder | FinetunedEncoder | None:
+    def _cached(self, encoder: str) -> Encoder | FinetunedEncoder | None:
         with self._lock:
-            if is_store_spec(spec):
-                enc = self._finetuned.get(spec)
+            if is_store_encoder(encoder):
+                enc = self._finetuned.get(encoder)
                 if enc is not None:
-                    self._finetuned.move_to_end(spec)
+                    self._finetuned.move_to_end(encoder)
                 return enc
-            return self._base.get(spec)
+            return self._base.get(encoder)
 
     # -- fine-tuned encoders in the store -------------------------------------------------------------
-    def _local_folder(self, spec: str) -> Path:
-        where = f"{self.store.uri if self.store else ''}|{spec}"  # one cache may serve several stores
+    def _local_folder(self, encoder: str) -> Path:
+        where = f"{self.store.uri if self.store else ''}|{encoder}"  # one cache may serve several stores
         return self.cache_dir / "encoders" / hashlib.sha256(where.encode()).hexdigest()[:24]
 
-    def _load_finetuned(self, spec: str) -> FinetunedEncoder:
-        folder = self._local_folder(spec)
+    def _load_finetuned(self, encoder: str) -> FinetunedEncoder:
+        folder = self._local_folder(encoder)
         if not folder.is_dir():
             if self.store is None:
-                raise ValueError(f"encoder {spec}: no artifact store to load it from")
-            data = self.store.get(spec[len(STORE_PREFIX) :])
+                raise ValueError(f"encoder {encoder}: no artifact store to load it from")
+            data = self.store.get(encoder[len(STORE_PREFIX) :])
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
             try:
@@ -200,25 +201,25 @@ class EncoderPool:
                     raise
         loaded = load_head(folder)
         backbone = self.get(loaded[1]["backbone"]) if loaded else None
-        return FinetunedEncoder(folder, spec, backbone, loaded)
+        return FinetunedEncoder(folder, encoder, backbone, loaded)
 
-    def export(self, base_spec: str, head: Head, key: str, info: dict) -> str:
-        """Save backbone ``base_spec`` + ``head`` as one SavedModel tar at ``key`` in the store;
-        return its spec (``store:<key>``). Nothing is visible until the caller publishes."""
+    def export(self, backbone: str, head: Head, key: str, info: dict) -> str:
+        """Save backbone ``backbone`` + ``head`` as one SavedModel tar at ``key`` in the store;
+        return the new encoder (``store:<key>``). Nothing is visible until the caller publishes."""
         if self.store is None:
             raise ValueError("exporting a fine-tuned encoder needs an artifact store")
         if not ENCODER_KEY.match(key):  # never overwrite pointers, indices or images
             raise ValueError(f"not an encoder key: {key!r}")
         import tensorflow as tf
 
-        base = self.get(base_spec)
+        base = self.get(backbone)
         assert isinstance(base, Encoder)
-        spec = STORE_PREFIX + key
+        encoder = STORE_PREFIX + key
         with self._export_lock:
             t = self._template(base, head.kernel.shape)
             t.kernel.assign(head.kernel)
             t.bias.assign(head.bias)
-            folder = self._local_folder(spec)
+            folder = self._local_folder(encoder)
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
             try:
@@ -230,7 +231,7 @@ class EncoderPool:
                 tf.train.Checkpoint(root=t.module).write(str(model / "variables" / "variables"))
                 full_info = {
                     **info,
-                    "backbone": base_spec,
+                    "backbone": backbone,
                     "backbone_id": base.id,
                     "dim": head.kernel.shape[1],
                 }
@@ -244,17 +245,17 @@ class EncoderPool:
                 os.replace(tmp, folder)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return spec
+        return encoder
 
-    def prepare_export(self, base_spec: str, embedding_dim: int) -> None:
+    def prepare_export(self, backbone: str, embedding_dim: int) -> None:
         """Trace the export template ahead of the first training (it takes seconds)."""
-        base = self.get(base_spec)
+        base = self.get(backbone)
         assert isinstance(base, Encoder)
         with self._export_lock:
             self._template(base, (base.dim, embedding_dim))
 
     def _template(self, base: Encoder, shape: tuple[int, int]) -> _Template:
-        key = (base.spec, tuple(shape))
+        key = (base.name, tuple(shape))
         t = self._templates.get(key)
         if t is None:
             # A scratch folder of this process (only its own module may write checkpoints into
@@ -271,16 +272,16 @@ class EncoderPool:
 class LocalBackend:
     """Training backend running TensorFlow in this process (CLI, scripts, tests)."""
 
-    def __init__(self, pool: EncoderPool, encoder_spec: str) -> None:
+    def __init__(self, pool: EncoderPool, encoder: str) -> None:
         self.pool = pool
-        self.encoder_spec = encoder_spec
-        self.encoder_id = pool.get(encoder_spec).id
+        self.encoder = encoder
+        self.encoder_id = pool.get(encoder).id
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        return self.pool.get(self.encoder_spec).encode(images)
+        return self.pool.get(self.encoder).encode(images)
 
     def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
         return train_head(features, labels, config)
 
     def export(self, head: Head, key: str, info: dict) -> str:
-        return self.pool.export(self.encoder_spec, head, key, info)
+        return self.pool.export(self.encoder, head, key, info)

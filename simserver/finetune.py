@@ -29,12 +29,15 @@ HEAD_FILE = "head.npz"
 INFO_FILE = "encoder.json"
 
 
+TrainingMode = Literal["auto", "finetune", "pretrained"]
+
+
 class TrainingConfig(BaseModel):
     """``training:`` in ``domains/<name>.yaml``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Literal["auto", "finetune", "pretrained"] = Field(
+    mode: TrainingMode = Field(
         "auto", description="auto: promote the fine-tuned encoder only if it beats pretrained on the hold-out"
     )
     embedding_dim: int = Field(256, ge=8, le=4096)
@@ -272,7 +275,7 @@ def export_finetuned(backbone: Any, head: Head, out_dir: Path, image_size: int =
 
 
 def write_head_files(folder: Path, head: Head, info: dict) -> None:
-    """``head.npz`` and ``encoder.json`` (backbone spec, ids) beside an exported SavedModel."""
+    """``head.npz`` and ``encoder.json`` (backbone encoder, ids) beside an exported SavedModel."""
     np.savez(Path(folder) / HEAD_FILE, kernel=head.kernel, bias=head.bias)
     (Path(folder) / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 

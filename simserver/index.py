@@ -19,6 +19,7 @@ import numpy as np
 from simserver import metrics
 from simserver.cpu import faiss_threads
 from simserver.index_choice import IndexPolicy, build_faiss, bytes_per_vector, recall_at_10
+from simserver.schemas import Hit
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +33,6 @@ class Item:
     image_key: str
     media_type: str
     metadata: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Hit:
-    id: int
-    name: str
-    label: str
-    score: float
-    distance: float
-    metadata: dict[str, str]
 
 
 class DomainIndex:
@@ -105,10 +96,12 @@ class DomainIndex:
         }
         return cls(index, items, meta)
 
-    def search(self, query: np.ndarray, top_k: int) -> list[Hit]:
-        return self.search_many(np.asarray(query, dtype=np.float32).reshape(1, -1), top_k)[0]
+    @property
+    def encoder(self) -> str | None:
+        """The encoder this version's vectors came from (None: the domain's configured one)."""
+        return self.meta.get("encoder")
 
-    def search_many(self, queries: np.ndarray, top_k: int) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, top_k: int) -> list[list[Hit]]:
         """Nearest items of each query row, best first (one FAISS call for the batch)."""
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         if q.ndim != 2 or q.shape[1] != self.dim:
@@ -129,7 +122,16 @@ class DomainIndex:
                 if i < 0:
                     continue
                 item = self.items[int(i)]
-                hits.append(Hit(int(i), item.name, item.label, float(s), float(d), dict(item.metadata)))
+                hits.append(
+                    Hit(
+                        id=int(i),
+                        name=item.name,
+                        label=item.label,
+                        score=float(s),
+                        distance=float(d),
+                        metadata=dict(item.metadata),
+                    )
+                )
             out.append(hits)
         return out
 

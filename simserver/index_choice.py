@@ -125,7 +125,7 @@ def build_faiss(vectors: np.ndarray, metric: str, policy: IndexPolicy) -> tuple[
 def recall_at_10(index: faiss.Index, vectors: np.ndarray, metric: str, sample: int, seed: int = 0) -> float:
     """Fraction of the exact top-10 neighbours the index returns, over ``sample`` indexed vectors,
     each leaving itself out: a query's own vector is the easiest hit and would flatter the figure.
-    (Held-out queries, as ``scripts/bench.py`` uses, are harsher still for compressed indices.)"""
+    (Held-out queries, as ``simserver bench index`` uses, are harsher still for compressed indices.)"""
     n = len(vectors)
     k = min(10, n - 1)
     if k <= 0:

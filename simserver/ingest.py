@@ -23,6 +23,7 @@ from PIL import Image
 from simserver.domain_config import Limits
 from simserver.errors import BadArchive, BadImage, TooLarge
 from simserver.preprocess import prepare
+from simserver.schemas import Skipped
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +54,6 @@ class Sample:
         """uint8 [S, S, 3], decoded on demand: holding 150 KB of pixels per image for a whole
         training set would cost 1.5 GB per 10,000 images; decoding twice costs a few ms each."""
         return prepare(self.data, self.image_size, self.max_pixels, self.name)
-
-
-@dataclass(frozen=True)
-class Skipped:
-    name: str
-    reason: str
 
 
 @dataclass
@@ -134,7 +129,7 @@ def _checked_image(
     except TooLarge as exc:
         raise TooLarge(f"refusing the archive: {exc.message}") from None
     except BadImage as exc:
-        skipped.append(Skipped(name, exc.message.removeprefix(f"{name}: ")))
+        skipped.append(Skipped(name=name, reason=exc.message.removeprefix(f"{name}: ")))
         return None
     finally:
         if progress:
@@ -161,7 +156,7 @@ def _build(
         if rel and rel[-1] == METADATA_FILE and len(rel) == 1:
             metadata = _parse_metadata(read())
         elif len(rel) < 2:
-            skipped.append(Skipped("/".join(parts), "not inside a category folder"))
+            skipped.append(Skipped(name="/".join(parts), reason="not inside a category folder"))
         else:
             images.append((rel, read))
     samples: list[Sample] = []
@@ -276,7 +271,7 @@ def read_site(
         except BadArchive as exc:
             if "no usable image" not in exc.message or not files:
                 raise
-            skipped.append(Skipped("archive", exc.message))
+            skipped.append(Skipped(name="archive", reason=exc.message))
     if len(samples) + len(skipped) + len(files) > limits.max_entries:
         raise TooLarge(
             f"{len(samples) + len(skipped) + len(files)} images in all; the limit is {limits.max_entries}"

@@ -10,10 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
+from pydantic import BaseModel
+
+from simserver.http_errors import refusal
 from simserver.store import ArtifactStore
+
+R = TypeVar("R", bound=BaseModel)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +68,21 @@ class JobRecords:
             record["task_id"],
             {**record, "status": "failed", "executed_at": _now(), "http_status": http_status, "error": error},
         )
+
+    async def run(self, task_id: str | None, domain: str, work: Callable[[], Awaitable[R]]) -> R:
+        """``await work()``, recorded as job ``task_id`` (in progress, then completed or failed
+        with the status and message the client gets). No record without a task id."""
+        if not task_id:
+            return await work()
+        record = await anyio.to_thread.run_sync(self.started, task_id, domain)
+        try:
+            result = await work()
+        except Exception as exc:
+            status, message = refusal(exc) or (500, f"internal error: {type(exc).__name__}")
+            await anyio.to_thread.run_sync(self.failed, record, status, message)
+            raise
+        await anyio.to_thread.run_sync(self.completed, record, result.model_dump(mode="json"))
+        return result
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         try:

@@ -1,7 +1,7 @@
 """Does a supplier's site sell the target product? kNN scoring of each site image, once.
 
 An image's ``similarity`` is its score to the nearest indexed image of the target label among its
-``k`` nearest neighbours (0 if none is among them); its ``margin`` is that minus the score of the
+``top_k`` nearest neighbours (0 if none is among them); its ``margin`` is that minus the score of the
 nearest image of any other label (so an image closer to an "other"/"random" example than to any
 target example has a negative margin). An image is *similar* when its margin reaches the domain's
 ``image_threshold``, calibrated at training time (:func:`calibrate`); a site is *relevant* when the
@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from simserver import metrics
+from simserver.schemas import Hit, SiteImage, SiteVerdict
 
 
 class RelevanceConfig(BaseModel):
@@ -23,7 +24,13 @@ class RelevanceConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    k: int = Field(20, ge=1, le=1000, description="neighbours looked at per site image")
+    top_k: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        validation_alias=AliasChoices("top_k", "k"),  # `k` before the names were unified
+        description="neighbours looked at per site image",
+    )
     precision: float = Field(
         0.9, gt=0, le=1, description="per-image precision the calibrated image_threshold aims for"
     )
@@ -71,13 +78,13 @@ def margins_exact(
     gallery: np.ndarray,
     gallery_labels: list[str],
     target: str,
-    k: int,
+    top_k: int,
     metric: str = "cosine",
 ) -> np.ndarray:
     """Margins of ``queries`` against a gallery by exact kNN (calibration, benchmarks): the same
     scores a search of the domain's index gives."""
     dist = _distances(metric, queries, gallery)
-    k = min(k, dist.shape[1])
+    k = min(top_k, dist.shape[1])
     top = np.argsort(dist, axis=1, kind="stable")[:, :k]
     labels = np.asarray(gallery_labels)
     out = []
@@ -133,7 +140,7 @@ def site_decision(
 
 def judge_site(
     names: list[str],
-    hits: list[list[dict]],
+    results: list[list[Hit]],
     target: str,
     config: RelevanceConfig,
     *,
@@ -141,29 +148,29 @@ def judge_site(
     image_threshold: float | None = None,
     site_threshold: float | None = None,
     nearest: int = 3,
-) -> dict:
-    """The ``/relevance`` verdict from each site image's neighbours (``{"id", "label", "score"}``,
-    best first). Thresholds: the request's, else the version's calibrated one / the config's."""
+) -> SiteVerdict:
+    """The ``/relevance`` verdict from each site image's nearest indexed items (best first).
+    Thresholds: the request's, else the version's calibrated one / the config's."""
     t_image = image_threshold
     if t_image is None:
         t_image = (calibration or {}).get("image_threshold", config.default_image_threshold)
     t_site = site_threshold if site_threshold is not None else config.site_threshold
-    scores = [score_neighbours([h["label"] for h in row], [h["score"] for h in row], target) for row in hits]
+    scores = [score_neighbours([h.label for h in row], [h.score for h in row], target) for row in results]
     similar, fraction, relevant = site_decision([s.margin for s in scores], t_image, t_site)
-    return {
-        "relevant": relevant,
-        "fraction": round(fraction, 4),
-        "target": target,
-        "image_threshold": t_image,
-        "site_threshold": t_site,
-        "images": [
-            {
-                "name": name,
-                "similarity": round(sc.similarity, 4),
-                "margin": round(sc.margin, 4),
-                "similar": sim,
-                "nearest": row[:nearest],
-            }
-            for name, sc, sim, row in zip(names, scores, similar, hits, strict=True)
+    return SiteVerdict(
+        relevant=relevant,
+        fraction=round(fraction, 4),
+        target=target,
+        image_threshold=t_image,
+        site_threshold=t_site,
+        images=[
+            SiteImage(
+                name=name,
+                similarity=round(sc.similarity, 4),
+                margin=round(sc.margin, 4),
+                similar=sim,
+                nearest=row[:nearest],
+            )
+            for name, sc, sim, row in zip(names, scores, similar, results, strict=True)
         ],
-    }
+    )

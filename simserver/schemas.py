@@ -1,11 +1,14 @@
-"""Pydantic response models of the HTTP API (they also document it in /docs)."""
+"""Typed replies: the HTTP API's JSON (they also document it in /docs), the replies the internal
+services give the gateway, and what :mod:`simserver.client` returns. One model per concept."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
 
-class SearchHit(BaseModel):
+class Hit(BaseModel):
+    """One indexed item found near a query (a search result, or a site image's neighbour)."""
+
     id: int = Field(description="item id in this version; GET /{domain}/images/{id} returns its image")
     name: str = Field(description="path of the image in the training set, <category>/<file>")
     label: str = Field(description="category folder the image came from")
@@ -14,13 +17,15 @@ class SearchHit(BaseModel):
     metadata: dict[str, str] = Field(default_factory=dict, description="row of metadata.csv, if any")
 
 
-class SearchResponse(BaseModel):
+class SearchReply(BaseModel):
     domain: str
     version: str
-    results: list[SearchHit]
+    results: list[Hit]
 
 
-class SkippedFile(BaseModel):
+class Skipped(BaseModel):
+    """An uploaded file that was left out, and why (the rest of the upload was used)."""
+
     name: str
     reason: str
 
@@ -49,13 +54,13 @@ class Evaluation(BaseModel):
     seconds: dict[str, float]
 
 
-class TrainResponse(BaseModel):
+class TrainReply(BaseModel):
     version: str
     indexed: int
-    skipped: list[SkippedFile]
+    skipped: list[Skipped]
     labels: dict[str, int]
     seconds: float
-    encoder: str | None = Field(None, description="encoder spec this version serves with")
+    encoder: str | None = Field(None, description="encoder this version serves with")
     encoder_id: str | None = None
     evaluation: Evaluation | None = None
     relevance: dict | None = Field(
@@ -63,54 +68,75 @@ class TrainResponse(BaseModel):
     )
 
 
-class Neighbour(BaseModel):
-    id: int
-    label: str
-    score: float
-
-
 class SiteImage(BaseModel):
     name: str = Field(description="path in the archive, or the uploaded file's name")
     similarity: float = Field(
-        description="score of the nearest target-label image among the k nearest (0 if none)"
+        description="score of the nearest target-label image among the top_k nearest (0 if none)"
     )
     margin: float = Field(description="similarity minus the score of the nearest image of another label")
     similar: bool = Field(description="margin >= image_threshold")
-    nearest: list[Neighbour]
+    nearest: list[Hit]
 
 
-class RelevanceResponse(BaseModel):
-    domain: str
-    version: str
+class SiteVerdict(BaseModel):
     relevant: bool = Field(description="fraction >= site_threshold")
     fraction: float = Field(description="share of the site's usable images that are similar to the target")
     target: str
     image_threshold: float = Field(description="margin threshold (calibrated at training, or the request's)")
     site_threshold: float
     images: list[SiteImage]
-    skipped: list[SkippedFile]
 
 
-class SimilarityResponse(BaseModel):
+class RelevanceReply(SiteVerdict):
+    domain: str
+    version: str
+    skipped: list[Skipped]
+
+
+class SimilarityReply(BaseModel):
     metric: str
     distance: float
     score: float = Field(ge=0, le=1)
 
 
-class DomainInfo(BaseModel):
-    name: str
-    description: str
+class IndexStatus(BaseModel):
+    """What a domain's index service serves right now."""
+
     version: str | None
-    count: int
-    encoder: str
-    encoder_id: str | None
-    metric: str
-    top_k: int
-    labels: dict[str, int]
-    created_at: str | None
+    count: int = 0
+    labels: dict[str, int] = Field(default_factory=dict)
+    encoder_id: str | None = None
     serving_encoder: str | None = Field(None, description="encoder of the served version (fine-tuned or not)")
     evaluation: Evaluation | None = None
-    store_error: str | None = None
+    created_at: str | None = None
+    store_error: str | None = Field(None, description="why the newest version could not be loaded, if so")
+
+
+class DomainInfo(IndexStatus):
+    name: str
+    description: str
+    encoder: str = Field(description="the domain's configured (pretrained) encoder")
+    metric: str
+    top_k: int
+
+
+class ItemInfo(BaseModel):
+    """An indexed item of the version being served (its image is fetched from the store)."""
+
+    version: str
+    id: int
+    name: str
+    label: str
+    image_key: str
+    # Not `media_type`: BentoML's IO models reserve that name and drop such a field in transit.
+    content_type: str
+
+
+class EncoderInfo(BaseModel):
+    id: str
+    dim: int
+    image_size: int
+    runtime: str
 
 
 class BatchingStats(BaseModel):
@@ -123,7 +149,3 @@ class BatchingStats(BaseModel):
 class EncoderStats(BaseModel):
     batching: dict[str, BatchingStats] = Field(description="per base encoder (fine-tuned ones share it)")
     export_templates_ready: bool
-
-
-class ErrorResponse(BaseModel):
-    error: str

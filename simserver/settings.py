@@ -33,7 +33,6 @@ class Settings(BaseSettings):
     encoder_threads: int = Field(
         0, ge=0, le=256, description="TFLite threads; 0: every CPU the process may use"
     )
-    log_level: str = "INFO"
 
 
 def api_keys(settings: Settings) -> list[str]:

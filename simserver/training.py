@@ -28,12 +28,12 @@ import numpy as np
 
 from simserver.augment import view as augmented_view
 from simserver.builder import BuildReport, encode_images, publish_version
+from simserver.calibration import CalibrationData, calibrate_all
 from simserver.domain_config import DomainConfig
-from simserver.errors import ClientError
+from simserver.errors import RequestRefused
 from simserver.evaluation import RetrievalResult, Split, evaluate_retrieval, is_better, stratified_split
 from simserver.finetune import Head, TrainingConfig
 from simserver.ingest import Dataset, Sample
-from simserver.relevance import calibrate, margins_exact
 from simserver.repository import Repository, new_version_id
 from simserver.store import LocalStore
 
@@ -45,7 +45,7 @@ Progress = Callable[[int], None]
 class Backend(Protocol):
     """Where the TensorFlow work runs: in this process (CLI) or in the encoder service (server)."""
 
-    encoder_spec: str  # the domain's configured (pretrained) encoder
+    encoder: str  # the domain's configured (pretrained) encoder
     encoder_id: str
 
     def encode(self, images: np.ndarray) -> np.ndarray: ...
@@ -199,7 +199,7 @@ def fit_and_evaluate(
     if len(classes) < 2:
         msg = f"only one category ({classes[0]!r}): fine-tuning needs at least two"
         if mode == "finetune":
-            raise ClientError(f"mode=finetune: {msg}")
+            raise RequestRefused(f"mode=finetune: {msg}")
         out.reason = f"{msg}; indexed with the pretrained encoder"
         return out
     if not split.evaluable and mode == "auto":
@@ -242,6 +242,43 @@ def fit_and_evaluate(
     return out
 
 
+def check_dataset(cfg: DomainConfig, dataset: Dataset) -> None:
+    """Refuse a dataset this domain cannot be trained on (before anything is encoded)."""
+    if not dataset.samples:
+        raise RequestRefused("no usable image in the archive")
+    if cfg.target_label and cfg.target_label not in dataset.labels():
+        raise RequestRefused(
+            f"domain {cfg.name!r} decides relevance for target label {cfg.target_label!r}, but the archive "
+            f"has no {cfg.target_label}/ folder (categories: {', '.join(dataset.labels())})"
+        )
+
+
+@dataclass
+class Promotion:
+    """What the new version serves: the encoder and its vectors of every dataset image."""
+
+    encoder: str
+    encoder_id: str
+    vectors: np.ndarray
+
+
+def promote(
+    cfg: DomainConfig, version: str, outcome: Outcome, features: np.ndarray, backend: Backend
+) -> Promotion:
+    """Export backbone + head as the version's own encoder when the head was promoted."""
+    if not (outcome.promoted and outcome.head is not None):
+        return Promotion(backend.encoder, backend.encoder_id, features)
+    t = time.perf_counter()
+    encoder_id = f"{backend.encoder_id}+head:{cfg.name}/{version}"
+    encoder = backend.export(
+        outcome.head,
+        f"domains/{cfg.name}/versions/{version}/encoder.tar",
+        {"id": encoder_id, "domain": cfg.name, "version": version, "training": cfg.training.model_dump()},
+    )
+    outcome.seconds["export"] = time.perf_counter() - t
+    return Promotion(encoder, encoder_id, outcome.head.apply(features))
+
+
 def train_domain(
     repo: Repository,
     cfg: DomainConfig,
@@ -254,75 +291,42 @@ def train_domain(
     progress: Progress | None = None,
     started: float | None = None,
 ) -> BuildReport:
-    """Publish a new version of ``cfg.name`` from ``dataset``; see the module docstring."""
+    """Publish a new version of ``cfg.name`` from ``dataset`` (already read); see the module
+    docstring. The stages, in order: check, features, split + fit + evaluate (one decision),
+    promote, calibrate, publish. Nothing is visible until publish moves the pointer."""
     t0 = started if started is not None else time.perf_counter()
-    mode = mode or cfg.training.mode
-    if not dataset.samples:
-        raise ClientError("no usable image in the archive")
-    if cfg.target_label and cfg.target_label not in dataset.labels():
-        raise ClientError(
-            f"domain {cfg.name!r} decides relevance for target label {cfg.target_label!r}, but the archive "
-            f"has no {cfg.target_label}/ folder (categories: {', '.join(dataset.labels())})"
-        )
+    check_dataset(cfg, dataset)
     previous = repo.current_version(cfg.name)
     version = new_version_id()
     t = time.perf_counter()
     features = backbone_features(dataset.samples, backend, cache, batch_size, progress)
     encode_seconds = time.perf_counter() - t
     outcome = fit_and_evaluate(
-        dataset.samples, features, backend, cfg.training, mode, cache, batch_size, progress
+        dataset.samples,
+        features,
+        backend,
+        cfg.training,
+        mode or cfg.training.mode,
+        cache,
+        batch_size,
+        progress,
     )
     outcome.seconds = {"encode": encode_seconds, **outcome.seconds}
-    encoder_spec, encoder_id, vectors = backend.encoder_spec, backend.encoder_id, features
-    if outcome.promoted and outcome.head is not None:
-        t = time.perf_counter()
-        encoder_id = f"{backend.encoder_id}+head:{cfg.name}/{version}"
-        encoder_spec = backend.export(
-            outcome.head,
-            f"domains/{cfg.name}/versions/{version}/encoder.tar",
-            {"id": encoder_id, "domain": cfg.name, "version": version, "training": cfg.training.model_dump()},
-        )
-        vectors = outcome.head.apply(features)
-        outcome.seconds["export"] = time.perf_counter() - t
-    evaluation = outcome.evaluation()
-    extra: dict = {"evaluation": evaluation}
-    if cfg.target_label:
-        extra["relevance"] = calibrate_relevance(
-            cfg, outcome.split, vectors, [s.label for s in dataset.samples]
-        )
+    served = promote(cfg, version, outcome, features, backend)
+    labels = np.asarray([s.label for s in dataset.samples])
+    calibrations = calibrate_all(CalibrationData(cfg, outcome.split, served.vectors, labels))
     logger.info("domain %s: %s", cfg.name, outcome.reason)
     return publish_version(
         repo,
         cfg.name,
         dataset,
-        vectors,
-        encoder_id=encoder_id,
-        encoder_spec=encoder_spec,
+        served.vectors,
+        encoder_id=served.encoder_id,
+        encoder=served.encoder,
         metric=cfg.metric,
         policy=cfg.index,
         version=version,
         previous=previous,
-        extra_meta=extra,
+        extra_meta={"evaluation": outcome.evaluation(), **calibrations},
         started=t0,
     )
-
-
-def calibrate_relevance(cfg: DomainConfig, split: Split, vectors: np.ndarray, labels: list[str]) -> dict:
-    """The per-image threshold of ``/relevance``: hold-out images scored against the training
-    images with the embedding this version serves (unseen by its head), at the configured precision."""
-    rc = cfg.relevance
-    lab = np.asarray(labels)
-    if split.evaluable:
-        m = margins_exact(
-            vectors[split.holdout],
-            vectors[split.train],
-            lab[split.train].tolist(),
-            cfg.target_label,
-            rc.k,
-            cfg.metric,
-        )
-        is_target = lab[split.holdout] == cfg.target_label
-    else:
-        m, is_target = np.zeros(0), np.zeros(0, dtype=bool)
-    out = calibrate(m, is_target, rc.precision, rc.default_image_threshold)
-    return {"target": cfg.target_label, "k": rc.k, "site_threshold": rc.site_threshold, **out}

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from simserver.asgi import GatewayMiddleware, clarify
+from simserver.asgi import GatewayMiddleware
+from simserver.http_errors import error_body
 
 
 def make_app(status: int = 200, body: object = None):
@@ -113,7 +114,7 @@ def test_bentoml_error_bodies_are_clarified():
     detail = {"error": "1 validation error for Input", "detail": [{"loc": ["top_k"], "msg": "too big"}]}
     app, _ = make_app(400, detail)
     assert call(mw_for(app), "GET", "/x")[1]["error"] == "top_k: too big"
-    assert clarify({"error": "plain"}) == {"error": "plain"}
+    assert error_body({"error": "plain"}) == {"error": "plain"}
 
 
 def test_unknown_task_answered_from_job_records():

@@ -59,7 +59,7 @@ def test_search_matches_exact_numpy_search(metric, data):
     x, queries = data
     index = make_index(metric, x)
     for q in queries:
-        hits = index.search(q, 10)
+        hits = index.search(q[None], 10)[0]
         expected = numpy_distances(metric, x, q)
         order = np.argsort(expected, kind="stable")[:10]
         assert [h.id for h in hits] == order.tolist()
@@ -79,7 +79,7 @@ def test_search_distance_equals_pairwise_distance(metric, data):
     x, queries = data
     index = make_index(metric, x)
     for q in queries[:3]:
-        for h in index.search(q, 5):
+        for h in index.search(q[None], 5)[0]:
             expected = metrics.pairwise_distance(metric, q, x[h.id])
             assert h.distance == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
@@ -91,7 +91,7 @@ def test_identical_vector_scores_one(metric, data):
         x = metrics.l2_normalize(x)
     index = make_index(metric, x)
     for i in (0, 7, N - 1):
-        top = index.search(x[i], 3)[0]
+        top = index.search(x[i][None], 3)[0][0]
         assert top.id == i
         assert top.distance == pytest.approx(0.0, abs=1e-5)
         assert top.score == pytest.approx(1.0, abs=1e-5)
@@ -100,24 +100,24 @@ def test_identical_vector_scores_one(metric, data):
 def test_cosine_ignores_magnitude(data):
     x, queries = data
     index = make_index("cosine", x)
-    a = [(h.id, round(h.distance, 5)) for h in index.search(queries[0], 10)]
-    b = [(h.id, round(h.distance, 5)) for h in index.search(queries[0] * 37.5, 10)]
+    a = [(h.id, round(h.distance, 5)) for h in index.search(queries[0][None], 10)[0]]
+    b = [(h.id, round(h.distance, 5)) for h in index.search((queries[0] * 37.5)[None], 10)[0]]
     assert a == b
 
 
 def test_top_k_larger_than_count():
     x = np.random.default_rng(3).standard_normal((4, DIM)).astype(np.float32)
     index = make_index("l2", x)
-    hits = index.search(x[0], 50)
+    hits = index.search(x[0][None], 50)[0]
     assert len(hits) == 4
     assert sorted(h.id for h in hits) == [0, 1, 2, 3]
-    assert index.search(x[0], 0) == []
+    assert index.search(x[0][None], 0)[0] == []
 
 
 def test_hit_metadata_is_a_copy(data):
     x, _ = data
     index = make_index("l2", x)
-    hit = index.search(x[0], 1)[0]
+    hit = index.search(x[0][None], 1)[0][0]
     hit.metadata["sku"] = "tampered"
     assert index.items[0].metadata["sku"] == "0"
 
@@ -151,14 +151,14 @@ def test_files_round_trip(metric, data):
     assert loaded.items == index.items
     assert loaded.faiss.ntotal == N
     for q in queries:
-        assert loaded.search(q, 15) == index.search(q, 15)
+        assert loaded.search(q[None], 15)[0] == index.search(q[None], 15)[0]
 
 
 def test_bad_inputs_are_refused(data):
     x, _ = data
     index = make_index("l2", x)
     with pytest.raises(ValueError, match="dim"):
-        index.search(np.zeros(DIM + 1), 3)
+        index.search(np.zeros(DIM + 1)[None], 3)[0]
     with pytest.raises(ValueError):
         DomainIndex.build(x, make_items(N - 1), metric="l2", encoder_id="e", version="v")
     with pytest.raises(ValueError, match="metric"):

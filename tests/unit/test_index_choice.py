@@ -95,10 +95,10 @@ def test_approximate_builds_measure_recall_against_exact(metric, kind, refine):
     assert oracle_recall(idx.faiss, xs, metric, 200) == pytest.approx(idx.meta["recall_at_10"], abs=0.01)
     assert recall_at_10(idx.faiss, xs, metric, 200) == pytest.approx(idx.meta["recall_at_10"], abs=1e-4)
     # Search through the DomainIndex API still returns scored hits, best first.
-    hits = idx.search(x[7], 5)
+    hits = idx.search(x[7][None], 5)[0]
     assert len(hits) == 5 and hits[0].score >= hits[-1].score
     round_trip = DomainIndex.from_files(idx.to_files())
-    assert [h.id for h in round_trip.search(x[7], 5)] == [h.id for h in hits]
+    assert [h.id for h in round_trip.search(x[7][None], 5)[0]] == [h.id for h in hits]
 
 
 def test_flat_is_exact_and_says_so():

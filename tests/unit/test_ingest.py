@@ -91,8 +91,8 @@ def test_files_at_the_root_are_skipped_and_reported():
     ds = read_zip(make_zip({**good_entries(), "README.txt": b"hello", "loose.png": PNG_RED}), LIMITS)
     assert ds.labels() == {"hats": 3, "shoes": 2}
     assert sorted(ds.skipped, key=lambda s: s.name) == [
-        Skipped("README.txt", "not inside a category folder"),
-        Skipped("loose.png", "not inside a category folder"),
+        Skipped(name="README.txt", reason="not inside a category folder"),
+        Skipped(name="loose.png", reason="not inside a category folder"),
     ]
 
 

@@ -33,7 +33,7 @@ def test_served_margins_equal_exact_margins(metric):
     index = DomainIndex.build(g, items, metric=metric, encoder_id="e", version="v")
     served = [
         score_neighbours([h.label for h in hits], [h.score for h in hits], "nut").margin
-        for hits in index.search_many(q, 7)
+        for hits in index.search(q, 7)
     ]
     np.testing.assert_allclose(served, margins_exact(q, g, gl, "nut", 7, metric), atol=1e-5)
 
@@ -72,19 +72,25 @@ def test_site_decision():
 
 def test_judge_site_thresholds_come_from_request_then_calibration_then_config():
     from simserver.relevance import RelevanceConfig, judge_site
+    from simserver.schemas import Hit
+
+    def hit(i: int, label: str, score: float) -> Hit:
+        return Hit(id=i, name=f"{label}/{i}.png", label=label, score=score, distance=1 - score)
 
     hits = [
-        [{"id": 1, "label": "nut", "score": 0.9}, {"id": 2, "label": "random", "score": 0.7}],  # +0.2
-        [{"id": 3, "label": "random", "score": 0.8}, {"id": 1, "label": "nut", "score": 0.75}],  # -0.05
-        [{"id": 4, "label": "random", "score": 0.9}],  # -0.9
+        [hit(1, "nut", 0.9), hit(2, "random", 0.7)],  # +0.2
+        [hit(3, "random", 0.8), hit(1, "nut", 0.75)],  # -0.05
+        [hit(4, "random", 0.9)],  # -0.9
     ]
     cfg = RelevanceConfig(default_image_threshold=0.0, site_threshold=0.25)
-    v = judge_site(["a", "b", "c"], hits, "nut", cfg, nearest=1)
+    v = judge_site(["a", "b", "c"], hits, "nut", cfg, nearest=1).model_dump()
     assert v["image_threshold"] == 0.0 and [i["similar"] for i in v["images"]] == [True, False, False]
     assert v["fraction"] == pytest.approx(1 / 3, abs=1e-4) and v["relevant"] is True
     assert v["images"][1]["margin"] == pytest.approx(-0.05) and v["images"][1]["similarity"] == 0.75
     assert [len(i["nearest"]) for i in v["images"]] == [1, 1, 1] and v["images"][0]["name"] == "a"
-    calibrated = judge_site(["a", "b", "c"], hits, "nut", cfg, calibration={"image_threshold": 0.3})
+    calibrated = judge_site(
+        ["a", "b", "c"], hits, "nut", cfg, calibration={"image_threshold": 0.3}
+    ).model_dump()
     assert calibrated["image_threshold"] == 0.3 and calibrated["relevant"] is False
     asked = judge_site(
         ["a", "b", "c"],
@@ -94,5 +100,5 @@ def test_judge_site_thresholds_come_from_request_then_calibration_then_config():
         calibration={"image_threshold": 0.3},
         image_threshold=-0.1,
         site_threshold=0.7,
-    )
+    ).model_dump()
     assert asked["fraction"] == pytest.approx(2 / 3, abs=1e-4) and asked["relevant"] is False

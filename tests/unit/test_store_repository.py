@@ -11,13 +11,14 @@ import time
 import numpy as np
 import pytest
 
-from simserver.builder import build_domain, encode_dataset
-from simserver.domain_config import Limits
+from simserver.builder import encode_images
+from simserver.domain_config import DomainConfig, Limits
 from simserver.index import DomainIndex, Item
 from simserver.ingest import read_zip
 from simserver.live import LiveIndex
 from simserver.repository import image_key, new_version_id
 from simserver.store import open_store
+from simserver.training import train_domain
 from tests.unit.conftest import BLUE, GREEN, RED, TEST_DATA, fake_encode, make_zip, solid
 
 
@@ -139,7 +140,7 @@ def test_publish_then_load_round_trip(repo):
     loaded = repo.load("d", "v1")
     assert loaded.meta == index.meta and loaded.items == index.items
     q = np.ones(8, dtype=np.float32)
-    assert loaded.search(q, 3) == index.search(q, 3)
+    assert loaded.search(q[None], 3)[0] == index.search(q[None], 3)[0]
     assert repo.current_version("other") is None
 
 
@@ -230,7 +231,7 @@ def test_live_index_keeps_serving_when_load_fails(repo):
     assert live.refresh() is False
     assert live.current is served and live.current.version == "v1"
     assert live.last_error
-    served.search(np.ones(8), 2)  # still answers
+    served.search(np.ones(8)[None], 2)[0]  # still answers
     # A broken pointer is reported the same way.
     repo.store.put("domains/d/CURRENT", b"{not json")
     assert live.refresh() is False and live.current is served and live.last_error
@@ -284,6 +285,24 @@ def _dataset():
         "metadata.csv": b"filename,sku\ngreen.png,G1\n",
     }
     return read_zip(make_zip(entries), Limits()), {"red": red, "green": green, "blue": blue, "photo": photo}
+
+
+def encode_dataset(ds, encode, batch_size=32, progress=None) -> np.ndarray:
+    return np.stack(encode_images([lambda s=s: s.pixels for s in ds.samples], encode, batch_size, progress))
+
+
+class PretrainedBackend:
+    encoder = "fake"
+
+    def __init__(self, encode, encoder_id: str) -> None:
+        self.encode, self.encoder_id = encode, encoder_id
+
+
+def build_domain(repo, domain, ds, *, encode, encoder_id, metric, batch_size=32):
+    """A pretrained build: the training pipeline without a head (no fit, no export)."""
+    cfg = DomainConfig(name=domain, metric=metric)
+    backend = PretrainedBackend(encode, encoder_id)
+    return train_domain(repo, cfg, ds, backend, mode="pretrained", batch_size=batch_size)
 
 
 def test_encode_dataset_keeps_order_across_batches():
@@ -340,7 +359,7 @@ def test_build_domain_publishes_a_searchable_version(repo):
     # vectors line up with items: each distinct sample finds itself first
     for s in ds.samples:
         if s.name in ("cool/green.png", "cool/blue.png", "tools/scissors.webp"):
-            top = index.search(fake_encode(s.pixels[None])[0], 1)[0]
+            top = index.search(fake_encode(s.pixels[None])[0][None], 1)[0][0]
             assert top.name == s.name and top.distance == pytest.approx(0, abs=1e-3)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from simserver.domain_config import DomainConfig, Limits
-from simserver.errors import ClientError
+from simserver.errors import RequestRefused
 from simserver.finetune import Head
 from simserver.ingest import read_zip
 from simserver.training import FeatureCache, train_domain
@@ -23,7 +23,7 @@ class Backend:
     """fake_encode as the backbone; a head chosen by the test: 'good' projects onto the class-mean
     direction (separates warm from cool), 'bad' maps everything to one direction plus noise."""
 
-    encoder_spec = "fake"
+    encoder = "fake"
     encoder_id = "fake:1"
 
     def __init__(self, head: str = "good", fail_export: bool = False) -> None:
@@ -108,7 +108,7 @@ def test_auto_promotes_only_a_better_head(repo, head, promoted):
 
 def test_degenerate_sets(repo):
     one_class = dataset(cool=[])
-    with pytest.raises(ClientError) as err:
+    with pytest.raises(RequestRefused) as err:
         train_domain(repo, cfg(), one_class, Backend(), mode="finetune")
     assert err.value.status == 400 and "one category" in err.value.message
     assert repo.current_version("shop") is None
@@ -161,7 +161,7 @@ def test_feature_cache_recomputes_what_it_cannot_read(tmp_path):
 
 def test_training_needs_the_target_label_folder(repo):
     cfg_target = DomainConfig(name="shop", target_label="nuts", training={"augment_views": 0})
-    with pytest.raises(ClientError) as err:
+    with pytest.raises(RequestRefused) as err:
         train_domain(repo, cfg_target, dataset(), Backend())
     assert err.value.status == 400 and "nuts/" in err.value.message
     ok = DomainConfig(name="shop", target_label="warm", training={"augment_views": 0})

@@ -1,29 +1,27 @@
-#!/usr/bin/env python3
 """Build the Bento and write what an image build needs: a .bento archive and a Docker build context.
 
-    BENTOML_HOME=var/bentoml .venv/bin/python scripts/export_bento.py [--out var/export] [--tag TAG]
+``simserver bento export`` (:mod:`simserver.cli.deploy`) is the command:
 
-1. `bentoml build` from the repository root (bentofile.yaml), unless --tag names a Bento already built;
+1. `bentoml build` from the repository root (bentofile.yaml), unless a tag names a Bento already built;
 2. `bentoml export <tag> <out>/<name>-<version>.bento` (a portable archive, models included);
 3. `<out>/<name>-<version>/`: the Docker build context, made without `bentoml containerize` (so without a
    Docker engine): the Bento's folder from the BentoML store (`bentoml.get(tag).path`) plus the
    BentoML models it needs under `models/` (what `bentoml containerize` adds), with the Bento's own
    `env/docker/Dockerfile`. `docker build -t IMAGE <context>` builds the server image.
 
-The generated Dockerfile misses two things the server needs, so this script appends a marked block that
-adds them only when missing: `curl` (the ECS container health check runs `curl -f .../livez`; the
+The generated Dockerfile misses two things the server needs, so a marked block is appended that adds
+them only when missing: `curl` (the ECS container health check runs `curl -f .../livez`; the
 python:3.11-slim base has no curl) and the packages of requirements-nodeps.txt, which the project installs
 with `pip --no-deps` (tensorflow-hub, tf-keras) and which are therefore not in the Bento's requirements.
 
-BENTOML_HOME defaults to var/bentoml (as in the Makefile); the encoder model must be there (`make
-encoder`). `bentoml build` locks the Python requirements with `uv pip compile`, which needs the package
-index (PyPI) or, with UV_OFFLINE=1, a uv cache from an earlier build. Prints a JSON summary on stdout.
+The encoder model must be in BENTOML_HOME (`make encoder`). `bentoml build` locks the Python
+requirements with `uv pip compile`, which needs the package index (PyPI) or, with UV_OFFLINE=1, a uv
+cache from an earlier build.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import logging
 import os
 import re
 import shutil
@@ -33,17 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-NODEPS = ROOT / "requirements-nodeps.txt"
-MARK = "# ---- appended by scripts/export_bento.py"
+from simserver.settings import PROJECT_ROOT
+
+logger = logging.getLogger(__name__)
+
+NODEPS = PROJECT_ROOT / "requirements-nodeps.txt"
+MARK = "# ---- appended by `simserver bento export`"
 
 
 class ExportError(Exception):
-    """An expected failure: printed on stderr, exit 1."""
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """An expected failure: the command prints it on stderr and exits 1."""
 
 
 def run_bentoml(*args: str) -> str:
@@ -51,7 +48,7 @@ def run_bentoml(*args: str) -> str:
     cmd = [sys.executable, "-m", "bentoml", *args]
     # A wide console: BentoML prints through rich, which wraps long lines (tags, paths) at 80 columns.
     env = dict(os.environ, COLUMNS="4000")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True)
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, text=True, capture_output=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr + proc.stdout).strip().splitlines()[-15:])
         raise ExportError(f"`bentoml {' '.join(args)}` failed (exit {proc.returncode}):\n{tail}")
@@ -67,12 +64,12 @@ def check_model(name: str) -> str:
     except NotFound:
         raise ExportError(
             f"the encoder model {name!r} is not in BENTOML_HOME={os.environ['BENTOML_HOME']}; "
-            "build it first: `make encoder` (or scripts/build_encoder.py)"
+            "build it first: `make encoder` (or `simserver encoder build`)"
         ) from None
 
 
 def build() -> str:
-    _log("bentoml build (locks requirements with uv against the package index)")
+    logger.info("bentoml build (locks requirements with uv against the package index)")
     out = run_bentoml("build", "-o", "tag")
     match = re.search(r"__tag__:(\S+)", out)
     if not match:
@@ -180,12 +177,12 @@ def export(out: Path, tag: str | None, archive: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"tag": f"{name}:{version}", "built": built, "bento_dir": str(bento_dir)}
     if archive:
         path = out / f"{name}-{version}.bento"
-        _log(f"bentoml export {name}:{version} {path}")
+        logger.info("bentoml export %s:%s %s", name, version, path)
         run_bentoml("export", f"{name}:{version}", str(path))
         result["archive"] = str(path)
         result["archive_bytes"] = _size(path)
     context = out / f"{name}-{version}"
-    _log(f"writing the Docker build context {context}")
+    logger.info("writing the Docker build context %s", context)
     result["models"] = make_context(bento_dir, context)
     result["dockerfile_additions"] = patch_dockerfile(context)
     result["context"] = str(context)
@@ -193,27 +190,3 @@ def export(out: Path, tag: str | None, archive: bool) -> dict[str, Any]:
     result["context_bytes"] = _size(context)
     result["seconds"] = {"build": round(t_build, 1), "total": round(time.monotonic() - t0, 1)}
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "var" / "export", help="output folder")
-    p.add_argument("--tag", help="export this already built Bento (name:version) instead of building")
-    p.add_argument("--no-archive", action="store_true", help="skip the .bento archive")
-    args = p.parse_args(argv)
-    os.environ.setdefault("BENTOML_HOME", str(ROOT / "var" / "bentoml"))
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
-    try:
-        result = export(args.out.resolve(), args.tag, not args.no_archive)
-    except ExportError as e:
-        _log(f"error: {e}")
-        return 1
-    except OSError as e:
-        _log(f"error: {e}")
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

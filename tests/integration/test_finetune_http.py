@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import requests
 
-from tests.conftest import DEMO
-from tests.test_http import assert_error, make_zip, search
-
-pytestmark = pytest.mark.slow
+from tests.integration.conftest import DEMO
+from tests.integration.test_http import assert_error, make_zip, search
 
 CLASSES = sorted(p.name for p in (DEMO / "fashion").iterdir())[:16]
 

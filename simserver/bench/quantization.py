@@ -1,8 +1,6 @@
 """The int8 study: is a fully int8-quantized TFLite encoder worth serving?
 
-    python scripts/bench_quantization.py
-
-The issue allows int8 only if hold-out Recall@1 drops by at most 1 point. This converts the built-in
+The rule: int8 only if hold-out Recall@1 drops by at most 1 point. This converts the built-in
 encoder with full-integer quantization (activation ranges calibrated on 100 training-split demo
 photos), then measures side by side against the float32 TFLite model the server runs:
 
@@ -11,35 +9,30 @@ photos), then measures side by side against the float32 TFLite model the server 
 * hold-out Recall@1 of the pretrained embedding on each demo domain (the training's stratified
   split: hold-out images query the rest), float32 against int8; and, for context, leave-one-out
   Recall@1 (every image queries all the others: more queries than the hold-out's 17-77).
-
-Prints one JSON object with the decision.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
+import logging
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("BENTOML_HOME", str(ROOT / "var" / "bentoml"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simserver.bench.common import DEMO, DEMO_DOMAINS, bench_environment
 
-DOMAINS = ("fashion", "food", "almonds-suppliers")
+logger = logging.getLogger(__name__)
+
+Interpreter = Callable[[np.ndarray], np.ndarray]
 
 
-def _encode(interp, pixels: np.ndarray) -> np.ndarray:
+def _encode(interp: Interpreter, pixels: np.ndarray) -> np.ndarray:
     from simserver.metrics import l2_normalize
 
     return l2_normalize(interp(pixels.astype(np.float32) / 255.0))
 
 
-def _img_per_s(interp, image: np.ndarray, seconds: float) -> float:
+def _img_per_s(interp: Interpreter, image: np.ndarray, seconds: float) -> float:
     x = image[None].astype(np.float32) / 255.0
     interp(x)
     n, t0 = 0, time.perf_counter()
@@ -50,23 +43,21 @@ def _img_per_s(interp, image: np.ndarray, seconds: float) -> float:
 
 
 def quantization_figures(seconds: float = 4.0, rounds: int = 2) -> dict:
+    """The figures and the decision (``adopt_int8``, ``why``)."""
+    bench_environment()
     import tensorflow as tf
 
     from simserver.cpu import usable_cpus
     from simserver.domain_config import Limits
-    from simserver.encoder import (
-        TFLITE_FILE,
-        TFLiteInterpreter,
-        builtin_model_path,
-        convert_tflite,
-    )
+    from simserver.encoder import TFLITE_FILE, TFLiteInterpreter, builtin_model_path, convert_tflite
     from simserver.evaluation import evaluate_retrieval, stratified_split
     from simserver.ingest import read_folder
+    from simserver.settings import get_settings
 
-    _, saved_model = builtin_model_path("efficientnet-lite0-imagenet")
-    data = {d: read_folder(ROOT / "demo" / d, Limits()).samples for d in DOMAINS}
+    _, saved_model = builtin_model_path(get_settings().builtin_model)
+    data = {d: read_folder(DEMO / d, Limits()).samples for d in DEMO_DOMAINS}
     splits = {d: stratified_split([s.label for s in samples]) for d, samples in data.items()}
-    calibration = [data[d][i].pixels for d in DOMAINS for i in splits[d].train]
+    calibration = [data[d][i].pixels for d in DEMO_DOMAINS for i in splits[d].train]
     calibration = [calibration[i] for i in np.random.default_rng(0).permutation(len(calibration))[:100]]
 
     def representative():
@@ -109,7 +100,7 @@ def quantization_figures(seconds: float = 4.0, rounds: int = 2) -> dict:
         }
         recall[d]["drop_points"] = 100 * (recall[d]["float32"] - recall[d]["int8"])
         # A larger sample than the hold-out (every image queries all others), for context only:
-        # the issue's rule is the hold-out.
+        # the rule is the hold-out.
         for name, v in vecs.items():
             sims = v @ v.T
             np.fill_diagonal(sims, -np.inf)
@@ -118,6 +109,14 @@ def quantization_figures(seconds: float = 4.0, rounds: int = 2) -> dict:
     worst_drop = max(r["drop_points"] for r in recall.values())
     fp32_speed, int8_speed = (float(np.mean(speed[n])) for n in ("float32", "int8"))
     faster = int8_speed > 1.05 * fp32_speed
+    reasons = [
+        reason
+        for reason, bad in (
+            (f"int8 is not faster ({int8_speed:.0f} vs {fp32_speed:.0f} img/s)", not faster),
+            (f"Recall@1 drops by up to {worst_drop:.1f} points (limit 1)", worst_drop > 1.0),
+        )
+        if bad
+    ]
     return {
         "threads": threads,
         "convert_s": round(convert_s, 1),
@@ -133,25 +132,6 @@ def quantization_figures(seconds: float = 4.0, rounds: int = 2) -> dict:
             for d, r in recall.items()
         },
         "worst_recall_at_1_drop_points": round(worst_drop, 2),
-        "adopt_int8": bool(faster and worst_drop <= 1.0),
-        "why": (
-            "int8 is faster and loses at most 1 point of Recall@1"
-            if faster and worst_drop <= 1.0
-            else "; ".join(
-                reason
-                for reason, bad in (
-                    (f"int8 is not faster ({int8_speed:.0f} vs {fp32_speed:.0f} img/s)", not faster),
-                    (f"Recall@1 drops by up to {worst_drop:.1f} points (limit 1)", worst_drop > 1.0),
-                )
-                if bad
-            )
-        ),
+        "adopt_int8": not reasons,
+        "why": "; ".join(reasons) or "int8 is faster and loses at most 1 point of Recall@1",
     }
-
-
-def main() -> None:
-    print(json.dumps(quantization_figures(), indent=2))
-
-
-if __name__ == "__main__":
-    main()

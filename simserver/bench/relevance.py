@@ -1,7 +1,4 @@
-"""Supplier-site relevance: the reference notebook's algorithm against /relevance's, same sites.
-
-    python scripts/bench_relevance.py --data demo/almonds-suppliers            # target from the domain
-    python scripts/bench_relevance.py --data demo/food --target food-fruit --domain food
+"""Supplier-site relevance: the reference notebook's algorithm against ``/relevance``'s, same sites.
 
 1. Per category, a third of the images (at least one) become the "site pool", the rest the
    catalogue; a domain is trained on the catalogue with the real pipeline (fine-tuning, calibration).
@@ -16,35 +13,31 @@
 4. Ours (the endpoint's code): every site image decoded and encoded once, in batches, with the same
    encoder the domain serves; kNN margins against the domain's index; the calibrated image threshold
    and the 0.25 site threshold.
-
-Prints one JSON line: accuracy_reference, accuracy_ours, seconds_reference, seconds_ours, speedup,
-and the same-runtime figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
-import json
 import logging
 import math
-import os
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("BENTOML_HOME", str(ROOT / "var" / "bentoml"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simserver.bench.common import bench_environment
+
+logger = logging.getLogger(__name__)
 
 VAL_NUM = 15
 REFERENCE_IMAGE_DISTANCE = 0.65
 REFERENCE_SITE_FRACTION = 0.25
+
+Site = tuple[bool, list[tuple[str, bytes]]]  # (relevant?, [(name, JPEG bytes)])
+Encode = Callable[[np.ndarray], np.ndarray]
 
 
 def split_catalogue(samples: list, seed: int) -> tuple[list, list]:
@@ -63,9 +56,7 @@ def split_catalogue(samples: list, seed: int) -> tuple[list, list]:
     return catalogue, pool
 
 
-def make_sites(
-    pool: list, target: str, n_sites: int, seed: int
-) -> list[tuple[bool, list[tuple[str, bytes]]]]:
+def make_sites(pool: list, target: str, n_sites: int, seed: int) -> list[Site]:
     from PIL import Image
 
     from simserver.augment import view
@@ -96,7 +87,9 @@ def make_sites(
     return sites
 
 
-def reference(sites, catalogue_targets: list[Path], encode, seed: int) -> tuple[list[bool], float]:
+def reference(
+    sites: list[Site], catalogue_targets: list[Path], encode: Encode, seed: int
+) -> tuple[list[bool], float]:
     """The notebook: 16 single-image encoder calls per site image, random target draws."""
     from simserver.preprocess import prepare
 
@@ -117,7 +110,15 @@ def reference(sites, catalogue_targets: list[Path], encode, seed: int) -> tuple[
     return decisions, time.perf_counter() - t0
 
 
-def ours(sites, index, encode, target: str, k: int, image_threshold: float, site_threshold: float):
+def ours(
+    sites: list[Site],
+    index,
+    encode: Encode,
+    target: str,
+    k: int,
+    image_threshold: float,
+    site_threshold: float,
+) -> tuple[list[bool], float]:
     """The endpoint's algorithm (simserver.relevance), in process: one batched encoding per image."""
     from simserver.preprocess import prepare
     from simserver.relevance import score_neighbours, site_decision
@@ -129,22 +130,18 @@ def ours(sites, index, encode, target: str, k: int, image_threshold: float, site
         vectors = encode(np.stack([prepare(data, 224, 10**8) for _, data in images]))
         margins = [
             score_neighbours([h.label for h in hits], [h.score for h in hits], target).margin
-            for hits in index.search_many(vectors, k)
+            for hits in index.search(vectors, k)
         ]
         decisions.append(site_decision(margins, image_threshold, site_threshold)[2])
     return decisions, time.perf_counter() - t0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True, help="folder of <category>/<image>")
-    ap.add_argument("--domain", default="almonds-suppliers", help="domain config to train with")
-    ap.add_argument("--target", help="target label (default: the domain's target_label)")
-    ap.add_argument("--sites", type=int, default=40, help="synthetic sites, half relevant (default 40)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
+def relevance_figures(
+    data: Path, domain: str = "almonds-suppliers", target: str | None = None, n_sites: int = 40, seed: int = 0
+) -> dict:
+    """Both algorithms on the same synthetic sites; ``target`` defaults to the domain's target_label.
+    Raises ``ValueError`` for an unknown domain or one without a target."""
+    bench_environment()
     from simserver.domain_config import load_domains
     from simserver.encoder_pool import EncoderPool, LocalBackend
     from simserver.ingest import Dataset, read_folder
@@ -154,79 +151,73 @@ def main() -> int:
     from simserver.training import train_domain
 
     settings = get_settings()
-    cfg = load_domains(settings.domains_dir)[args.domain]
-    target = args.target or cfg.target_label
+    domains = load_domains(settings.domains_dir)
+    if domain not in domains:
+        raise ValueError(f"unknown domain {domain!r} (known: {', '.join(domains)})")
+    cfg = domains[domain]
+    target = target or cfg.target_label
     if not target:
-        ap.error(f"domain {args.domain} has no target_label: pass --target")
+        raise ValueError(f"domain {domain} has no target_label: give a target")
     cfg = cfg.model_copy(update={"target_label": target})
-    samples = read_folder(args.data, cfg.limits).samples
-    catalogue, pool = split_catalogue(samples, args.seed)
-    sites = make_sites(pool, target, args.sites, args.seed)
+    samples = read_folder(data, cfg.limits).samples
+    catalogue, pool = split_catalogue(samples, seed)
+    sites = make_sites(pool, target, n_sites, seed)
     truth = [relevant for relevant, _ in sites]
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-relevance-") as tmp:
         store = LocalStore(Path(tmp) / "store")
         fast = EncoderPool(cache_dir=settings.store_cache_dir, store=store)
         report = train_domain(Repository(store), cfg, Dataset(catalogue, []), LocalBackend(fast, cfg.encoder))
         index = Repository(store).load(cfg.name, report.version)
-        spec = report.meta["encoder"]
-        served = fast.get(spec)
+        encoder = report.meta["encoder"]
+        served = fast.get(encoder)
         as_written = EncoderPool(cache_dir=settings.store_cache_dir, store=store, runtime="savedmodel").get(
-            spec
+            encoder
         )
         calibration = report.meta["relevance"]
         # The reference reads its target images from their files each time, as the notebook did.
-        targets = [args.data / s.name for s in catalogue if s.label == target]
+        targets = [data / s.name for s in catalogue if s.label == target]
 
         ours_decisions, ours_s = ours(
             sites,
             index,
             served.encode,
             target,
-            cfg.relevance.k,
+            cfg.relevance.top_k,
             calibration["image_threshold"],
             cfg.relevance.site_threshold,
         )
-        ref_decisions, ref_s = reference(sites, targets, as_written.encode, args.seed)
-        ref_fast_decisions, ref_fast_s = reference(sites, targets, served.encode, args.seed)
+        logger.info("ours: %.1f s; the reference runs twice (TF, then the serving runtime)", ours_s)
+        ref_decisions, ref_s = reference(sites, targets, as_written.encode, seed)
+        ref_fast_decisions, ref_fast_s = reference(sites, targets, served.encode, seed)
 
     def accuracy(decisions: list[bool]) -> float:
         return round(float(np.mean([d == t for d, t in zip(decisions, truth, strict=True)])), 4)
 
-    n_images = sum(len(images) for _, images in sites)
-    print(
-        json.dumps(
-            {
-                "accuracy_reference": accuracy(ref_decisions),
-                "accuracy_ours": accuracy(ours_decisions),
-                "seconds_reference": round(ref_s, 2),
-                "seconds_ours": round(ours_s, 2),
-                "speedup": round(ref_s / ours_s, 1),
-                "reference_on_serving_runtime": {
-                    "accuracy": accuracy(ref_fast_decisions),
-                    "seconds": round(ref_fast_s, 2),
-                    "speedup": round(ref_fast_s / ours_s, 1),
-                },
-                "sites": len(sites),
-                "site_images": n_images,
-                "target": target,
-                "catalogue_images": len(catalogue),
-                "catalogue_target_images": len(targets),
-                "encoder": {
-                    "id": served.id,
-                    "serving_runtime": served.runtime,
-                    "reference_runtime": as_written.runtime,
-                },
-                "promoted": report.meta["evaluation"]["promoted"],
-                "image_threshold": calibration["image_threshold"],
-                "calibration": {
-                    k: calibration[k] for k in ("method", "precision", "recall", "positives", "negatives")
-                },
-            }
-        )
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {
+        "accuracy_reference": accuracy(ref_decisions),
+        "accuracy_ours": accuracy(ours_decisions),
+        "seconds_reference": round(ref_s, 2),
+        "seconds_ours": round(ours_s, 2),
+        "speedup": round(ref_s / ours_s, 1),
+        "reference_on_serving_runtime": {
+            "accuracy": accuracy(ref_fast_decisions),
+            "seconds": round(ref_fast_s, 2),
+            "speedup": round(ref_fast_s / ours_s, 1),
+        },
+        "sites": len(sites),
+        "site_images": sum(len(images) for _, images in sites),
+        "target": target,
+        "catalogue_images": len(catalogue),
+        "catalogue_target_images": len(targets),
+        "encoder": {
+            "id": served.id,
+            "serving_runtime": served.runtime,
+            "reference_runtime": as_written.runtime,
+        },
+        "promoted": report.meta["evaluation"]["promoted"],
+        "image_threshold": calibration["image_threshold"],
+        "calibration": {
+            k: calibration[k] for k in ("method", "precision", "recall", "positives", "negatives")
+        },
+    }

@@ -9,11 +9,9 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import DEMO
-from tests.test_finetune_http import train_mode
-from tests.test_http import assert_error, make_zip
-
-pytestmark = pytest.mark.slow
+from tests.integration.conftest import DEMO
+from tests.integration.test_finetune_http import train_mode
+from tests.integration.test_http import assert_error, make_zip
 
 ALMONDS = DEMO / "almonds-suppliers"
 

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import DEMO, TEST_DATA
-
-pytestmark = pytest.mark.slow
+from tests.integration.conftest import DEMO, TEST_DATA
 
 # ImageNet-1k class indices (facts of the label set, not results).
 ESPRESSO = 967

@@ -8,10 +8,8 @@ import time
 import pytest
 import requests
 
-from tests.conftest import DEMO, MotoServer, Server, server_env
-from tests.test_http import make_zip, search
-
-pytestmark = pytest.mark.slow
+from tests.integration.conftest import DEMO, MotoServer, Server, server_env
+from tests.integration.test_http import make_zip, search
 
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -12,9 +12,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import DEMO, TEST_DATA
-
-pytestmark = pytest.mark.slow
+from tests.integration.conftest import DEMO, TEST_DATA
 
 DRESS = DEMO / "fashion/dress/google.png"
 
@@ -293,21 +291,17 @@ def test_bad_archives_fail_and_keep_previous_version(server, archive, status, wo
 
 def test_new_pointer_is_picked_up_without_restart(server, demo_store, encoder, domains_dir):
     """A version published by someone else (CLI, another replica) is served after one poll."""
-    from simserver.builder import build_domain
     from simserver.domain_config import load_domains
     from simserver.ingest import read_folder
     from simserver.repository import Repository
     from simserver.store import LocalStore
+    from simserver.training import train_domain
+    from tests.integration.conftest import PretrainedBackend
 
     cfg = load_domains(domains_dir)["scratch"]
     ds = read_folder(DEMO / "fashion", cfg.limits.model_copy(update={"max_entries": 1000}))
-    report = build_domain(
-        Repository(LocalStore(demo_store)),
-        "scratch",
-        ds,
-        encode=encoder.encode,
-        encoder_id=encoder.id,
-        metric=cfg.metric,
+    report = train_domain(
+        Repository(LocalStore(demo_store)), cfg, ds, PretrainedBackend(encoder), mode="pretrained"
     )
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -345,15 +339,21 @@ def test_concurrent_searches_have_no_errors_and_are_batched(server):
     assert sum(int(k) * v for k, v in after["calls_per_run"].items()) == after["calls"]
 
 
-def test_zz_sigterm_with_requests_in_flight_stops(server):
-    """Runs last: the server must exit on SIGTERM while clients keep it busy."""
+def test_sigterm_with_requests_in_flight_stops_every_process(tmp_path, demo_store, domains_dir, builtin_tag):
+    """The server and each of its services exit on SIGTERM while clients keep it busy (its own
+    server: stopping the session's would end the tests after it)."""
+    from tests.integration.conftest import Server, server_env
+
+    srv = Server(server_env(demo_store, domains_dir, tmp_path), tmp_path / "server.log")
+    srv.wait_ready()
     stop = threading.Event()
     data = DRESS.read_bytes()
+    ok = []
 
     def hammer() -> None:
         while not stop.is_set():
             try:
-                search(server, "fashion", data)
+                ok.append(search(srv, "fashion", data).status_code == 200)
             except requests.RequestException:
                 pass
 
@@ -361,7 +361,12 @@ def test_zz_sigterm_with_requests_in_flight_stops(server):
     for t in threads:
         t.start()
     time.sleep(2)
-    took = server.stop(timeout=60)
+    processes = srv.processes()
+    assert len(processes) >= 6, processes  # arbiter, gateway, encoder, trainer, index services
+    took = srv.stop(timeout=60)
     stop.set()
+    assert any(ok), "no search succeeded before SIGTERM"
     assert took is not None, "server ignored SIGTERM with requests in flight"
-    assert took < 60
+    assert not [p for p in processes if p.is_running() and p.status() != "zombie"], (
+        "a service outlived SIGTERM"
+    )

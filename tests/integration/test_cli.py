@@ -1,23 +1,25 @@
-"""scripts/build_domain.py and scripts/query.py, run as a user would."""
+"""The `simserver` command (domain build, query, evaluate), run as a user would: in a subprocess."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
-import pytest
+from tests.integration.conftest import DEMO, ROOT
 
-from tests.conftest import DEMO, ROOT
-
-pytestmark = pytest.mark.slow
+# `python -m simserver.cli` is the console script's code without depending on how it was installed;
+# test_console_script_lists_every_command checks the installed `simserver` itself.
+CLI = [sys.executable, "-m", "simserver.cli"]
 
 
 def run(args: list[str], store, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args],
+        [*CLI, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -34,14 +36,14 @@ def test_build_from_zip_then_query(tmp_path, builtin_tag):
                 zf.write(p, f"{label}/{p.name}")
         zf.writestr("ring/bad.png", b"not really a png")
     store = tmp_path / "store"
-    built = run(["scripts/build_domain.py", "fashion", "--data", str(archive)], store)
+    built = run(["domain", "build", "fashion", "--data", str(archive)], store)
     assert built.returncode == 0, built.stderr
     report = json.loads(built.stdout.strip().splitlines()[-1])
     assert report["indexed"] == 9 and report["labels"] == {"boot": 3, "dress": 3, "ring": 3}
     assert report["skipped"] == [{"name": "ring/bad.png", "reason": "not an image (unrecognised format)"}]
     assert "encode" in built.stderr  # the progress bar
 
-    q = run(["scripts/query.py", "fashion", str(DEMO / "fashion/ring/google.png"), "--top-k", "2"], store)
+    q = run(["query", "fashion", str(DEMO / "fashion/ring/google.png"), "--top-k", "2"], store)
     assert q.returncode == 0, q.stderr
     out = json.loads(q.stdout)
     assert out["version"] == report["version"]
@@ -51,18 +53,16 @@ def test_build_from_zip_then_query(tmp_path, builtin_tag):
 
 def test_cli_errors_are_clear(tmp_path, builtin_tag):
     store = tmp_path / "store"
-    q = run(["scripts/query.py", "fashion", str(DEMO / "fashion/ring/google.png")], store)
+    q = run(["query", "fashion", str(DEMO / "fashion/ring/google.png")], store)
     assert q.returncode == 2 and "no index yet" in q.stderr
     (tmp_path / "empty").mkdir()
-    b = run(["scripts/build_domain.py", "fashion", "--data", str(tmp_path / "empty")], store)
+    b = run(["domain", "build", "fashion", "--data", str(tmp_path / "empty")], store)
     assert b.returncode == 2 and "no usable image" in b.stderr
 
 
 def test_finetune_mode_then_query_uses_the_versions_encoder(tmp_path, builtin_tag):
     store = tmp_path / "store"
-    built = run(
-        ["scripts/build_domain.py", "fashion", "--data", str(DEMO / "fashion"), "--mode", "finetune"], store
-    )
+    built = run(["domain", "build", "fashion", "--data", str(DEMO / "fashion"), "--mode", "finetune"], store)
     assert built.returncode == 0, built.stderr
     report = json.loads(built.stdout.strip().splitlines()[-1])
     ev = report["evaluation"]
@@ -73,7 +73,7 @@ def test_finetune_mode_then_query_uses_the_versions_encoder(tmp_path, builtin_ta
     assert (store / report["encoder"].removeprefix("store:")).is_file()
 
     # A query encodes with the version's fine-tuned encoder (a 1280-d pretrained vector would not fit).
-    q = run(["scripts/query.py", "fashion", str(DEMO / "fashion/crown/google.png"), "--top-k", "1"], store)
+    q = run(["query", "fashion", str(DEMO / "fashion/crown/google.png"), "--top-k", "1"], store)
     assert q.returncode == 0, q.stderr
     assert json.loads(q.stdout)["results"][0]["name"] == "crown/google.png"
 
@@ -85,7 +85,7 @@ def test_evaluate_prints_json_and_writes_the_html_report(tmp_path, builtin_tag):
         for p in (DEMO / "fashion" / label).iterdir():
             (data / label / p.name).write_bytes(p.read_bytes())
     report = tmp_path / "report.html"
-    r = run(["scripts/evaluate.py", "--data", str(data), "--json", "--report", str(report)], tmp_path / "s")
+    r = run(["evaluate", "--data", str(data), "--json", "--report", str(report)], tmp_path / "s")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["n"] == 36 and out["queries"] == 12
@@ -95,5 +95,18 @@ def test_evaluate_prints_json_and_writes_the_html_report(tmp_path, builtin_tag):
     page = report.read_text()
     assert page.count("<svg") == 2 and "Worst queries" in page
     assert page.count('class="q"') == 12 and page.count("data:image/jpeg;base64,") >= 12 * 2
-    bad = run(["scripts/evaluate.py", "--data", str(tmp_path / "missing.zip")], tmp_path / "s")
+    bad = run(["evaluate", "--data", str(tmp_path / "missing.zip")], tmp_path / "s")
     assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
+def test_console_script_lists_every_command():
+    """`make install` puts the `simserver` console script next to the interpreter."""
+    exe = Path(sys.executable).with_name("simserver")
+    assert exe.is_file(), f"no {exe}: run `make install` (pip install --no-deps -e .)"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = set(re.findall(r"^    (\S+)", out.stdout, re.M))  # argparse lists sub-commands indented
+    assert {"encoder", "domain", "query", "evaluate", "bench", "deploy", "bento"} <= listed, listed
+    bench = subprocess.run([str(exe), "bench", "--help"], capture_output=True, text=True, timeout=60)
+    listed = set(re.findall(r"^    (\S+)", bench.stdout, re.M))
+    assert {"encoder", "index", "http", "training", "quantization", "relevance", "all"} <= listed, listed

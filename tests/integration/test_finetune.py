@@ -6,9 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import DEMO, ROOT
-
-pytestmark = pytest.mark.slow
+from tests.integration.conftest import DEMO, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +54,13 @@ def test_exported_savedmodel_is_backbone_plus_head_through_hub(fashion, pool, tm
     ds, backend, features = fashion
     labels = [s.label for s in ds.samples]
     head = train_head(features, labels, TrainingConfig(embedding_dim=64, epochs=5))
-    spec = pool.export("builtin", head, "domains/t/versions/v1/encoder.tar", {"id": "t1"})
-    assert spec == "store:domains/t/versions/v1/encoder.tar"
+    encoder = pool.export("builtin", head, "domains/t/versions/v1/encoder.tar", {"id": "t1"})
+    assert encoder == "store:domains/t/versions/v1/encoder.tar"
 
     photos = np.stack([s.pixels for s in ds.samples[:12]])
     expected = head.apply(features[:12])
     # The SavedModel alone, loaded by plain tensorflow_hub from the extracted folder.
-    layer = hub.KerasLayer(str(pool._local_folder(spec) / "saved_model"))
+    layer = hub.KerasLayer(str(pool._local_folder(encoder) / "saved_model"))
     got = np.asarray(layer(photos.astype(np.float32) / 255.0))
     assert got.shape == (12, 64)
     assert np.min(np.sum(got * expected, axis=1)) > 0.999
@@ -71,11 +69,11 @@ def test_exported_savedmodel_is_backbone_plus_head_through_hub(fashion, pool, tm
     from simserver.encoder_pool import EncoderPool
 
     other = EncoderPool(cache_dir=tmp_path / "cache", store=pool.store, runtime="savedmodel")
-    enc = other.get(spec)
+    enc = other.get(encoder)
     assert enc.id == "t1" and enc.dim == 64 and enc.runtime == "savedmodel"
     assert np.min(np.sum(enc.encode(photos) * expected, axis=1)) > 0.999
     # With the backbone on TFLite, queries run as TFLite backbone + NumPy head (self-checked).
-    fast = pool.get(spec)
+    fast = pool.get(encoder)
     assert fast.runtime == "tflite+head"
     assert np.min(np.sum(fast.encode(photos) * expected, axis=1)) > 0.999
 
@@ -88,15 +86,15 @@ def test_pool_keeps_a_bounded_number_of_finetuned_encoders(fashion, pool):
     saved = pool.max_finetuned
     pool.max_finetuned = 2
     try:
-        specs = []
+        encoders = []
         for i in range(3):
             head = Head(rng.normal(size=(1280, 16)).astype(np.float32), np.zeros(16, np.float32))
-            specs.append(
+            encoders.append(
                 pool.export("builtin", head, f"domains/t/versions/lru{i}/encoder.tar", {"id": f"lru{i}"})
             )
-            pool.get(specs[-1])
-        assert specs[0] not in pool._finetuned and set(specs[1:]) <= set(pool._finetuned)
-        assert pool.get(specs[0]).id == "lru0"  # reloaded from the local copy on demand
+            pool.get(encoders[-1])
+        assert encoders[0] not in pool._finetuned and set(encoders[1:]) <= set(pool._finetuned)
+        assert pool.get(encoders[0]).id == "lru0"  # reloaded from the local copy on demand
     finally:
         pool.max_finetuned = saved
 

@@ -1,6 +1,6 @@
-"""AWS deployment: the CloudFormation template (cfn-lint + required properties), scripts/deploy_aws.py
+"""AWS deployment: the CloudFormation template (cfn-lint + required properties), `simserver deploy aws`
 (dry run makes no call; create then update against moto's standalone server; error paths with a stubbed
-client) and scripts/export_bento.py (a real `bentoml build` + export + Docker build context).
+client) and `simserver bento export` (a real `bentoml build` + export + Docker build context).
 
 The template tests and the dry-run / stubbed tests take a few seconds; the moto and export tests are
 marked slow (a server; a Bento build that locks requirements against the package index).
@@ -26,12 +26,12 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import MotoServer, Server
+from tests.integration.conftest import ROOT, MotoServer, Server
 
-ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "aws" / "stack.yaml"
-DEPLOY = ROOT / "scripts" / "deploy_aws.py"
-EXPORT = ROOT / "scripts" / "export_bento.py"
+CLI = [sys.executable, "-m", "simserver.cli"]
+DEPLOY = [*CLI, "deploy", "aws"]
+EXPORT = [*CLI, "bento", "export"]
 
 ACCOUNT = "123456789012"  # moto's default account
 SECRET_ARN = f"arn:aws:secretsmanager:us-east-1:{ACCOUNT}:secret:sim-api-key-AbCdEf"
@@ -116,7 +116,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_deploy(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(DEPLOY), *args], env=env, capture_output=True, text=True, timeout=timeout
+        [*DEPLOY, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -293,7 +293,7 @@ def test_outputs(template):
     assert outputs["BucketName"]["Value"] == {"Ref": "StoreBucket"}
 
 
-# ----------------------------------------------------------------------------- deploy_aws.py, no AWS
+# ----------------------------------------------------------------------------- deploy aws, no AWS
 
 
 def test_dry_run_prints_the_create_actions_and_calls_nothing(counter):
@@ -361,7 +361,7 @@ def test_the_connection_counter_sees_a_real_run(counter):
 )
 def test_bad_arguments_exit_2_with_a_message(deploy_module, capsys, change, message):
     with pytest.raises(SystemExit) as exc:
-        deploy_module.main([*DRY_ARGS, *change, "--dry-run"])
+        deploy_module.aws_main([*DRY_ARGS, *change, "--dry-run"])
     out, err = capsys.readouterr()
     assert exc.value.code == 2 and message in err and out == "", err
 
@@ -380,17 +380,15 @@ def test_no_region_and_no_credentials_are_clear_errors():
     assert proc.returncode == 1 and "no AWS credentials" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# ----------------------------------------------------------------------------- deploy_aws.py, stubbed client
+# ----------------------------------------------------------------------------- deploy aws, stubbed client
 
 
 @pytest.fixture
 def deploy_module():
-    import importlib.util
+    """The command's module: ``aws_main(argv, client=…)`` runs `simserver deploy aws` with a given client."""
+    from simserver.cli import deploy
 
-    spec = importlib.util.spec_from_file_location("deploy_aws_under_test", DEPLOY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return deploy
 
 
 @pytest.fixture
@@ -429,7 +427,7 @@ def test_no_updates_to_perform_is_success(deploy_module, stubbed, capsys):
         service_message="No updates are to be performed.",
     )
     stub.add_response("describe_stacks", _stack("CREATE_COMPLETE", {"BucketName": "b"}))
-    assert deploy_module.main(DRY_ARGS, client=client) == 0
+    assert deploy_module.aws_main(DRY_ARGS, client=client) == 0
     out = json.loads(capsys.readouterr().out)
     assert out == {
         "stack": "sim-test",
@@ -447,7 +445,7 @@ def test_stacks_that_cannot_be_updated(deploy_module, stubbed, capsys, status, m
     client, stub = stubbed
     stub.add_response("validate_template", {})
     stub.add_response("describe_stacks", _stack(status))
-    assert deploy_module.main(DRY_ARGS, client=client) == 1
+    assert deploy_module.aws_main(DRY_ARGS, client=client) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
@@ -470,7 +468,7 @@ def test_failed_creation_reports_the_failed_resources(deploy_module, stubbed, ca
         "ResourceStatusReason": "tasks failed to start",
     }
     stub.add_response("describe_stack_events", {"StackEvents": [event]})
-    assert deploy_module.main(DRY_ARGS, client=client) == 1
+    assert deploy_module.aws_main(DRY_ARGS, client=client) == 1
     err = capsys.readouterr().err
     assert "ended ROLLBACK_COMPLETE" in err and "Service (AWS::ECS::Service): tasks failed to start" in err
 
@@ -478,7 +476,7 @@ def test_failed_creation_reports_the_failed_resources(deploy_module, stubbed, ca
 def test_rejected_template_is_a_clear_error(deploy_module, stubbed, capsys):
     client, stub = stubbed
     stub.add_client_error("validate_template", "ValidationError", "Template format error: bad")
-    assert deploy_module.main(DRY_ARGS, client=client) == 1
+    assert deploy_module.aws_main(DRY_ARGS, client=client) == 1
     assert "CloudFormation rejected the template: Template format error: bad" in capsys.readouterr().err
 
 
@@ -617,7 +615,7 @@ def test_create_then_update_against_moto(moto):
     assert params["ImageUri"] == f"{IMAGE}:v2" and params["DesiredCount"] == "3"
 
 
-# ----------------------------------------------------------------------------- export_bento.py
+# ----------------------------------------------------------------------------- bento export
 
 
 @pytest.mark.slow
@@ -633,7 +631,7 @@ def test_export_bento_writes_archive_and_docker_context(tmp_path, demo_store):
     env = dict(os.environ, BENTOML_HOME=str(scratch), BENTOML_DO_NOT_TRACK="True")
     out = tmp_path / "export"
     proc = subprocess.run(
-        [sys.executable, str(EXPORT), "--out", str(out)],
+        [*EXPORT, "--out", str(out)],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -665,7 +663,7 @@ def test_export_bento_writes_archive_and_docker_context(tmp_path, demo_store):
     dockerfile = (ctx / "env" / "docker" / "Dockerfile").read_text()
     assert "FROM python:3.11" in dockerfile and "ENTRYPOINT" in dockerfile and "EXPOSE 3000" in dockerfile
     # The image gets curl (the ECS health check runs it) and every --no-deps package, whether from the
-    # Bento itself or from the block export_bento.py appends.
+    # Bento itself or from the block `simserver bento export` appends.
     assert re.search(r"apt-get install[^\n]*\bcurl\b", dockerfile)
     locked = (ctx / "env" / "python" / "requirements.txt").read_text().lower()
     nodeps = ROOT / "requirements-nodeps.txt"

@@ -1,35 +1,30 @@
-#!/usr/bin/env python3
 """Create or update the image-similarity CloudFormation stack (deploy/aws/stack.yaml).
 
-    .venv/bin/python scripts/deploy_aws.py --stack-name image-similarity \\
-        --image-uri 123456789012.dkr.ecr.eu-west-1.amazonaws.com/image-similarity:v1 \\
-        --vpc-id vpc-0abc... --subnets subnet-0aaa...,subnet-0bbb... \\
-        --api-key-secret-arn arn:aws:secretsmanager:eu-west-1:123456789012:secret:sim-api-key-AbCdEf \\
-        --region eu-west-1 --dry-run
-
---dry-run prints every AWS call it would make, one JSON object a line, and calls nothing. Otherwise it
-validates the template, creates the stack if absent or updates it if present ("No updates are to be
-performed" counts as success), waits for CloudFormation, and prints the stack outputs as JSON on stdout
-(progress goes to stderr). boto3's standard configuration applies: credentials chain, AWS_REGION /
-AWS_DEFAULT_REGION (or --region), and AWS_ENDPOINT_URL (e.g. a moto server in the tests).
-Exit status: 0 done, 1 failed (a one-line reason on stderr), 2 bad arguments.
+``simserver deploy aws`` (:mod:`simserver.cli.deploy`) is the command; this module checks the
+arguments, builds the request, and either lists the AWS calls a dry run would make or makes them:
+validate the template, create the stack if absent or update it if present ("No updates are to be
+performed" counts as success), wait for CloudFormation. boto3's standard configuration applies:
+credentials chain, AWS_REGION / AWS_DEFAULT_REGION (or --region), and AWS_ENDPOINT_URL (e.g. a moto
+server in the tests).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
+import logging
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError, WaiterError
+from botocore.exceptions import ClientError, WaiterError
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "deploy" / "aws" / "stack.yaml"
+from simserver.settings import PROJECT_ROOT
+
+logger = logging.getLogger(__name__)
+
+TEMPLATE = PROJECT_ROOT / "deploy" / "aws" / "stack.yaml"
 CAPABILITIES = ["CAPABILITY_IAM"]
 TAGS = [{"Key": "project", "Value": "image-similarity"}]
 NO_UPDATES = "No updates are to be performed"
@@ -63,7 +58,7 @@ STUCK = {
 
 
 class DeployError(Exception):
-    """An expected failure: its message is printed on stderr and the script exits 1."""
+    """An expected failure: the command prints its message on stderr and exits 1."""
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -99,11 +94,8 @@ def _count(value: str) -> int:
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Create or update the image-similarity stack on ECS Fargate (deploy/aws/stack.yaml).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's options, each checked as it is parsed (mistakes fail here, not 10 minutes in)."""
     p.add_argument("--stack-name", required=True, type=_checked(STACK_NAME_RE, "a CloudFormation stack name"))
     p.add_argument(
         "--image-uri",
@@ -144,12 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", type=Path, default=TEMPLATE, help="CloudFormation template")
     p.add_argument("--timeout-minutes", type=int, default=40, help="how long to wait for CloudFormation")
     p.add_argument("--dry-run", action="store_true", help="print the AWS calls as JSON lines, call nothing")
-    return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What no single option can check; ``parser.error`` (exit 2) on a mistake. Fills defaults that
+    depend on other options."""
     if len(args.subnets) < 2:
         parser.error(
             "--subnets: an Application Load Balancer needs subnets in at least two Availability Zones"
@@ -162,7 +153,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--timeout-minutes must be at least 1")
     if args.assign_public_ip is None:
         args.assign_public_ip = "DISABLED" if args.task_subnets else "ENABLED"
-    return args
 
 
 # ----------------------------------------------------------------------------- the request
@@ -239,10 +229,13 @@ def resolve_region(region: str | None) -> str | None:
 # ----------------------------------------------------------------------------- dry run
 
 
-def dry_run(args: argparse.Namespace, body: str, params: list[dict[str, str]], region: str | None) -> None:
+def dry_run(
+    args: argparse.Namespace, body: str, params: list[dict[str, str]], region: str | None
+) -> list[dict[str, Any]]:
+    """Every AWS call a real run may make, in order (both branches: create and update); calls nothing."""
     rel = args.template.resolve()
     try:
-        rel = rel.relative_to(ROOT)
+        rel = rel.relative_to(PROJECT_ROOT)
     except ValueError:
         pass
     digest = hashlib.sha256(body.encode()).hexdigest()[:16]
@@ -250,13 +243,14 @@ def dry_run(args: argparse.Namespace, body: str, params: list[dict[str, str]], r
     request = stack_request(args, template, params)
     name = {"StackName": args.stack_name}
     wait = {"Delay": 15, "MaxAttempts": args.timeout_minutes * 4}
+    calls: list[dict[str, Any]] = []
 
     def emit(action: str, params: dict[str, Any], when: str | None = None) -> None:
         line: dict[str, Any] = {"action": action, "region": region}
         if when:
             line["when"] = when
         line["params"] = params
-        print(json.dumps(line), flush=True)
+        calls.append(line)
 
     emit("cloudformation:ValidateTemplate", {"TemplateBody": template})
     emit("cloudformation:DescribeStacks", name)
@@ -265,13 +259,10 @@ def dry_run(args: argparse.Namespace, body: str, params: list[dict[str, str]], r
     emit("cloudformation:UpdateStack", request, "the stack exists")
     emit("cloudformation:wait", {"waiter": "stack_update_complete", **name, "WaiterConfig": wait})
     emit("cloudformation:DescribeStacks", name, "print the outputs")
+    return calls
 
 
 # ----------------------------------------------------------------------------- real run
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _error_message(e: Exception) -> str:
@@ -319,7 +310,7 @@ def _wait(cf: Any, waiter: str, name: str, minutes: int) -> None:
 def deploy(cf: Any, args: argparse.Namespace, body: str, params: list[dict[str, str]]) -> dict[str, Any]:
     """Validate, create or update, wait; returns what is printed: status and outputs."""
     name = args.stack_name
-    _log(f"validating {args.template.name}")
+    logger.info("validating %s", args.template.name)
     try:
         cf.validate_template(TemplateBody=body)
     except ClientError as e:
@@ -328,7 +319,7 @@ def deploy(cf: Any, args: argparse.Namespace, body: str, params: list[dict[str, 
     status = stack_status(cf, name)
     request = stack_request(args, body, params)
     if status is None or status == "DELETE_COMPLETE":
-        _log(f"creating stack {name} (ECS service, load balancer, bucket: about 5-10 minutes)")
+        logger.info("creating stack %s (ECS service, load balancer, bucket: about 5-10 minutes)", name)
         try:
             cf.create_stack(**request, OnFailure="ROLLBACK")
         except ClientError as e:
@@ -340,13 +331,13 @@ def deploy(cf: Any, args: argparse.Namespace, body: str, params: list[dict[str, 
     elif status.endswith("_IN_PROGRESS"):
         raise DeployError(f"stack {name} is busy ({status}); wait for it to finish and run again")
     else:
-        _log(f"updating stack {name} (was {status})")
+        logger.info("updating stack %s (was %s)", name, status)
         try:
             cf.update_stack(**request)
         except ClientError as e:
             if NO_UPDATES not in _error_message(e):
                 raise DeployError(f"UpdateStack failed: {_error_message(e)}") from None
-            _log("no changes: the stack already matches")
+            logger.info("no changes: the stack already matches")
             action = "unchanged"
         else:
             _wait(cf, "stack_update_complete", name, args.timeout_minutes)
@@ -361,50 +352,31 @@ def deploy(cf: Any, args: argparse.Namespace, body: str, params: list[dict[str, 
     }
 
 
-def main(argv: list[str] | None = None, client: Any = None) -> int:
-    args = parse_args(argv)
-    try:
-        params = stack_parameters(args)
-        body = read_template(args.template, params)
-        region = resolve_region(args.region)
-        image_region = IMAGE_RE.match(args.image_uri)["region"]
-        if region and image_region != region:
-            raise DeployError(
-                f"the image is in {image_region} but the stack goes to {region}: push the image to an ECR "
-                f"repository in {region} (the task execution role pulls from the stack's region only)"
-            )
-        if args.dry_run:
-            dry_run(args, body, params, region)
-            return 0
-        if region is None:
-            raise DeployError("no AWS region: pass --region or set AWS_REGION")
-        if client is None:
-            import boto3
-
-            client = boto3.session.Session(region_name=region).client("cloudformation")
-        result = deploy(client, args, body, params)
-    except DeployError as e:
-        _log(f"error: {e}")
-        return 1
-    except NoCredentialsError:
-        _log("error: no AWS credentials found (environment, ~/.aws/credentials, SSO or instance role)")
-        return 1
-    except NoRegionError:
-        _log("error: no AWS region: pass --region or set AWS_REGION")
-        return 1
-    except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "error")
-        _log(f"error: AWS refused {e.operation_name}: {code}: {_error_message(e)}")
-        return 1
-    except BotoCoreError as e:  # endpoint unreachable, bad configuration, ...
-        _log(f"error: {e}")
-        return 1
-    except KeyboardInterrupt:
-        _log("interrupted (CloudFormation goes on with what it started)")
-        return 130
-    print(json.dumps(result, indent=2))
-    return 0
+def region_for(args: argparse.Namespace) -> str | None:
+    """The stack's region; refuses an image from another region, which the tasks could not pull."""
+    region = resolve_region(args.region)
+    image_region = IMAGE_RE.match(args.image_uri)["region"]
+    if region and image_region != region:
+        raise DeployError(
+            f"the image is in {image_region} but the stack goes to {region}: push the image to an ECR "
+            f"repository in {region} (the task execution role pulls from the stack's region only)"
+        )
+    return region
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace, client: Any = None) -> dict[str, Any] | list[dict[str, Any]]:
+    """The dry run's list of calls, or the real run's result (``client``: a CloudFormation client,
+    e.g. a stubbed one; default: boto3's for the region). Raises :class:`DeployError` and botocore's
+    errors."""
+    params = stack_parameters(args)
+    body = read_template(args.template, params)
+    region = region_for(args)
+    if args.dry_run:
+        return dry_run(args, body, params, region)
+    if region is None:
+        raise DeployError("no AWS region: pass --region or set AWS_REGION")
+    if client is None:
+        import boto3
+
+        client = boto3.session.Session(region_name=region).client("cloudformation")
+    return deploy(client, args, body, params)

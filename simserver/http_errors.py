@@ -1,0 +1,88 @@
+"""The one place where a refusal becomes ``{"error": message}`` with its HTTP status.
+
+Every refusal is raised as :class:`simserver.errors.RequestRefused` (a BentoML exception, so
+BentoML answers it with its status). What reaches the client then differs by where it was
+raised; :func:`error_body` gives all of them one shape:
+
+* BentoML wraps a refusal's message in a list: ``[{"error": "..."}]``;
+* a refusal raised in an internal service reaches the gateway as a BentoML exception whose
+  message is that service's whole JSON body, which BentoML wraps once more;
+* BentoML's own validation errors say "1 validation error for Input" with the useful part in
+  ``detail``.
+
+The gateway's middleware (:mod:`simserver.asgi`) applies :func:`error_body` to every 4xx body, and
+:func:`refusal` turns an exception from an internal service back into (status, message) where the
+gateway itself needs it (training job records, the FastAPI routes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from bentoml.exceptions import BentoMLException
+
+
+def _unwrap(message: str) -> str:
+    """A message that is itself a JSON error body (from an internal service), unwrapped."""
+    for _ in range(4):  # a refusal crosses at most gateway -> service -> service
+        try:
+            inner = json.loads(message)
+        except ValueError:
+            return message
+        body = error_body(inner)
+        if not (isinstance(body, dict) and isinstance(body.get("error"), str)):
+            return message
+        message = body["error"]
+    return message
+
+
+def error_body(body: Any) -> Any:
+    """``{"error": "<field>: <what>"}`` from any 4xx body BentoML produces; other bodies unchanged."""
+    if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict) and "error" in body[0]:
+        body = body[0]
+    if isinstance(body, dict) and isinstance(body.get("detail"), list) and body["detail"]:
+        parts = []
+        for d in body["detail"]:
+            if isinstance(d, dict) and "msg" in d:
+                loc = ".".join(str(x) for x in d.get("loc", ()) if x not in ("body",))
+                parts.append(f"{loc}: {d['msg']}" if loc else d["msg"])
+        if parts:
+            body = {**body, "error": "; ".join(parts)}
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        body = {**body, "error": _unwrap(body["error"])}
+    return body
+
+
+def refusal(exc: BaseException) -> tuple[int, str] | None:
+    """(status, message) if ``exc`` refuses the request (4xx), here or in an internal service;
+    None for a server fault."""
+    if not isinstance(exc, BentoMLException):
+        return None
+    status = int(exc.error_code)
+    if not 400 <= status < 500:
+        return None
+    return status, _unwrap(exc.message)
+
+
+class _RefusalsAreNotErrors(logging.Filter):
+    """BentoML logs every exception an API raises at ERROR with its traceback; a refusal is the
+    client's mistake, so it becomes one INFO line (server faults keep their traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        refused = refusal(exc) if exc is not None else None
+        if refused is not None:
+            where = record.getMessage().removeprefix("Exception on ")
+            record.msg, record.args = "%s refused (%d): %s", (where, refused[0], refused[1])
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_refusals() -> None:
+    """Install :class:`_RefusalsAreNotErrors` on the logger BentoML reports API exceptions with."""
+    log = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, _RefusalsAreNotErrors) for f in log.filters):
+        log.addFilter(_RefusalsAreNotErrors())

@@ -1,0 +1,141 @@
+"""A domain's search: encode with the encoder of the version being served, then search that same
+version, so a reply never mixes two versions.
+
+The index service (``runners/domain_index.py``) wraps this for HTTP, with the encoder service as
+``encode``; the CLI wraps it with an in-process encoder pool. Nothing here knows about BentoML.
+
+Async, because ``encode`` is a call to another service: a worker thread blocked on a sync call
+to the event loop it runs under deadlocks that loop's shutdown (seen: SIGTERM ignored with
+searches in flight). CPU work on many rows runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import anyio
+import numpy as np
+
+from simserver.domain_config import DomainConfig
+from simserver.errors import Conflict, RequestRefused, UnknownItem
+from simserver.index import DomainIndex
+from simserver.ingest import Dataset, iter_chunks
+from simserver.relevance import judge_site
+from simserver.schemas import Evaluation, IndexStatus, ItemInfo, RelevanceReply, SearchReply
+
+logger = logging.getLogger(__name__)
+
+# (uint8 images [N, S, S, 3], encoder) -> float32 [N, D]
+EncodeFn = Callable[[np.ndarray, str], Awaitable[np.ndarray]]
+
+
+def served_encoder(index: DomainIndex, cfg: DomainConfig) -> str:
+    """The encoder a version's vectors came from: a fine-tuned version names its own; versions
+    written before the encoder was recorded used the domain's configured one."""
+    return index.encoder or cfg.encoder
+
+
+class Searcher:
+    def __init__(
+        self,
+        cfg: DomainConfig,
+        current: Callable[[], DomainIndex | None],
+        encode: EncodeFn,
+        batch_size: int = 32,
+    ) -> None:
+        """``current``: the version served right now (read once per request)."""
+        self.cfg = cfg
+        self.current = current
+        self.encode = encode
+        self.batch_size = batch_size
+
+    def _serving(self) -> DomainIndex:
+        index = self.current()
+        if index is None:
+            raise Conflict(f"domain {self.cfg.name!r} has no index yet: train it first")
+        return index
+
+    async def _vectors(self, index: DomainIndex, images: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(await self.encode(images, served_encoder(index, self.cfg)), dtype=np.float32)
+        if vectors.shape[-1] != index.dim:
+            raise Conflict(
+                f"domain {self.cfg.name!r}: index version {index.version} was built with "
+                f"{index.meta['encoder_id']} ({index.dim}-d) but the encoder gives "
+                f"{vectors.shape[-1]}-d vectors: retrain"
+            )
+        return vectors
+
+    async def search(self, image: np.ndarray, top_k: int) -> SearchReply:
+        """Nearest items to one image (``uint8 [S, S, 3]`` or ``[1, S, S, 3]``), best first."""
+        index = self._serving()
+        pixels = np.asarray(image, dtype=np.uint8).reshape((1, *np.shape(image)[-3:]))
+        # One query: FAISS takes a millisecond or so, less than a hop to a worker thread.
+        results = index.search(await self._vectors(index, pixels), top_k)[0]
+        return SearchReply(domain=self.cfg.name, version=index.version, results=results)
+
+    async def relevance(
+        self,
+        site: Dataset,
+        *,
+        image_threshold: float | None = None,
+        site_threshold: float | None = None,
+        nearest: int = 3,
+    ) -> RelevanceReply:
+        """Does this site sell the domain's target product? Each image encoded once, in batches."""
+        target = self.cfg.target_label
+        if not target:
+            raise RequestRefused(
+                f"domain {self.cfg.name!r} names no target_label: relevance is for domains that do"
+            )
+        index = self._serving()
+        rc = self.cfg.relevance
+        chunks = []
+        for batch in iter_chunks(site.samples, self.batch_size):
+            pixels = await anyio.to_thread.run_sync(lambda b=batch: np.stack([s.pixels for s in b]))
+            chunks.append(await self._vectors(index, pixels))
+        results = await anyio.to_thread.run_sync(index.search, np.concatenate(chunks), rc.top_k)
+        verdict = judge_site(
+            [s.name for s in site.samples],
+            results,
+            target,
+            rc,
+            calibration=index.meta.get("relevance"),
+            image_threshold=image_threshold,
+            site_threshold=site_threshold,
+            nearest=nearest,
+        )
+        return RelevanceReply(
+            domain=self.cfg.name, version=index.version, skipped=site.skipped, **verdict.model_dump()
+        )
+
+    def item(self, item_id: int) -> ItemInfo:
+        index = self.current()
+        if index is None or not 0 <= item_id < len(index):
+            raise UnknownItem(f"domain {self.cfg.name!r} has no item {item_id} in its current version")
+        it = index.items[item_id]
+        return ItemInfo(
+            version=index.version,
+            id=item_id,
+            name=it.name,
+            label=it.label,
+            image_key=it.image_key,
+            content_type=it.media_type,
+        )
+
+    def status(self, store_error: str | None = None) -> IndexStatus:
+        index = self.current()
+        if index is None:
+            return IndexStatus(version=None, store_error=store_error)
+        meta = index.meta
+        evaluation = meta.get("evaluation")
+        return IndexStatus(
+            version=index.version,
+            count=meta.get("count", len(index)),
+            labels=meta.get("labels", {}),
+            encoder_id=meta.get("encoder_id"),
+            serving_encoder=served_encoder(index, self.cfg),
+            evaluation=Evaluation.model_validate(evaluation) if evaluation else None,
+            created_at=meta.get("created_at"),
+            store_error=store_error,
+        )

@@ -1,0 +1,38 @@
+"""Uploaded files as the gateway receives them from BentoML: size-checked bytes, client names,
+decoded pixels."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import anyio
+import numpy as np
+
+from simserver.domain_config import Limits
+from simserver.encoder import IMAGE_SIZE
+from simserver.errors import TooLarge
+from simserver.preprocess import prepare
+
+
+def upload_name(path: Path) -> str:
+    """The client's file name: BentoML saves uploads as NamedTemporaryFile(suffix=<name>), i.e.
+    'tmp' + 8 random characters + the name."""
+    return re.sub(r"^tmp[a-z0-9_]{8}", "", path.name) or path.name
+
+
+def read_upload(path: Path, limits: Limits, field: str) -> bytes:
+    size = path.stat().st_size
+    if size > limits.max_upload_bytes:
+        raise TooLarge(f"{field}: {size} bytes exceeds the limit of {limits.max_upload_bytes}")
+    return path.read_bytes()
+
+
+async def read_upload_async(path: Path, limits: Limits, field: str) -> bytes:
+    return await anyio.to_thread.run_sync(read_upload, path, limits, field)
+
+
+async def image_pixels(path: Path, limits: Limits, field: str) -> np.ndarray:
+    """``uint8 [S, S, 3]`` of an uploaded image; refuses non-images and oversized ones (4xx)."""
+    data = await read_upload_async(path, limits, field)
+    return await anyio.to_thread.run_sync(prepare, data, IMAGE_SIZE, limits.max_image_pixels, field)

@@ -1,0 +1,229 @@
+"""Every route's refusals through the real gateway, in-process (fake services behind it)."""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+
+import pytest
+from PIL import Image
+
+from simserver.errors import BadArchive, Conflict, UnknownItem
+from tests.gateway.conftest import error_of, png
+
+
+def zip_of(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def search(gw, domain: str = "shop", data: bytes | None = None, **form):
+    files = {"image": ("q.png", png() if data is None else data)}
+    return gw.client.post(f"/{domain}/search", files=files, data={k: str(v) for k, v in form.items()})
+
+
+# -- search -------------------------------------------------------------------------------------------------
+def test_search_sends_pixels_and_returns_the_index_reply(gw):
+    r = search(gw, top_k=2)
+    assert r.status_code == 200, r.text
+    assert r.json()["domain"] == "shop" and len(r.json()["results"]) == 2
+    ((method, kwargs),) = gw.index["shop"].calls
+    assert method == "search" and kwargs["top_k"] == 2 and kwargs["image"].shape == (224, 224, 3)
+    search(gw)
+    assert gw.index["shop"].calls[-1][1]["top_k"] == 5  # the domain's default top_k
+    assert gw.encoder.calls == []  # the gateway never encodes a search: the index service does
+
+
+@pytest.mark.parametrize("top_k", [0, 101, "many", 2.5])
+def test_search_top_k_out_of_range(gw, top_k):
+    error_of(search(gw, top_k=top_k), 400, "top_k")
+    assert gw.index["shop"].calls == []
+
+
+@pytest.mark.parametrize(
+    "data, status, words",
+    [
+        (b"not an image at all", 400, ["image", "not an image"]),
+        (b"", 400, ["image"]),
+        (png()[:60], 400, ["image"]),  # truncated
+        (b"\x00" * 70_000, 413, ["image", "limit"]),  # over the domain's max_upload_bytes
+    ],
+)
+def test_search_bad_images(gw, data, status, words):
+    error_of(search(gw, data=data), status, *words)
+    assert gw.index["shop"].calls == []
+
+
+def test_search_too_many_pixels(gw):
+    buf = io.BytesIO()
+    Image.new("L", (1100, 1000)).save(buf, "PNG")  # 1.1 MP > the domain's 1 MP, still a small file
+    error_of(search(gw, data=buf.getvalue()), 413, "pixels")
+
+
+def test_search_missing_or_text_image_field(gw):
+    error_of(gw.client.post("/shop/search", files={"other": ("q.png", png())}), 400, "image")
+    error_of(gw.client.post("/shop/search", data={"image": "http://127.0.0.1:1/x.png"}), 400, "file")
+
+
+def test_search_refused_by_the_index_service_keeps_status_and_message(gw):
+    gw.index["shop"].refuse["search"] = Conflict("domain 'shop' has no index yet: train it first")
+    message = error_of(search(gw), 409, "no index yet")
+    assert message == "domain 'shop' has no index yet: train it first"  # unwrapped, not nested JSON
+
+
+def test_unknown_domain_on_every_domain_route(gw):
+    for method, path in [
+        ("post", "/hats/search"),
+        ("post", "/hats/train/submit"),
+        ("post", "/hats/relevance"),
+        ("get", "/hats/images/0"),
+    ]:
+        kwargs = {"files": {"image": ("q.png", png())}} if method == "post" else {}
+        error_of(getattr(gw.client, method)(path, **kwargs), 404, "unknown domain", "hats")
+
+
+def test_body_limits_and_multipart_shape(gw):
+    big = gw.service.GatewayMiddleware  # the limit the middleware was given is the largest domain's
+    assert big is not None
+    r = gw.client.post(
+        "/shop/search",
+        content=b"x",
+        headers={"Content-Type": "multipart/form-data", "Content-Length": "1"},
+    )
+    error_of(r, 400, "boundary")
+    r = gw.client.post(
+        "/shop/search", content=b"x" * 10, headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    error_of(r, 400)
+    huge = str(10 * 2**30)
+    r = gw.client.post("/shop/search", content=b"", headers={"Content-Length": huge})
+    error_of(r, 413, "limit")
+
+
+# -- training --------------------------------------------------------------------------------------------
+def run_task(gw, domain: str, archive: bytes, **form) -> tuple[str, object]:
+    r = gw.client.post(f"/{domain}/train/submit", files={"archive": ("set.zip", archive)}, data=form or None)
+    assert r.status_code == 200, r.text
+    task_id = r.json()["task_id"]
+    for _ in range(200):
+        status = gw.client.get(f"/{domain}/train/status", params={"task_id": task_id}).json()["status"]
+        if status in ("completed", "failed"):
+            break
+        time.sleep(0.05)
+    return status, gw.client.get(f"/{domain}/train/get", params={"task_id": task_id})
+
+
+def test_training_submits_to_the_trainer_then_reloads_the_index(gw):
+    archive = zip_of({"a/1.png": png()})
+    status, r = run_task(gw, "shop", archive, mode="pretrained")
+    assert status == "completed" and r.json()["version"] == "v2"
+    ((method, kwargs),) = gw.trainer.calls
+    assert (method, kwargs["domain"], kwargs["archive"], kwargs["mode"]) == (
+        "train",
+        "shop",
+        archive,
+        "pretrained",
+    )
+    assert [m for m, _ in gw.index["shop"].calls] == ["reload"]
+    record = gw.service.JobRecords(gw.service.artifact_store()).get(r.request.url.params["task_id"])
+    assert record["status"] == "completed" and record["result"]["version"] == "v2"
+
+
+def test_training_refusals_fail_the_task_with_their_status(gw):
+    gw.trainer.refuse["train"] = BadArchive("not a zip archive")
+    status, r = run_task(gw, "shop", b"PK nonsense")
+    assert status == "failed"
+    assert error_of(r, 400) == "not a zip archive"
+    record = gw.service.JobRecords(gw.service.artifact_store()).get(r.request.url.params["task_id"])
+    assert (record["status"], record["http_status"], record["error"]) == ("failed", 400, "not a zip archive")
+    gw.trainer.refuse["train"] = Conflict("domain 'shop' is already training; try again when it finishes")
+    error_of(run_task(gw, "shop", zip_of({"a/1.png": png()}))[1], 409, "already training")
+    assert not [m for m, _ in gw.index["shop"].calls if m == "reload"]
+
+
+def test_training_upload_limits_and_fields(gw):
+    status, r = run_task(gw, "shop", b"\x00" * 70_000)
+    assert status == "failed"
+    error_of(r, 413, "archive", "limit")
+    status, r = run_task(gw, "shop", zip_of({"a/1.png": png()}), mode="sometimes")
+    assert status == "failed"
+    error_of(r, 400, "mode")
+    # BentoML validates a task's fields when it runs: a missing archive is a failed task, a 400.
+    r = gw.client.post("/shop/train/submit", files={"other": ("x.zip", b"")})
+    task = gw.client.get("/shop/train/get", params={"task_id": r.json()["task_id"]})
+    for _ in range(100):
+        if task.status_code != 400 or "not completed" not in task.text:
+            break
+        time.sleep(0.05)
+        task = gw.client.get("/shop/train/get", params={"task_id": r.json()["task_id"]})
+    error_of(task, 400, "other")
+    assert gw.trainer.calls == []
+
+
+def test_training_status_of_unknown_tasks(gw):
+    error_of(gw.client.get("/shop/train/status", params={"task_id": "nope"}), 404)
+    error_of(gw.client.get("/shop/train/get", params={"task_id": "nope"}), 404)
+    error_of(gw.client.get("/shop/train/status"), 400, "task_id")
+
+
+# -- relevance -------------------------------------------------------------------------------------------
+def test_relevance_forwards_bytes_and_client_names(gw):
+    r = gw.client.post(
+        "/nuts/relevance",
+        files=[("images", ("one.png", png())), ("images", ("two.png", png(color="blue")))],
+        data={"nearest": "2"},
+    )
+    assert r.status_code == 200, r.text
+    ((method, kwargs),) = gw.index["nuts"].calls
+    assert kwargs["names"] == ["one.png", "two.png"] and kwargs["images"][0] == png()
+    assert kwargs["archive"] is None and kwargs["nearest"] == 2
+
+
+def test_relevance_refusals(gw):
+    error_of(
+        gw.client.post("/shop/relevance", files={"images": ("a.png", png())}), 400, "target_label", "nuts"
+    )
+    error_of(gw.client.post("/nuts/relevance", data={"nearest": "2"}), 400, "archive", "images")
+    for field, value in [("image_threshold", "2"), ("site_threshold", "-0.1"), ("nearest", "21")]:
+        r = gw.client.post("/nuts/relevance", files={"images": ("a.png", png())}, data={field: value})
+        error_of(r, 400, field)
+    gw.index["nuts"].refuse["relevance"] = BadArchive("no usable image in the site's upload")
+    error_of(gw.client.post("/nuts/relevance", files={"images": ("a.png", b"x")}), 400, "no usable image")
+
+
+# -- similarity ------------------------------------------------------------------------------------------
+def test_similarity_encodes_both_images_once(gw):
+    r = gw.client.post("/similarity", files={"image_a": ("a.png", png()), "image_b": ("b.png", png())})
+    assert r.status_code == 200, r.text
+    assert r.json()["score"] == pytest.approx(1.0) and r.json()["metric"] == "cosine"
+    ((method, kwargs),) = gw.encoder.calls
+    assert kwargs["images"].shape == (2, 224, 224, 3) and kwargs["encoder"] == "builtin"
+
+
+def test_similarity_refusals(gw):
+    files = {"image_a": ("a.png", png()), "image_b": ("b.png", b"nope")}
+    error_of(gw.client.post("/similarity", files=files), 400, "image_b")
+    error_of(gw.client.post("/similarity", files={"image_a": ("a.png", png())}), 400, "image_b")
+    files = {"image_a": ("a.png", png()), "image_b": ("b.png", png())}
+    error_of(gw.client.post("/similarity", files=files, data={"metric": "hamming"}), 400, "metric")
+    assert gw.encoder.calls == []
+
+
+# -- read-only routes ------------------------------------------------------------------------------------
+def test_domains_and_stats(gw):
+    domains = gw.client.get("/domains").json()
+    assert [d["name"] for d in domains] == ["nuts", "shop"] and domains[1]["count"] == 3
+    assert gw.client.get("/stats").json() == {"batching": {}, "export_templates_ready": True}
+
+
+def test_image_refusals(gw):
+    gw.index["shop"].refuse["item"] = UnknownItem("domain 'shop' has no item 7 in its current version")
+    error_of(gw.client.get("/shop/images/7"), 404, "no item 7")
+    gw.index["shop"].refuse.clear()
+    error_of(gw.client.get("/shop/images/0", params={"version": "v0"}), 409, "no longer served", "v1")
+    error_of(gw.client.get("/shop/images/0"), 404, "missing from the store")
+    error_of(gw.client.get("/shop/images/zero"), 400, "item_id")
