@@ -32,6 +32,7 @@ import requests
 
 from simserver.bench.common import BenchError, bench_environment, clustered, demo_images, rate
 from simserver.bench.server import Server
+from simserver.settings import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +206,11 @@ def http_figures(
     levels: Sequence[tuple[int, int]] = LEVELS,
     encoder_seconds: float = 8.0,
     starts: int = 1,
+    source: Path | None = None,
 ) -> dict:
     """Everything in one run; ``synthetic``: serve one domain of that many synthetic vectors instead
-    of ``domain`` from the store; ``starts``: start the server that many times (startup figures)."""
+    of ``domain`` from the store; ``starts``: start the server that many times (startup figures);
+    ``source``: a checkout whose service.py and runners/ to serve (default: this one)."""
     bench_environment()
     images = demo_images(QUERY_DOMAIN)
     with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
@@ -219,9 +222,9 @@ def http_figures(
             domain = SYNTHETIC
         startups = []
         for _ in range(starts - 1):  # earlier starts only time the startup
-            with Server(scratch, env) as server:
+            with Server(scratch, env, source) as server:
                 startups.append(round(server.startup_s, 1))
-        with Server(scratch, env) as server:
+        with Server(scratch, env, source) as server:
             startups.append(round(server.startup_s, 1))
             served = {d["name"]: d for d in requests.get(f"{server.url}/domains", timeout=30).json()}
             if not (served.get(domain) or {}).get("version"):
@@ -237,6 +240,7 @@ def http_figures(
                 logger.warning("the server reports no TFLite batching: it may run another runtime")
             sigterm_s = server.stop()
     return {
+        "source": str(source or PROJECT_ROOT),
         "domain": info,
         "queries": {"domain": QUERY_DOMAIN, "images": len(images)},
         "startup_s": startups,

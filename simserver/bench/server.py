@@ -37,7 +37,9 @@ class Server:
     """``bentoml serve service:ImageSimilarity`` on a free 127.0.0.1 port, in its own process group
     (so one signal reaches the supervisor and every worker). ``startup_s``: until ``/readyz`` is 200."""
 
-    def __init__(self, scratch: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, scratch: Path, env: dict[str, str] | None = None, source: Path | None = None) -> None:
+        """``source``: the checkout whose service.py and runners/ are served (default: this one)."""
+        source = (source or PROJECT_ROOT).resolve()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = scratch / f"server-{self.port}.log"
@@ -49,6 +51,9 @@ class Server:
             "BENTOML_RESULT_STORE": str(scratch / f"tasks-{self.port}.db"),
             **(env or {}),
         }
+        if source != PROJECT_ROOT:
+            # Its own simserver package too, not this checkout's installed one.
+            full_env["PYTHONPATH"] = str(source)
         t0 = time.monotonic()
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -66,7 +71,7 @@ class Server:
                     "--timeout-graceful-shutdown",
                     "10",
                 ],
-                cwd=PROJECT_ROOT,  # bentoml imports service.py and runners/ from here
+                cwd=source,  # bentoml imports service.py and runners/ from here
                 env=full_env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -82,6 +82,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--starts", type=int, default=1, help="start the server this many times (startup figures)")
     p.add_argument("--quick", action="store_true", help="fewer requests, 2 s of encoder timing")
+    p.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="serve another checkout's service.py and runners/ (e.g. an older commit, for before/after) "
+        "with this environment",
+    )
 
     p = bench("training", "training 1,000 images against encoding them once, side by side", run_training)
     p.add_argument("-n", type=int, default=1000, help="images (default 1000)")
@@ -150,6 +157,7 @@ def run_http(args: argparse.Namespace) -> int:
             levels=levels,
             encoder_seconds=seconds,
             starts=args.starts,
+            source=args.source,
         )
     except (BenchError, FileNotFoundError) as exc:
         return fail(str(exc), status=1)
