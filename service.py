@@ -1,14 +1,7 @@
 """HTTP gateway: the API's table of contents. Routes and validation only; the work runs in the
-services it depends on (``runners/``) and the plain modules of ``simserver``.
-
-* ``POST /{domain}/search``: one image -> the domain's index service (which encodes and searches)
-* task ``/{domain}/train`` (``/submit``, ``/status``, ``/get``): a zip -> the trainer service
-* ``POST /{domain}/relevance``: a supplier site's images -> the domain's index service
-* ``POST /similarity``: two images -> the encoder service
-* ``GET /{domain}/images/{id}``, ``GET /domains``, ``GET /stats``: read-only FastAPI routes
-
-Refusals (4xx) are raised as :class:`simserver.errors.RequestRefused` wherever they arise and
-reach the client as ``{"error": message}`` (:mod:`simserver.http_errors`).
+services it depends on (``runners/``: an index service per domain, the trainer, the encoder) and
+the plain modules of ``simserver``. Refusals are raised as :class:`simserver.errors.RequestRefused`
+wherever they arise and reach the client as ``{"error": message}`` (:mod:`simserver.http_errors`).
 """
 
 from __future__ import annotations
@@ -16,17 +9,14 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 from urllib.parse import quote
 
 import anyio
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import Field
-from starlette.responses import JSONResponse, Response
+from fastapi import FastAPI
+from starlette.responses import Response
 
 from runners.domain_index import make_domain_service
 from runners.encoder import EncoderService
@@ -35,19 +25,23 @@ from simserver import metrics
 from simserver.asgi import GatewayMiddleware, harden_multipart
 from simserver.domain_config import BUILTIN, DomainConfig, Limits, load_domains
 from simserver.errors import RequestRefused, UnknownDomain
-from simserver.finetune import TrainingMode
-from simserver.http_errors import quiet_refusals, refusal
+from simserver.http_errors import json_refusals, quiet_refusals
 from simserver.jobs import JobRecords
 from simserver.repository import Repository
 from simserver.schemas import (
     DomainInfo,
     EncoderStats,
+    ImageThreshold,
+    Mode,
+    Nearest,
     RelevanceReply,
     SearchReply,
     SimilarityReply,
+    SiteThreshold,
+    TopK,
     TrainReply,
 )
-from simserver.settings import api_keys, get_settings
+from simserver.settings import get_settings
 from simserver.store import ArtifactStore, open_store
 from simserver.uploads import image_pixels, read_upload_async, upload_name
 
@@ -89,7 +83,7 @@ class ImageSimilarity:
     async def search(
         self,
         image: Path,
-        top_k: Annotated[int | None, Field(ge=1, le=100, description="default: the domain's top_k")] = None,
+        top_k: TopK = None,
         *,
         ctx: bentoml.Context,
     ) -> SearchReply:
@@ -102,13 +96,7 @@ class ImageSimilarity:
     async def train(
         self,
         archive: Path,
-        mode: Annotated[
-            TrainingMode | None,
-            Field(
-                description="auto: fine-tune and promote only if better on the hold-out; finetune: "
-                "always; pretrained: never. Default: the domain's training.mode"
-            ),
-        ] = None,
+        mode: Mode = None,
         *,
         ctx: bentoml.Context,
     ) -> TrainReply:
@@ -134,13 +122,9 @@ class ImageSimilarity:
         # exactly `Path` / `list[Path]` (an `Optional[Path]` upload fails validation).
         archive: Path = None,  # type: ignore[assignment]
         images: list[Path] = None,  # type: ignore[assignment]
-        image_threshold: Annotated[
-            float | None, Field(ge=-1, le=1, description="margin threshold; default: calibrated at training")
-        ] = None,
-        site_threshold: Annotated[
-            float | None, Field(ge=0, le=1, description="default: the domain's relevance.site_threshold")
-        ] = None,
-        nearest: Annotated[int, Field(ge=0, le=20, description="neighbours listed per image")] = 3,
+        image_threshold: ImageThreshold = None,
+        site_threshold: SiteThreshold = None,
+        nearest: Nearest = 3,
         *,
         ctx: bentoml.Context,
     ) -> RelevanceReply:
@@ -186,43 +170,22 @@ for _name, _attr in _DEP_ATTR.items():
     setattr(ImageSimilarity, _attr, bentoml.depends(INDEX_SERVICES[_name]))
 
 http_app = FastAPI(title="image-similarity: read-only routes")
+json_refusals(http_app)
 
 
-@http_app.exception_handler(BentoMLException)
-async def _refused(request: Request, exc: BentoMLException) -> JSONResponse:
-    """A refusal from an internal service (unknown item, ...) keeps its status and message."""
-    refused = refusal(exc)
-    if refused is None:
-        logger.error("%s %s failed: %s", request.method, request.url.path, exc)
-        return JSONResponse({"error": "internal error; see the server log"}, status_code=500)
-    return JSONResponse({"error": refused[1]}, status_code=refused[0])
-
-
-@http_app.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """A malformed path or query parameter is a 400, as on the BentoML routes (FastAPI says 422)."""
-    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
-    return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=400)
-
-
-ImageSimilarity = bentoml.service(
+# bentoml.service() and asgi_app() re-bind the class name to the BentoML Service wrapping it (the class
+# must be complete, index dependencies included, first), a rebinding mypy refuses for a class.
+ImageSimilarity = bentoml.service(  # type: ignore[misc]
     name="image-similarity",
     # One worker: the per-domain dependency clients live in this process; the heavy work runs in
     # the services it depends on.
     workers=1,
     traffic={"timeout": 900},
 )(ImageSimilarity)
-ImageSimilarity = bentoml.asgi_app(http_app, path="/")(ImageSimilarity)
-ImageSimilarity.add_asgi_middleware(
+ImageSimilarity = bentoml.asgi_app(http_app, path="/")(ImageSimilarity)  # type: ignore[misc]
+ImageSimilarity.add_asgi_middleware(  # type: ignore[attr-defined]  # a Service now; mypy still sees the class
     GatewayMiddleware,
-    domains=set(DOMAINS),
-    domain_routes=("search", "train", "images", "relevance"),
-    api_keys=api_keys(SETTINGS),
-    search_requires_key=SETTINGS.search_requires_key,
-    job_lookup=lambda task_id: JobRecords(artifact_store()).get(task_id),
-    # Largest per-domain upload plus room for the multipart envelope and other form fields.
-    max_body_bytes=max([c.limits.max_upload_bytes for c in DOMAINS.values()] + [Limits().max_upload_bytes])
-    + 2**20,
+    **GatewayMiddleware.options(DOMAINS, SETTINGS, job_lookup=lambda t: JobRecords(artifact_store()).get(t)),
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -48,6 +48,23 @@ class GatewayMiddleware:
         self.api_keys = [k.encode() for k in api_keys]
         self.search_requires_key = search_requires_key
         self.job_lookup = job_lookup
+
+    @staticmethod
+    def options(domains: Mapping[str, Any], settings: Any, job_lookup: Callable[[str], dict | None]) -> dict:
+        """The gateway's middleware options from its domains (``DomainConfig`` by name) and settings."""
+        from simserver.domain_config import Limits
+        from simserver.settings import api_keys
+
+        uploads = [c.limits.max_upload_bytes for c in domains.values()] + [Limits().max_upload_bytes]
+        return {
+            "domains": set(domains),
+            "domain_routes": ("search", "train", "images", "relevance"),
+            "api_keys": api_keys(settings),
+            "search_requires_key": settings.search_requires_key,
+            "job_lookup": job_lookup,
+            # The largest upload a route takes plus room for the multipart envelope and other fields.
+            "max_body_bytes": max(uploads) + 2**20,
+        }
 
     async def _respond(self, send: Callable, status: int, body: Any, headers: list | None = None) -> None:
         raw = json.dumps(body).encode()
@@ -151,9 +168,9 @@ class GatewayMiddleware:
                     raw = json.dumps(error_body(json.loads(raw))).encode()
                 except ValueError:
                     pass
-                hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-                hdrs.append((b"content-length", str(len(raw)).encode()))
-                await send({**start, "headers": hdrs})
+                out_headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                out_headers.append((b"content-length", str(len(raw)).encode()))
+                await send({**start, "headers": out_headers})
                 await send({"type": "http.response.body", "body": raw})
             else:
                 await send(message)

@@ -57,8 +57,10 @@ class BuildReport:
 def prefetched(batches: list[list[T]], load: Callable[[list[T]], R]) -> Iterator[tuple[list[T], R]]:
     """(batch, load(batch)) in order, loading the next batch on a helper thread while the caller
     works on this one: image decoding (Pillow releases the GIL) overlaps encoding."""
+    if not batches:
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
-        pending = pool.submit(load, batches[0]) if batches else None
+        pending = pool.submit(load, batches[0])
         for n, batch in enumerate(batches):
             loaded = pending.result()
             if n + 1 < len(batches):

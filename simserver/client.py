@@ -244,8 +244,9 @@ def _file_part(
     if isinstance(value, bytes | bytearray | memoryview):
         return default_name, bytes(value)
     if hasattr(value, "read"):
-        name = getattr(value, "name", None)
-        return (Path(name).name if isinstance(name, str) and name else default_name), _sized(value)
+        file_name = getattr(value, "name", None)
+        name = Path(file_name).name if isinstance(file_name, str) and file_name else default_name
+        return name, _sized(value)
     raise TypeError(f"expected a path, bytes or a binary file object, not {type(value).__name__}")
 
 

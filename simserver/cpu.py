@@ -27,8 +27,8 @@ def usable_cpus() -> int:
 def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """The cgroup's CPU limit rounded up to whole CPUs (v2 ``cpu.max``, else v1 CFS), None if unlimited."""
     try:
-        quota, period = (root / "cpu.max").read_text().split()[:2]
-        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+        max_quota, max_period = (root / "cpu.max").read_text().split()[:2]
+        return None if max_quota == "max" else max(1, math.ceil(int(max_quota) / int(max_period)))
     except (OSError, ValueError):
         pass
     try:

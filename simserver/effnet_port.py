@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def build_keras_model(state: dict[str, np.ndarray]):
     import tf_keras as keras
 
     layers = keras.layers
-    assigns: list[tuple[object, list[np.ndarray]]] = []
+    assigns: list[tuple[Any, list[np.ndarray]]] = []  # (Keras layer, its weights)
 
     def conv(x, key: str, filters: int, kernel: int, stride: int):
         layer = layers.Conv2D(filters, kernel, stride, padding="same", use_bias=False)
@@ -119,7 +120,7 @@ def export_saved_model(out_dir: str | Path, state: dict[str, np.ndarray] | None 
             # The TF Hub reusable-SavedModel attributes hub.KerasLayer looks for.
             self.variables = features_model.variables
             self.trainable_variables = features_model.trainable_variables
-            self.regularization_losses = []
+            self.regularization_losses: list[Any] = []
 
         @tf.function
         def __call__(self, images, training=False):

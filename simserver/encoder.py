@@ -185,9 +185,10 @@ class Encoder:
         import tensorflow as tf
         import tensorflow_hub as hub
 
+        handle: str
         if encoder == BUILTIN:
-            self.id, handle = builtin_model_path(builtin_model)
-            handle = str(handle)
+            self.id, model_dir = builtin_model_path(builtin_model)
+            handle = str(model_dir)
         else:
             handle = encoder
             self.id = encoder
@@ -224,11 +225,14 @@ class Encoder:
             stamp = f"{local.resolve()}:{(local / 'saved_model.pb').stat().st_mtime_ns}"
             key = f"tflite/{hashlib.sha256(stamp.encode()).hexdigest()[:24]}.tflite"
             cache = LocalStore(cache_dir) if cache_dir else None
-            try:
-                model = cache.get(key) if cache else convert_tflite(local)
-            except KeyError:
+            if cache is None:
                 model = convert_tflite(local)
-                cache.put(key, model)
+            else:
+                try:
+                    model = cache.get(key)
+                except KeyError:
+                    model = convert_tflite(local)
+                    cache.put(key, model)
         runner = _TFLiteRunner(model, threads=self.threads)
         probe = probe_images(self.image_size)
         x = probe.astype(np.float32) / 255.0

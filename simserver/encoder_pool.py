@@ -47,7 +47,11 @@ class FinetunedEncoder:
     SavedModel (cosine >= 0.999), which avoids converting a second copy of the backbone."""
 
     def __init__(
-        self, folder: Path, encoder: str, backbone: Encoder | None, loaded: tuple[Head, dict] | None
+        self,
+        folder: Path,
+        encoder: str,
+        backbone: Encoder | FinetunedEncoder | None,
+        loaded: tuple[Head, dict] | None,
     ) -> None:
         """``loaded``: :func:`load_head` of ``folder`` (None for a SavedModel without a head file)."""
         info = loaded[1] if loaded else {}

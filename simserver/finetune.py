@@ -259,8 +259,8 @@ def export_finetuned(backbone: Any, head: Head, out_dir: Path, image_size: int =
             self.head_bias = bias
             # The TF Hub reusable-SavedModel attributes hub.KerasLayer looks for.
             self.variables = [*getattr(backbone, "variables", []), kernel, bias]
-            self.trainable_variables = []
-            self.regularization_losses = []
+            self.trainable_variables: list[Any] = []
+            self.regularization_losses: list[Any] = []
 
         @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
         def __call__(self, images):

@@ -22,6 +22,11 @@ import logging
 from typing import Any
 
 from bentoml.exceptions import BentoMLException
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import JSONResponse
+
+logger = logging.getLogger(__name__)
 
 
 def _unwrap(message: str) -> str:
@@ -86,3 +91,22 @@ def quiet_refusals() -> None:
     log = logging.getLogger("bentoml._internal.server.http_app")
     if not any(isinstance(f, _RefusalsAreNotErrors) for f in log.filters):
         log.addFilter(_RefusalsAreNotErrors())
+
+
+def json_refusals(app: FastAPI) -> None:
+    """The same ``{"error"}`` answers on the gateway's FastAPI routes: a refusal from an internal
+    service keeps its status and message, and a malformed path or query parameter is a 400, as on
+    the BentoML routes (FastAPI would say 422)."""
+
+    @app.exception_handler(BentoMLException)
+    async def refused(request: Request, exc: BentoMLException) -> JSONResponse:
+        answer = refusal(exc)
+        if answer is None:
+            logger.error("%s %s failed: %s", request.method, request.url.path, exc)
+            return JSONResponse({"error": "internal error; see the server log"}, status_code=500)
+        return JSONResponse({"error": answer[1]}, status_code=answer[0])
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=400)

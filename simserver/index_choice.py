@@ -87,15 +87,19 @@ def build_faiss(vectors: np.ndarray, metric: str, policy: IndexPolicy) -> tuple[
     fm = _faiss_metric(metric)
     kind = choose_kind(n, d, metric, policy)
     faiss_threads(n)  # this thread may have searched single-threaded before
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexFlat(d, _exact_metric(metric))
     elif kind in ("hnsw", "hnsw_fp16"):
+        hnsw: faiss.IndexHNSW
         if kind == "hnsw":
-            index = faiss.IndexHNSWFlat(d, policy.hnsw_m, fm)
+            hnsw = faiss.IndexHNSWFlat(d, policy.hnsw_m, fm)
         else:
-            index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, policy.hnsw_m, fm)
-        index.hnsw.efConstruction = 80
-        index.hnsw.efSearch = policy.hnsw_ef_search
+            # The stubs say a ScalarQuantizer; the C++ constructor (and this call) takes its QuantizerType.
+            hnsw = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_fp16, policy.hnsw_m, fm)  # type: ignore[arg-type]
+        hnsw.hnsw.efConstruction = 80
+        hnsw.hnsw.efSearch = policy.hnsw_ef_search
+        index = hnsw
     elif kind == "ivfpq":
         # ~sqrt(N) lists: at 1M, 1,000 lists of ~1,000 vectors, nprobe of them scanned per query.
         # FAISS wants >= 39 training points per list and per PQ centroid (256 of them); k-means runs
@@ -111,8 +115,9 @@ def build_faiss(vectors: np.ndarray, metric: str, policy: IndexPolicy) -> tuple[
             policy.ivfpq_refine == "auto" and _refine_bytes(n, d, m) <= policy.memory_budget_bytes
         )
         if refine:
-            index = faiss.IndexRefine(ivf, faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, fm))
-            index.k_factor = policy.refine_k_factor  # faiss's wrapper keeps both parts alive
+            refined = faiss.IndexRefine(ivf, faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, fm))
+            refined.k_factor = policy.refine_k_factor  # faiss's wrapper keeps both parts alive
+            index = refined
         else:
             index = ivf
         index.train(sample)

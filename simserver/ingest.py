@@ -15,6 +15,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -277,7 +278,7 @@ def read_site(
             f"{len(samples) + len(skipped) + len(files)} images in all; the limit is {limits.max_entries}"
         )
     for name, data in files:
-        if _checked_image(name, lambda d=data: d, limits, image_size, skipped, None) is not None:
+        if _checked_image(name, partial(_given, data), limits, image_size, skipped, None) is not None:
             samples.append(Sample(name, "", data, _media_type(data), {}, image_size, limits.max_image_pixels))
     if not samples:
         raise BadArchive(
@@ -285,6 +286,11 @@ def read_site(
             + (f" ({len(skipped)} skipped; first: {skipped[0].name}: {skipped[0].reason})" if skipped else "")
         )
     return Dataset(samples, skipped)
+
+
+def _given(data: bytes) -> bytes:
+    """An uploaded file's reader (:func:`_checked_image` takes a reader, as for archive entries)."""
+    return data
 
 
 def _declared_entries(data: bytes) -> int | None:

@@ -29,7 +29,7 @@ def open_image(data: bytes, max_pixels: int, name: str = "image") -> Image.Image
     if not data:
         raise BadImage(f"{name}: empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise BadImage(f"{name}: not an image (unrecognised format)") from None
     except Exception as exc:  # PIL raises many types on hostile headers

@@ -3,7 +3,28 @@ services give the gateway, and what :mod:`simserver.client` returns. One model p
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, Field
+
+from simserver.finetune import TrainingMode
+
+# Request parameters of the HTTP routes, validated by BentoML (a violation is a 400 naming the field).
+TopK = Annotated[int | None, Field(ge=1, le=100, description="default: the domain's top_k")]
+Mode = Annotated[
+    TrainingMode | None,
+    Field(
+        description="auto: fine-tune and promote only if better on the hold-out; finetune: always; "
+        "pretrained: never. Default: the domain's training.mode"
+    ),
+]
+ImageThreshold = Annotated[
+    float | None, Field(ge=-1, le=1, description="margin threshold; default: calibrated at training")
+]
+SiteThreshold = Annotated[
+    float | None, Field(ge=0, le=1, description="default: the domain's relevance.site_threshold")
+]
+Nearest = Annotated[int, Field(ge=0, le=20, description="neighbours listed per image")]
 
 
 class Hit(BaseModel):

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import numpy as np
 
+from simserver.builder import decode_batch
 from simserver.domain_config import DomainConfig
 from simserver.errors import Conflict, RequestRefused, UnknownItem
 from simserver.index import DomainIndex
@@ -92,7 +93,7 @@ class Searcher:
         rc = self.cfg.relevance
         chunks = []
         for batch in iter_chunks(site.samples, self.batch_size):
-            pixels = await anyio.to_thread.run_sync(lambda b=batch: np.stack([s.pixels for s in b]))
+            pixels = await anyio.to_thread.run_sync(decode_batch, batch)
             chunks.append(await self._vectors(index, pixels))
         results = await anyio.to_thread.run_sync(index.search, np.concatenate(chunks), rc.top_k)
         verdict = judge_site(

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -103,6 +104,10 @@ def _encode_jobs(
     return np.stack(out)  # type: ignore[arg-type]
 
 
+def _pixels(sample: Sample) -> np.ndarray:
+    return sample.pixels
+
+
 def content_hash(sample: Sample) -> str:
     return hashlib.sha256(sample.data).hexdigest()
 
@@ -115,7 +120,7 @@ def backbone_features(
     progress: Progress | None = None,
 ) -> np.ndarray:
     return _encode_jobs(
-        [(content_hash(s), lambda s=s: s.pixels) for s in samples], backend, cache, batch_size, progress
+        [(content_hash(s), partial(_pixels, s)) for s in samples], backend, cache, batch_size, progress
     )
 
 
@@ -129,12 +134,13 @@ def view_features(
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Features of ``n_views`` augmented views per sample, and the sample each row came from."""
-    jobs, owner = [], []
+    jobs: list[tuple[str, Callable[[], np.ndarray]]] = []
+    owner: list[int] = []
     for i, s in enumerate(samples):
         h = content_hash(s)
         for v in range(n_views):
 
-            def load(s=s, h=h, v=v) -> np.ndarray:
+            def load(s: Sample = s, h: str = h, v: int = v) -> np.ndarray:
                 return augmented_view(s.pixels, h, v, seed)
 
             jobs.append((f"{h}-aug{v}-s{seed}", load))

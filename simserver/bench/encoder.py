@@ -4,6 +4,7 @@ serves), at batch 1 and 32, measured alternately in one process so machine noise
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import numpy as np
 
@@ -30,7 +31,7 @@ def encoder_figures(seconds: float = 8.0) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {name: {} for name in runtimes}
     for batch in (1, 32):
         for name, enc in runtimes.items():  # alternate runtimes per batch size: same noise for both
-            speed, _ = rate(lambda enc=enc, batch=batch: enc.encode(images[:batch]), batch, seconds)
+            speed, _ = rate(partial(enc.encode, images[:batch]), batch, seconds)
             out[name][f"batch_{batch}"] = round(speed, 1)
             logger.info("encoder %s batch %d: %.1f img/s", name, batch, speed)
     return out

@@ -105,7 +105,7 @@ def reference(
             for j in draws:
                 w = encode(prepare(catalogue_targets[int(j)].read_bytes(), 224, 10**8)[None])[0]
                 distances.append(1.0 - float(np.dot(v, w)))
-            similar += np.mean(distances) <= REFERENCE_IMAGE_DISTANCE
+            similar += int(np.mean(distances) <= REFERENCE_IMAGE_DISTANCE)
         decisions.append(similar / len(images) >= REFERENCE_SITE_FRACTION)
     return decisions, time.perf_counter() - t0
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from types import ModuleType
 
 from simserver.cli import bench, deploy, domain, encoder, evaluate, query
 from simserver.cli.common import environment_defaults, setup_logging
 
 logger = logging.getLogger(__name__)
 
+remote: ModuleType | None
 try:  # the HTTP client's commands (another module, landing separately)
     from simserver.cli import remote
 except ImportError as exc:

@@ -87,7 +87,7 @@ def build(args: argparse.Namespace) -> int:
     repo = Repository(store)
     domains = load_domains(settings.domains_dir)
     if args.demo:
-        jobs = [(cfg, cfg.demo_path()) for cfg in domains.values() if cfg.demo_path()]
+        jobs = [(cfg, demo) for cfg in domains.values() if (demo := cfg.demo_path())]
     else:
         if args.domain not in domains or args.data is None:
             args.parser.error(f"give a known domain ({', '.join(domains)}) and --data, or --demo")

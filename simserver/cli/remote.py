@@ -28,6 +28,7 @@ Handler = Callable[[Client, argparse.Namespace], Any]
 
 
 def _emit(reply: Any) -> None:
+    data: Any
     if isinstance(reply, BaseModel):
         data = reply.model_dump(mode="json")
     elif isinstance(reply, list):

@@ -189,6 +189,7 @@ def read_template(path: Path, params: list[dict[str, str]]) -> str:
             return loader.construct_mapping(node)
         if isinstance(node, yaml.SequenceNode):
             return loader.construct_sequence(node)
+        assert isinstance(node, yaml.ScalarNode)  # the composer makes only these three kinds
         return loader.construct_scalar(node)
 
     Loader.add_multi_constructor("!", any_tag)
@@ -355,7 +356,9 @@ def deploy(cf: Any, args: argparse.Namespace, body: str, params: list[dict[str, 
 def region_for(args: argparse.Namespace) -> str | None:
     """The stack's region; refuses an image from another region, which the tasks could not pull."""
     region = resolve_region(args.region)
-    image_region = IMAGE_RE.match(args.image_uri)["region"]
+    image = IMAGE_RE.match(args.image_uri)
+    assert image is not None  # --image-uri is parsed with _checked(IMAGE_RE, ...)
+    image_region = image["region"]
     if region and image_region != region:
         raise DeployError(
             f"the image is in {image_region} but the stack goes to {region}: push the image to an ECR "

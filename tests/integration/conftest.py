@@ -70,8 +70,8 @@ def demo_store(tmp_path_factory, encoder, domains_dir) -> Path:
     root = tmp_path_factory.mktemp("store")
     repo = Repository(LocalStore(root))
     for cfg in load_domains(domains_dir).values():
-        if cfg.demo_path():
-            ds = read_folder(cfg.demo_path(), cfg.limits)
+        if demo := cfg.demo_path():
+            ds = read_folder(demo, cfg.limits)
             train_domain(repo, cfg, ds, PretrainedBackend(encoder), mode="pretrained")
     return root
 

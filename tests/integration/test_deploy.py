@@ -65,6 +65,7 @@ def _cfn_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str,
     elif isinstance(node, yaml.SequenceNode):
         value = loader.construct_sequence(node, deep=True)
     else:
+        assert isinstance(node, yaml.ScalarNode)  # the composer makes only these three kinds
         value = loader.construct_scalar(node)
     if suffix == "Ref":
         return {"Ref": value}

@@ -33,13 +33,10 @@ def parts(request: httpx.Request) -> list[tuple[str, str | None, bytes]]:
     msg = BytesParser(policy=HTTP).parsebytes(head + request.content)
     out = []
     for part in msg.iter_parts():
-        out.append(
-            (
-                part.get_param("name", header="content-disposition"),
-                part.get_filename(),
-                part.get_payload(decode=True),
-            )
-        )
+        field = part.get_param("name", header="content-disposition")
+        content = part.get_payload(decode=True)  # a form-data part is not multipart: its bytes
+        assert isinstance(field, str) and isinstance(content, bytes)
+        out.append((field, part.get_filename(), content))
     return out
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from simserver.builder import encode_images
 from simserver.domain_config import DomainConfig, Limits
 from simserver.index import DomainIndex, Item
-from simserver.ingest import read_zip
+from simserver.ingest import Sample, read_zip
 from simserver.live import LiveIndex
 from simserver.repository import image_key, new_version_id
 from simserver.store import open_store
@@ -60,7 +61,7 @@ def test_put_overwrites_atomically_and_leaves_no_temp_files(store):
 def test_failed_put_keeps_old_bytes_and_cleans_up(store):
     store.put("k", b"old")
     with pytest.raises(TypeError):
-        store.put("k", "not bytes")  # type: ignore[arg-type]
+        store.put("k", "not bytes")
     assert store.get("k") == b"old"
     assert files_on_disk(store.root) == ["k"]
 
@@ -287,8 +288,12 @@ def _dataset():
     return read_zip(make_zip(entries), Limits()), {"red": red, "green": green, "blue": blue, "photo": photo}
 
 
+def _pixels(sample: Sample) -> np.ndarray:
+    return sample.pixels
+
+
 def encode_dataset(ds, encode, batch_size=32, progress=None) -> np.ndarray:
-    return np.stack(encode_images([lambda s=s: s.pixels for s in ds.samples], encode, batch_size, progress))
+    return np.stack(encode_images([partial(_pixels, s) for s in ds.samples], encode, batch_size, progress))
 
 
 class PretrainedBackend:

@@ -60,9 +60,11 @@ class _Pickler(pickle._Pickler):
     dispatch = dict(pickle._Pickler.dispatch)
 
     def _save_ref(self, obj: Ref) -> None:
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        # _Pickler sets `write` in __init__; typeshed does not declare that undocumented attribute.
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())  # type: ignore[attr-defined]
 
-    dispatch[Ref] = _save_ref
+    # typeshed types `dispatch` values as taking an Unpickler; pickle calls them with the _Pickler.
+    dispatch[Ref] = _save_ref  # type: ignore[assignment]
 
     def persistent_id(self, obj):
         if isinstance(obj, Storage):
