@@ -10,7 +10,7 @@ RUNNER_CONNECTION = {"max_requests": 10**9, "max_age": 1e9}
 INTERNAL_SERVICE = {"logging": {"access": {"enabled": False}}, "metrics": {"enabled": False}}
 
 
-def exit_after_sigterm(grace_seconds: float = 15.0) -> None:
+def exit_after_sigterm(grace_seconds: float = 10.0) -> None:
     """Exit at most ``grace_seconds`` after SIGTERM. Call from a service's ``__init__``.
 
     BentoML gives only the entry service uvicorn's graceful-shutdown timeout; a service that is

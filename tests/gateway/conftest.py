@@ -158,24 +158,34 @@ def gateway(tmp_path_factory) -> Iterator[Gateway]:
     os.environ.update(env)
     from simserver.settings import get_settings
 
-    get_settings.cache_clear()
-    from _bentoml_impl.tasks.result import Sqlite3Store
+    try:
+        get_settings.cache_clear()
+        from _bentoml_impl.tasks.result import Sqlite3Store
 
-    Sqlite3Store.init_db(env["BENTOML_RESULT_STORE"])  # `bentoml serve` does this before the workers start
-    service = importlib.import_module("service")
-    deps = service.ImageSimilarity.dependencies
-    deps["encoder"]._resolved = FakeEncoder()
-    deps["trainer"]._resolved = FakeTrainer()
-    for name, attr in service._DEP_ATTR.items():
-        deps[attr]._resolved = FakeIndex(name)
-    with TestClient(service.ImageSimilarity.to_asgi(is_main=True)) as client:
+        Sqlite3Store.init_db(
+            env["BENTOML_RESULT_STORE"]
+        )  # `bentoml serve` does this before its workers start
+        service = importlib.import_module("service")  # reads the settings and the domains at import
+        deps = service.ImageSimilarity.dependencies
+        deps["encoder"]._resolved = FakeEncoder()
+        deps["trainer"]._resolved = FakeTrainer()
+        for name, attr in service._DEP_ATTR.items():
+            deps[attr]._resolved = FakeIndex(name)
+        client = TestClient(service.ImageSimilarity.to_asgi(is_main=True))
+        client.__enter__()  # the lifespan: the service instance and the task database
+    finally:
+        # At once, not at the end of the session: later tests start servers and commands that
+        # inherit this process's environment.
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_settings.cache_clear()
+    try:
         yield Gateway(client, service)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    get_settings.cache_clear()
+    finally:
+        client.__exit__(None, None, None)
 
 
 @pytest.fixture
