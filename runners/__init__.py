@@ -7,16 +7,25 @@ RUNNER_CONNECTION = {"max_requests": 10**9, "max_age": 1e9}
 
 # Services only the gateway calls: no access log (the gateway logs each request once) and no
 # Prometheus middleware (their /metrics is not reachable from outside). Both cost CPU per call.
-INTERNAL_SERVICE = {"logging": {"access": {"enabled": False}}, "metrics": {"enabled": False}}
+#
+# Nor do their /readyz probe the encoder in turn (`runner_probe`): the gateway probes the encoder
+# itself, and a probe chained through them could be left without an answer when the gateway gave
+# up on it, a request that then held their exit on SIGTERM until the watchdog below (10 s).
+INTERNAL_SERVICE = {
+    "logging": {"access": {"enabled": False}},
+    "metrics": {"enabled": False},
+    "runner_probe": {"enabled": False, "timeout": 1, "period": 10},
+}
 
 
 def exit_after_sigterm(grace_seconds: float = 10.0) -> None:
     """Exit at most ``grace_seconds`` after SIGTERM. Call from a service's ``__init__``.
 
-    BentoML gives only the entry service uvicorn's graceful-shutdown timeout; a service that is
-    itself a dependency client kept waiting for its connections after SIGTERM and never exited
-    (measured: an idle trainer and index services outlived their server, orphaned). uvicorn still
-    drains in-flight requests first; this only bounds how long it may take.
+    A safety net: BentoML gives only the entry service uvicorn's graceful-shutdown timeout, so an
+    internal service holding a request that never completes waits for it up to its traffic timeout
+    (120 or 900 s) before it exits. That happened with readiness probes chained through them (fixed
+    by ``runner_probe`` above: exit now takes under a second); this bounds anything like it.
+    uvicorn still drains in-flight requests first.
     """
     import os
     import signal

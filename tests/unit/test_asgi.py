@@ -147,3 +147,38 @@ def test_readyz_answers_503_when_dependencies_hang_and_passes_through_otherwise(
     ready, calls = make_app(200, {"ready": True})
     assert call(mw_for(ready, ready_timeout=0.2), "GET", "/readyz")[:2] == (200, {"ready": True})
     assert calls == ["/readyz"]
+
+
+def test_a_late_readyz_probe_is_answered_503_but_not_cancelled():
+    """Cancelling it would drop its calls to the dependencies' /readyz mid-request, and those
+    services then hold a request without an answer, which blocked their exit on SIGTERM."""
+    finished: list[str] = []
+
+    async def slow(scope, receive, send):
+        try:
+            await asyncio.sleep(0.3)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+            finished.append("answered")
+        except asyncio.CancelledError:
+            finished.append("cancelled")
+            raise
+
+    async def run() -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": "/readyz", "query_string": b"", "headers": []}
+        await mw_for(slow, ready_timeout=0.1)(scope, receive, send)
+        await asyncio.sleep(0.5)  # the probe goes on in the background
+        return sent
+
+    sent = asyncio.run(run())
+    assert finished == ["answered"]
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [503]  # the late 200 went nowhere
