@@ -122,6 +122,13 @@ class GatewayMiddleware:
                 send, err[0], err[1], [(b"www-authenticate", b"Bearer")] if err[0] == 401 else None
             )
             return
+        if b"authorization" in headers:
+            # Checked above and needed by nothing behind: BentoML stores each task's request with
+            # its headers in its task database, which would keep the API key on disk in plain text.
+            scope = {
+                **scope,
+                "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"],
+            }
         if method in ("POST", "PUT"):
             length_header = headers.get(b"content-length")
             if length_header is None:

@@ -160,6 +160,11 @@ def test_train_on_one_replica_other_serves_and_answers_status(pair):
     assert _wait(b, bad)["status"] == "failed"
     got = requests.get(f"{b.url}/scratch/train/get", params={"task_id": bad}, timeout=10)
     assert got.status_code == 400 and "not a valid zip" in got.json()["error"]
+    # No secret at rest: two authenticated trainings later, no file server A wrote holds a key.
+    written = [p for p in a.log.parent.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("task-results") for p in written)  # BentoML's task database
+    leaks = [str(p) for p in written for key in (b"key-a", b"key-b") if key in p.read_bytes()]
+    assert not leaks, leaks
     assert (
         requests.get(f"{b.url}/scratch/train/status", params={"task_id": "unknown1"}, timeout=10).status_code
         == 404

@@ -182,3 +182,19 @@ def test_a_late_readyz_probe_is_answered_503_but_not_cancelled():
     assert finished == ["answered"]
     starts = [m for m in sent if m["type"] == "http.response.start"]
     assert [m["status"] for m in starts] == [503]  # the late 200 went nowhere
+
+
+def test_the_api_key_never_reaches_the_app():
+    """BentoML keeps each task request with its headers on disk: the key must not be among them."""
+    seen: list[dict] = []
+
+    async def app(scope, receive, send):
+        seen.append(dict(scope["headers"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    headers = {**POST, "Authorization": "Bearer k"}
+    assert call(mw_for(app, api_keys=["k"]), "POST", "/fashion/train/submit", headers)[0] == 200
+    assert call(mw_for(app), "POST", "/fashion/search", headers)[0] == 200  # no keys configured
+    assert seen and all(b"authorization" not in h for h in seen)
+    assert all(h[b"content-length"] == b"10" for h in seen)  # the other headers pass through
