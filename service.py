@@ -18,6 +18,7 @@ import numpy as np
 from fastapi import FastAPI
 from starlette.responses import Response
 
+from runners import die_with_server
 from runners.domain_index import make_domain_service
 from runners.encoder import EncoderService
 from runners.trainer import TrainerService
@@ -75,6 +76,7 @@ class ImageSimilarity:
     trainer = bentoml.depends(TrainerService)
 
     def __init__(self) -> None:
+        die_with_server()
         self.repo = Repository(artifact_store())
         self.jobs = JobRecords(artifact_store())
         self.indexes = {name: getattr(self, attr) for name, attr in _DEP_ATTR.items()}

@@ -43,3 +43,31 @@ def exit_after_sigterm(grace_seconds: float = 10.0) -> None:
             previous(signum, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def die_with_server() -> None:
+    """Make this worker exit when the ``bentoml serve`` process that started it dies, even by
+    ``kill -9``. Call from every service's ``__init__``.
+
+    BentoML starts each worker in a process group of its own, so a killed server left them all
+    running, holding the port (a restart failed with "Address already in use"). Linux only; a
+    no-op outside a BentoML worker (in-process tests) and elsewhere.
+    """
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    from bentoml._internal.context import server_context
+
+    if server_context.worker_index is None or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the server died before the request above: nobody will signal us
+        os._exit(1)

@@ -15,7 +15,7 @@ import anyio
 import bentoml
 import numpy as np
 
-from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, exit_after_sigterm
+from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, die_with_server, exit_after_sigterm
 from runners.encoder import EncoderService
 from simserver.domain_config import DomainConfig
 from simserver.encoder import IMAGE_SIZE
@@ -39,6 +39,7 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
         encoder = bentoml.depends(EncoderService)
 
         def __init__(self) -> None:
+            die_with_server()
             exit_after_sigterm()
             settings = get_settings()
             repo = Repository(open_store(settings.store_uri, settings.store_cache_dir))

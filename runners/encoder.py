@@ -14,7 +14,7 @@ import threading
 import bentoml
 import numpy as np
 
-from runners import INTERNAL_SERVICE, RUNNER_CONNECTION
+from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, die_with_server
 from simserver.domain_config import BUILTIN, load_domains
 from simserver.encoder_pool import EncoderPool
 from simserver.finetune import Head, TrainingConfig, train_head
@@ -40,6 +40,7 @@ class EncoderService:
     builtin = bentoml.models.BentoModel(f"{get_settings().builtin_model}:latest")
 
     def __init__(self) -> None:
+        die_with_server()
         settings = get_settings()
         self.pool = EncoderPool.from_settings(
             settings, store=open_store(settings.store_uri, settings.store_cache_dir)

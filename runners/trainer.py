@@ -14,7 +14,7 @@ import anyio
 import bentoml
 import numpy as np
 
-from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, exit_after_sigterm
+from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, die_with_server, exit_after_sigterm
 from runners.encoder import EncoderService
 from simserver.domain_config import DomainConfig, load_domains
 from simserver.encoder import IMAGE_SIZE
@@ -66,6 +66,7 @@ class TrainerService:
     encoder = bentoml.depends(EncoderService)
 
     def __init__(self) -> None:
+        die_with_server()
         exit_after_sigterm()
         self.settings = get_settings()
         self.domains: dict[str, DomainConfig] = load_domains(self.settings.domains_dir)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
 import requests
 from PIL import Image
@@ -375,3 +378,27 @@ def test_sigterm_with_requests_in_flight_stops_every_process(tmp_path, demo_stor
     assert not [p for p in processes if p.is_running() and p.status() != "zombie"], (
         "a service outlived SIGTERM"
     )
+
+
+def test_a_killed_server_leaves_no_worker_and_restarts_on_its_port(
+    tmp_path, demo_store, domains_dir, builtin_tag
+):
+    """kill -9 of `bentoml serve` used to leave every worker running (each in a process group of
+    its own), holding the port: a restart failed with "Address already in use"."""
+    from tests.integration.conftest import Server, server_env
+
+    srv = Server(server_env(demo_store, domains_dir, tmp_path), tmp_path / "server.log")
+    srv.wait_ready()
+    workers = srv.processes()[1:]
+    assert len(workers) >= 5, workers  # gateway, encoder, trainer, index services
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} workers outlived a killed server"
+    srv.restart()  # the same port, at once
+    try:
+        assert search(srv, "fashion", DRESS.read_bytes()).status_code == 200
+    finally:
+        srv.stop()
