@@ -240,6 +240,17 @@ class GatewayMiddleware:
         return JobRecords.result_response(record)
 
 
+def _takes_a_list(annotation: Any) -> bool:
+    """``list[X]`` or ``list[X] | None``: a field that may be sent several times."""
+    from typing import get_args
+
+    from _bentoml_sdk.typing_utils import is_list_type, is_union_type
+
+    if is_union_type(annotation):
+        return any(_takes_a_list(a) for a in get_args(annotation) if a is not type(None))
+    return bool(is_list_type(annotation))
+
+
 def harden_multipart() -> None:
     """Make BentoML's multipart parsing answer client mistakes with 400 instead of 500.
 
@@ -266,11 +277,16 @@ def harden_multipart() -> None:
             form = await request.form()  # parsed once: BentoML's parse reads the cached form
         except HTTPException as exc:
             raise BadInput(f"malformed multipart body: {exc.detail}") from None
-        for name in form:
+        for name in set(form.keys()):
             # BentoML json-decodes a file part sent under a non-file field name (500 on binary).
             if name not in cls.multipart_fields and isinstance(form[name], UploadFile):
                 expected = ", ".join(sorted(cls.multipart_fields)) or "none"
                 raise BadInput(f"{name}: not a file field of this route (file fields: {expected})")
+            # BentoML would silently use the first of several values for a one-value field.
+            field = cls.model_fields.get(name)
+            many = len(form.getlist(name))
+            if many > 1 and field is not None and not _takes_a_list(field.annotation):
+                raise BadInput(f"{name}: sent {many} times; this field takes one value")
         return await original_parse(self, request, cls)
 
     MultipartSerde.ensure_file = staticmethod(ensure_file)

@@ -99,11 +99,15 @@ def _strip_wrapper(paths: list[tuple[str, ...]]) -> int:
 def _parse_metadata(data: bytes) -> dict[str, dict[str, str]]:
     try:
         text = data.decode("utf-8-sig")
-        reader = csv.DictReader(io.StringIO(text))
+    except UnicodeDecodeError as exc:
+        raise BadArchive(f"{METADATA_FILE}: not UTF-8 text ({exc})") from None
+    # strict: broken quoting is an error, not silently merged cells.
+    reader = csv.DictReader(io.StringIO(text), strict=True)
+    try:
         columns = reader.fieldnames or []
         rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise BadArchive(f"{METADATA_FILE}: not a UTF-8 CSV file ({exc})") from None
+    except csv.Error as exc:
+        raise BadArchive(f"{METADATA_FILE}: malformed CSV at line {reader.line_num}: {exc}") from None
     if "filename" not in columns:
         raise BadArchive(f"{METADATA_FILE}: needs a 'filename' column (found {columns})")
     out: dict[str, dict[str, str]] = {}

@@ -69,6 +69,29 @@ def test_search_missing_or_text_image_field(gw):
     error_of(gw.client.post("/shop/search", data={"image": "http://127.0.0.1:1/x.png"}), 400, "file")
 
 
+def multipart(gw, path: str, parts: list[tuple[str, tuple]]):
+    """A multipart POST with exactly these parts (repeated names too), with its Content-Length."""
+    from urllib3 import encode_multipart_formdata
+
+    body, ctype = encode_multipart_formdata(parts)
+    return gw.client.post(path, content=body, headers={"Content-Type": ctype})
+
+
+def test_a_one_value_field_sent_twice_is_refused(gw):
+    two_images = [("image", ("a.png", png())), ("image", ("b.png", png(color="blue")))]
+    error_of(multipart(gw, "/shop/search", two_images), 400, "image", "2 times")
+    two_top_k = [("image", ("a.png", png())), ("top_k", "2"), ("top_k", "3")]
+    error_of(multipart(gw, "/shop/search", two_top_k), 400, "top_k", "2 times")
+    assert gw.index["shop"].calls == []
+    # A list field takes several: relevance's images.
+    assert (
+        multipart(
+            gw, "/nuts/relevance", [("images", ("a.png", png())), ("images", ("b.png", png()))]
+        ).status_code
+        == 200
+    )
+
+
 def test_search_refused_by_the_index_service_keeps_status_and_message(gw):
     gw.index["shop"].refuse["search"] = Conflict("domain 'shop' has no index yet: train it first")
     message = error_of(search(gw), 409, "no index yet")

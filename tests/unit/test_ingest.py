@@ -151,6 +151,22 @@ def test_full_name_wins_over_basename():
     assert meta == {"a/same.png": {}, "b/same.png": {"sku": "Y"}}
 
 
+@pytest.mark.parametrize(
+    "csv, words",
+    [
+        (b'filename,sku\nshoes/red.png,"A1\nshoes/blue.png,B2\n', ["malformed csv", "line"]),  # open quote
+        (b'filename,sku\nshoes/red.png,"A"1\n', ["malformed csv"]),  # text after a closing quote
+        (b"filename,sku\nshoes/red.png," + b"x" * 200_000 + b"\n", ["malformed csv", "field"]),  # huge cell
+        (b"filename,sku\nshoes/red.png,\xff\xfe\n", ["utf-8"]),
+    ],
+)
+def test_broken_metadata_csv_refuses_the_archive_with_its_reason(csv, words):
+    with pytest.raises(BadArchive) as err:
+        read_zip(make_zip({**good_entries(), "metadata.csv": csv}), LIMITS)
+    for w in words:
+        assert w in err.value.message.lower(), err.value.message
+
+
 def test_metadata_inside_wrapper_and_with_excel_bom():
     csv = "filename,colour\nshoes/red.png,red\n".encode("utf-8-sig")
     ds = read_zip(make_zip({**good_entries("wrap/"), "wrap/metadata.csv": csv}), LIMITS)
