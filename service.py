@@ -26,7 +26,7 @@ from simserver import metrics
 from simserver.asgi import GatewayMiddleware, harden_multipart
 from simserver.domain_config import BUILTIN, DomainConfig, Limits, load_domains
 from simserver.errors import RequestRefused, UnknownDomain
-from simserver.http_errors import json_refusals, quiet_refusals
+from simserver.http_errors import Remote, json_refusals, quiet_refusals
 from simserver.jobs import JobRecords
 from simserver.repository import Repository
 from simserver.schemas import (
@@ -79,7 +79,10 @@ class ImageSimilarity:
         die_with_server()
         self.repo = Repository(artifact_store())
         self.jobs = JobRecords(artifact_store())
-        self.indexes = {name: getattr(self, attr) for name, attr in _DEP_ATTR.items()}
+        # The internal services, each call's refusals raised again here with their status.
+        self.indexes = {name: Remote(getattr(self, attr)) for name, attr in _DEP_ATTR.items()}
+        self.training = Remote(self.trainer)
+        self.encoding = Remote(self.encoder)
 
     @bentoml.api(route="/{domain}/search")
     async def search(
@@ -108,7 +111,7 @@ class ImageSimilarity:
 
         async def work() -> TrainReply:
             data = await read_upload_async(archive, cfg.limits, "archive")
-            reply = await self.trainer.to_async.train(domain=cfg.name, archive=data, mode=mode)
+            reply = await self.training.to_async.train(domain=cfg.name, archive=data, mode=mode)
             try:  # published already; the index service's poller would pick it up in seconds
                 await self.indexes[cfg.name].to_async.reload()
             except Exception:
@@ -162,7 +165,7 @@ class ImageSimilarity:
             await image_pixels(image_a, limits, "image_a"),
             await image_pixels(image_b, limits, "image_b"),
         ]
-        a, b = await self.encoder.to_async.encode(images=np.stack(pixels), encoder=BUILTIN)
+        a, b = await self.encoding.to_async.encode(images=np.stack(pixels), encoder=BUILTIN)
         d = metrics.pairwise_distance(metric, a, b)
         return SimilarityReply(metric=metric, distance=d, score=float(metrics.distance_to_score(metric, d)))
 
@@ -213,7 +216,7 @@ async def list_domains() -> list[DomainInfo]:
 @http_app.get("/stats", response_model=EncoderStats, summary="Encoder batching since start")
 async def stats() -> EncoderStats:
     """How concurrent encodes were batched together (calls per model run), since the server started."""
-    return await bentoml.get_current_service().encoder.to_async.stats()
+    return await bentoml.get_current_service().encoding.to_async.stats()
 
 
 @http_app.get(

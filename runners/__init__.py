@@ -54,7 +54,6 @@ def die_with_server() -> None:
     no-op outside a BentoML worker (in-process tests) and elsewhere.
     """
     import ctypes
-    import os
     import signal
     import sys
 
@@ -65,9 +64,9 @@ def die_with_server() -> None:
     pr_set_pdeathsig = 1
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
-            return
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the server died before the request above: nobody will signal us
-        os._exit(1)
+        pass
+    # No "parent already gone?" check (getppid() == 1): in a container `bentoml serve` *is* PID 1,
+    # and every worker would take itself for an orphan. The window it would close (the server
+    # dying between starting this worker and this call) is a few seconds at start-up.

@@ -92,7 +92,7 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
         name=service_name(cfg.name),
         workers=1,
         threads=4,  # the sync routes (status, item, reload) must not queue behind a slow reload
-        traffic={"timeout": 120},
+        traffic={"timeout": 900},  # a /relevance call encodes a whole site (up to max_entries images)
         runner_connection=RUNNER_CONNECTION,
         **INTERNAL_SERVICE,
     )(DomainIndexService)

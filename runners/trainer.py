@@ -58,7 +58,9 @@ class EncoderServiceBackend:
 @bentoml.service(
     name="trainer",
     workers=1,
-    traffic={"timeout": 900},
+    # The gateway's training task waits on this call: a large set may train for hours, and
+    # BentoML would cancel the call at this timeout (a background task itself has none).
+    traffic={"timeout": 24 * 3600},
     runner_connection=RUNNER_CONNECTION,
     **INTERNAL_SERVICE,
 )
@@ -89,8 +91,9 @@ class TrainerService:
         """Fine-tune, evaluate, calibrate and publish a zip of ``<category>/<image>`` as the
         domain's new version; the previous one serves until the pointer moves."""
         # The pipeline is sync code whose encoder calls go back through this event loop; in a
-        # worker thread that is abandoned on cancel, a shutdown mid-training is not deadlocked
-        # by it (its next call fails, and nothing was published).
+        # worker thread that is abandoned on cancel, a shutdown mid-training is not deadlocked by
+        # it. An abandoned training may still publish (the pointer is written last, so a version
+        # is whole or absent) before the process exits.
         return await anyio.to_thread.run_sync(self._train, domain, archive, mode, abandon_on_cancel=True)
 
     def _train(self, domain: str, archive: bytes, mode: TrainingMode | None) -> TrainReply:

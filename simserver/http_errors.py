@@ -26,6 +26,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse
 
+from simserver.errors import RequestRefused
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,15 +62,61 @@ def error_body(body: Any) -> Any:
     return body
 
 
+def _refused_body(message: str) -> str | None:
+    """The message of a refusal answered by an internal service, else None. BentoML renders a
+    :class:`RequestRefused` as exactly ``[{"error": message}]``; its other 4xx bodies (input
+    validation, unknown routes) differ, and from an internal call they mean a gateway bug."""
+    try:
+        body = json.loads(message)
+    except ValueError:
+        return None
+    if isinstance(body, list) and len(body) == 1 and isinstance(body[0], dict) and set(body[0]) == {"error"}:
+        inner = body[0]["error"]
+        return _unwrap(inner) if isinstance(inner, str) else None
+    return None
+
+
 def refusal(exc: BaseException) -> tuple[int, str] | None:
-    """(status, message) if ``exc`` refuses the request (4xx), here or in an internal service;
-    None for a server fault."""
-    if not isinstance(exc, BentoMLException):
-        return None
-    status = int(exc.error_code)
-    if not 400 <= status < 500:
-        return None
-    return status, _unwrap(exc.message)
+    """(status, message) if ``exc`` refuses the request, raised here or answered by an internal
+    service; None for a server fault."""
+    if isinstance(exc, RequestRefused):
+        return exc.status, _unwrap(exc.message)
+    if isinstance(exc, BentoMLException) and 400 <= int(exc.error_code) < 500:
+        message = _refused_body(exc.message)
+        if message is not None:
+            return int(exc.error_code), message
+    return None
+
+
+class InternalCallFailed(RuntimeError):
+    """An internal service failed a call for a reason that is not the client's: a 500."""
+
+
+class Remote:
+    """An internal service as the gateway calls it (``remote.to_async.search(...)``): a refusal it
+    answers is raised again here as :class:`RequestRefused` with the same status and message; any
+    other failure of the call is the server's fault and raises :class:`InternalCallFailed`."""
+
+    def __init__(self, proxy: Any) -> None:
+        self._proxy = proxy
+
+    @property
+    def to_async(self) -> Remote:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._proxy.to_async, name)
+
+        async def call(**kwargs: Any) -> Any:
+            try:
+                return await method(**kwargs)
+            except BentoMLException as exc:
+                answer = refusal(exc)
+                if answer is None:
+                    raise InternalCallFailed(f"{name}: {exc.message[:500]}") from exc
+                raise RequestRefused(answer[1], answer[0]) from None
+
+        return call
 
 
 class _RefusalsAreNotErrors(logging.Filter):

@@ -77,9 +77,13 @@ class JobRecords:
         record = await anyio.to_thread.run_sync(self.started, task_id, domain)
         try:
             result = await work()
-        except Exception as exc:
-            status, message = refusal(exc) or (500, f"internal error: {type(exc).__name__}")
-            await anyio.to_thread.run_sync(self.failed, record, status, message)
+        except BaseException as exc:  # cancellation too (a shutdown): no record stays in_progress
+            if isinstance(exc, Exception):
+                status, message = refusal(exc) or (500, f"internal error: {type(exc).__name__}")
+            else:
+                status, message = 503, "interrupted: the server stopped during the training; submit it again"
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.failed, record, status, message)
             raise
         await anyio.to_thread.run_sync(self.completed, record, result.model_dump(mode="json"))
         return result
