@@ -197,20 +197,18 @@ ImageSimilarity.add_asgi_middleware(  # type: ignore[attr-defined]  # a Service 
 @http_app.get("/domains", response_model=list[DomainInfo], summary="Domains and what they serve")
 async def list_domains() -> list[DomainInfo]:
     svc = bentoml.get_current_service()
-    out = []
-    for name, cfg in DOMAINS.items():
-        status = await svc.indexes[name].to_async.status()
-        out.append(
-            DomainInfo(
-                name=name,
-                description=cfg.description,
-                encoder=cfg.encoder,
-                metric=cfg.metric,
-                top_k=cfg.top_k,
-                **status.model_dump(),
-            )
+    statuses = [await svc.indexes[name].to_async.status() for name in DOMAINS]
+    return [
+        DomainInfo(
+            name=n,
+            description=c.description,
+            encoder=c.encoder,
+            metric=c.metric,
+            top_k=c.top_k,
+            **st.model_dump(),
         )
-    return out
+        for (n, c), st in zip(DOMAINS.items(), statuses, strict=True)
+    ]
 
 
 @http_app.get("/stats", response_model=EncoderStats, summary="Encoder batching since start")
