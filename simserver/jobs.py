@@ -3,10 +3,16 @@
 BentoML keeps task results in a per-container SQLite file that is wiped on start; behind a load
 balancer, ``/train/status`` often lands on another replica. Each job therefore also writes
 ``jobs/<task_id>.json`` (in progress, then completed with its result or failed with its error).
+
+A running job's record carries a heartbeat, renewed every ``HEARTBEAT_SECONDS``: a record still in
+progress whose heartbeat stopped (its server was killed, so nothing wrote "failed") is answered as
+failed, "interrupted", instead of leaving clients polling for ever.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -25,6 +31,9 @@ R = TypeVar("R", bound=BaseModel)
 logger = logging.getLogger(__name__)
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+HEARTBEAT_SECONDS = 30.0
+# Missed heartbeats before an in-progress record counts as interrupted (store latency, GC pauses).
+STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 
 
 def _now() -> str:
@@ -54,9 +63,28 @@ class JobRecords:
             "status": "in_progress",
             "created_at": _now(),
             "executed_at": None,
+            "heartbeat_at": _now(),
         }
         self._write(task_id, record)
         return record
+
+    async def _beat(self, record: dict[str, Any]) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            record["heartbeat_at"] = _now()
+            await anyio.to_thread.run_sync(self._write, record["task_id"], dict(record))
+
+    @staticmethod
+    def interrupted(record: dict[str, Any], now: datetime | None = None) -> bool:
+        """In progress, but its heartbeat stopped: the server running it is gone."""
+        if record.get("status") != "in_progress":
+            return False
+        last = record.get("heartbeat_at") or record.get("created_at")
+        try:
+            age = ((now or datetime.now(UTC)) - datetime.fromisoformat(str(last))).total_seconds()
+        except ValueError:
+            return False
+        return age > STALE_AFTER_SECONDS
 
     def completed(self, record: dict[str, Any], result: dict[str, Any]) -> None:
         self._write(
@@ -75,6 +103,7 @@ class JobRecords:
         if not task_id:
             return await work()
         record = await anyio.to_thread.run_sync(self.started, task_id, domain)
+        beat = asyncio.ensure_future(self._beat(record))
         try:
             result = await work()
         except BaseException as exc:  # cancellation too (a shutdown): no record stays in_progress
@@ -83,16 +112,34 @@ class JobRecords:
             else:
                 status, message = 503, "interrupted: the server stopped during the training; submit it again"
             with anyio.CancelScope(shield=True):
+                await self._stop(beat)
                 await anyio.to_thread.run_sync(self.failed, record, status, message)
             raise
+        await self._stop(beat)
         await anyio.to_thread.run_sync(self.completed, record, result.model_dump(mode="json"))
         return result
 
+    @staticmethod
+    async def _stop(beat: asyncio.Future) -> None:
+        """Stop the heartbeat, and wait for a write in flight, so the final record is written last."""
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat
+
     def get(self, task_id: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self.store.get(self._key(task_id)))
+            record = json.loads(self.store.get(self._key(task_id)))
         except (KeyError, ValueError):
             return None
+        if self.interrupted(record):
+            return {
+                **record,
+                "status": "failed",
+                "http_status": 503,
+                "error": "interrupted: the server running this training stopped (no heartbeat for "
+                f"{STALE_AFTER_SECONDS:.0f} s); submit it again",
+            }
+        return record
 
     @staticmethod
     def status_json(record: dict[str, Any]) -> dict[str, Any]:

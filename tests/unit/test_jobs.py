@@ -51,3 +51,48 @@ def test_no_record_without_a_task_id(store):
 
     assert anyio.run(JobRecords(store).run, None, "shop", ok) == REPLY
     assert store.list("jobs") == []
+
+
+def test_a_record_whose_heartbeat_stopped_reads_as_interrupted(store, monkeypatch):
+    """A server killed mid-training writes no "failed": its record must not stay in_progress."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    import simserver.jobs as jobs_module
+
+    jobs = JobRecords(store)
+    record = jobs.started("t5", "shop")
+    assert jobs.get("t5")["status"] == "in_progress"
+    later = datetime.now(UTC) + timedelta(seconds=jobs_module.STALE_AFTER_SECONDS + 1)
+    assert JobRecords.interrupted(record, now=later)
+    stale = {**record, "heartbeat_at": (datetime.now(UTC) - timedelta(seconds=600)).isoformat()}
+    store.put("jobs/t5.json", json.dumps(stale).encode())
+    got = jobs.get("t5")
+    assert got["status"] == "failed" and JobRecords.result_response(got)[0] == 503
+    assert "interrupted" in got["error"]
+
+
+def test_a_running_job_renews_its_heartbeat(store, monkeypatch):
+    import json
+
+    import simserver.jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "HEARTBEAT_SECONDS", 0.05)
+    writes: list[str] = []
+    real_put = store.put
+
+    def put(key: str, data: bytes) -> None:
+        writes.append(json.loads(data)["status"])
+        real_put(key, data)
+
+    monkeypatch.setattr(store, "put", put)
+    jobs = JobRecords(store)
+
+    async def slow() -> TrainReply:
+        await anyio.sleep(0.3)
+        return REPLY
+
+    anyio.run(jobs.run, "t6", "shop", slow)
+    # started, then heartbeats while it ran, then the final record, written last
+    assert writes[0] == "in_progress" and writes.count("in_progress") >= 4 and writes[-1] == "completed"
+    assert jobs.get("t6")["status"] == "completed"
