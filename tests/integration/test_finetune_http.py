@@ -123,7 +123,11 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
     before = search(train_server, "ft", query).json()
     assert before["version"] == last["version"]
     train_server.restart()
+    # Ready means warm: the version's own (fine-tuned) encoder was loaded before /readyz said so
+    # (it took ~9 s on the first search when it was loaded on demand).
+    t0 = time.monotonic()
     after = search(train_server, "ft", query).json()
+    assert time.monotonic() - t0 < 3.0
     assert after["version"] == last["version"]
     assert [h["id"] for h in after["results"]] == [h["id"] for h in before["results"]]
     for a, b in zip(after["results"], before["results"], strict=True):
