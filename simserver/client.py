@@ -46,6 +46,7 @@ from urllib.parse import quote, unquote
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from simserver.finetune import TrainingMode
 from simserver.schemas import (
     DomainInfo,
     EncoderStats,
@@ -86,7 +87,6 @@ FileInput = (
 )
 """An image or archive: a path, raw bytes, a binary file object, or ``(file_name, bytes | file)``."""
 
-TrainingMode = Literal["auto", "finetune", "pretrained"]
 Metric = Literal["cosine", "l1", "l2"]
 M = TypeVar("M", bound=BaseModel)
 
@@ -515,21 +515,19 @@ class DomainClient:
 
     def training_status(self, task_id: str) -> TaskStatus:
         """``GET /{domain}/train/status``."""
-        try:
-            return self.client._model(
-                TaskStatus, "GET", f"{self._prefix}/train/status", params={"task_id": task_id}
-            )
-        except SimserverError as exc:
-            exc.task_id = task_id
-            raise
+        return self._task(TaskStatus, "status", task_id)
 
     def training_result(self, task_id: str) -> TrainReply:
         """``GET /{domain}/train/get``: the result of a completed task. A failed task raises its
         error (e.g. :class:`BadRequest` for an invalid archive); one still running raises
         :class:`BadRequest` ("not completed yet")."""
+        return self._task(TrainReply, "get", task_id)
+
+    def _task(self, model: type[M], route: str, task_id: str) -> M:
+        """``GET /{domain}/train/<route>?task_id=``; an error carries the task id."""
         try:
             return self.client._model(
-                TrainReply, "GET", f"{self._prefix}/train/get", params={"task_id": task_id}
+                model, "GET", f"{self._prefix}/train/{route}", params={"task_id": task_id}
             )
         except SimserverError as exc:
             exc.task_id = task_id

@@ -8,12 +8,14 @@ import logging
 import time
 import zipfile
 from pathlib import Path
+from typing import get_args
 
 from simserver.cli.common import HelpFormatter, fail, progress_bar
+from simserver.finetune import TrainingMode
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "finetune", "pretrained")
+MODES = get_args(TrainingMode)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

@@ -18,11 +18,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 
 from simserver.client import DEFAULT_URL, Client, SimserverError, StoredImage, TaskStatus
+from simserver.finetune import TrainingMode
 
 Handler = Callable[[Client, argparse.Namespace], Any]
 
@@ -207,7 +208,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p = command("train", _train, "train a domain on a zip or folder of <category>/<image> and wait")
     p.add_argument("domain")
     p.add_argument("archive", help="zip, or folder (zipped on the fly)")
-    p.add_argument("--mode", choices=("auto", "finetune", "pretrained"), default=None)
+    p.add_argument("--mode", choices=get_args(TrainingMode), default=None)
     p.add_argument("--no-wait", action="store_true", help="print the task id and return at once")
     p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="status poll interval")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up waiting after")
