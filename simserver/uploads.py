@@ -32,7 +32,11 @@ async def read_upload_async(path: Path, limits: Limits, field: str) -> bytes:
     return await anyio.to_thread.run_sync(read_upload, path, limits, field)
 
 
+def _pixels(path: Path, limits: Limits, field: str) -> np.ndarray:
+    return prepare(read_upload(path, limits, field), IMAGE_SIZE, limits.max_image_pixels, field)
+
+
 async def image_pixels(path: Path, limits: Limits, field: str) -> np.ndarray:
-    """``uint8 [S, S, 3]`` of an uploaded image; refuses non-images and oversized ones (4xx)."""
-    data = await read_upload_async(path, limits, field)
-    return await anyio.to_thread.run_sync(prepare, data, IMAGE_SIZE, limits.max_image_pixels, field)
+    """``uint8 [S, S, 3]`` of an uploaded image; refuses non-images and oversized ones (4xx).
+    Read and decoded in one worker-thread hop: this is on every search's path."""
+    return await anyio.to_thread.run_sync(_pixels, path, limits, field)
