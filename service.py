@@ -22,7 +22,7 @@ from runners import die_with_server
 from runners.domain_index import make_domain_service
 from runners.encoder import EncoderService
 from runners.trainer import TrainerService
-from simserver import metrics
+from simserver import metrics, request_ids
 from simserver.asgi import GatewayMiddleware, harden_multipart
 from simserver.domain_config import BUILTIN, DomainConfig, Limits, load_domains
 from simserver.errors import RequestRefused, UnknownDomain
@@ -77,6 +77,7 @@ class ImageSimilarity:
 
     def __init__(self) -> None:
         die_with_server()
+        request_ids.install_log_filter()  # BentoML has configured its log handlers by now
         self.repo = Repository(artifact_store())
         self.jobs = JobRecords(artifact_store())
         # The internal services, each call's refusals raised again here with their status.

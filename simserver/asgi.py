@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 from urllib.parse import parse_qs
 
+from simserver import request_ids
 from simserver.http_errors import error_body
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,11 @@ class GatewayMiddleware:
       reads and, for tasks, stores the whole body before any handler could count it);
     * 4xx bodies rewritten to ``{"error": "..."}``; a task ``/status`` or ``/get`` unknown to this
       replica is answered from the job records in the artifact store;
-    * ``/readyz`` answers within ``ready_timeout`` (503 if the dependencies do not).
+    * ``/readyz`` answers within ``ready_timeout`` (503 if the dependencies do not);
+    * heavy routes (a site's images for ``/relevance``): at most ``max_heavy_requests`` at once,
+      429 with ``Retry-After`` beyond, so a burst queues at the client, not in this memory;
+    * a request id (:mod:`simserver.request_ids`) in the response header, every error body and the
+      log lines of the request.
     """
 
     OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs", "/docs.json", "/schema.json", "/")
@@ -42,8 +47,15 @@ class GatewayMiddleware:
         search_requires_key: bool = False,
         job_lookup: Callable[[str], dict | None] | None = None,
         ready_timeout: float = 4.0,
+        heavy_routes: Collection[str] = (),
+        max_heavy_requests: int = 2,
+        retry_after_s: int = 5,
     ) -> None:
         self.app = app
+        self.heavy_routes = heavy_routes
+        self.max_heavy_requests = max_heavy_requests
+        self.retry_after_s = retry_after_s
+        self._heavy_in_flight = 0
         self.ready_timeout = ready_timeout
         self._late_probes: set[asyncio.Future] = set()  # answered 503, still running: see _readyz
         self.domains = domains
@@ -63,6 +75,8 @@ class GatewayMiddleware:
         return {
             "domains": set(domains),
             "domain_routes": ("search", "train", "images", "relevance"),
+            "heavy_routes": ("relevance",),
+            "max_heavy_requests": settings.max_heavy_requests,
             "api_keys": api_keys(settings),
             "search_requires_key": settings.search_requires_key,
             "job_lookup": job_lookup,
@@ -71,6 +85,8 @@ class GatewayMiddleware:
         }
 
     async def _respond(self, send: Callable, status: int, body: Any, headers: list | None = None) -> None:
+        if status >= 400 and isinstance(body, dict) and (rid := request_ids.current.get()):
+            body = {**body, "request_id": rid}
         raw = json.dumps(body).encode()
         await send(
             {
@@ -107,6 +123,21 @@ class GatewayMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        rid = request_ids.from_header(dict(scope.get("headers") or []).get(request_ids.HEADER))
+        token = request_ids.current.set(rid)
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                hdrs = [(k, v) for k, v in message.get("headers", []) if k.lower() != request_ids.HEADER]
+                message = {**message, "headers": [*hdrs, (request_ids.HEADER, rid.encode())]}
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_with_id)
+        finally:
+            request_ids.current.reset(token)
+
+    async def _handle(self, scope: Scope, receive: Callable, send: Callable) -> None:
         path, method = scope["path"], scope["method"]
         if path == "/readyz":
             await self._readyz(scope, receive, send)
@@ -151,6 +182,16 @@ class GatewayMiddleware:
         task_query = (
             len(parts) == 3 and parts[1] == "train" and parts[2] in ("status", "get") and method == "GET"
         )
+        heavy = len(parts) == 2 and parts[1] in self.heavy_routes and method == "POST"
+        if heavy and self._heavy_in_flight >= self.max_heavy_requests:
+            await self._refuse(
+                send,
+                429,
+                f"{self._heavy_in_flight} {parts[1]} requests are running (the limit); retry in "
+                f"{self.retry_after_s} s",
+                [(b"retry-after", str(self.retry_after_s).encode())],
+            )
+            return
 
         held: dict[str, Any] = {}
         chunks: list[bytes] = []
@@ -158,7 +199,7 @@ class GatewayMiddleware:
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 hdrs = dict(message.get("headers") or [])
-                if 400 <= message["status"] < 500 and b"json" in hdrs.get(b"content-type", b""):
+                if message["status"] >= 400 and b"json" in hdrs.get(b"content-type", b""):
                     held["start"] = message  # error bodies are small: hold and rewrite
                     return
                 await send(message)
@@ -176,7 +217,10 @@ class GatewayMiddleware:
                     return
                 raw = b"".join(chunks)
                 try:
-                    raw = json.dumps(error_body(json.loads(raw))).encode()
+                    body = error_body(json.loads(raw))
+                    if isinstance(body, dict):
+                        body = {**body, "request_id": request_ids.current.get()}
+                    raw = json.dumps(body).encode()
                 except ValueError:
                     pass
                 out_headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
@@ -186,7 +230,14 @@ class GatewayMiddleware:
             else:
                 await send(message)
 
-        await self.app(scope, receive, send_wrapper)
+        if not heavy:
+            await self.app(scope, receive, send_wrapper)
+            return
+        self._heavy_in_flight += 1
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self._heavy_in_flight -= 1
 
     async def _readyz(self, scope: Scope, receive: Callable, send: Callable) -> None:
         """BentoML's /readyz, answered within ``ready_timeout`` seconds: a probe that arrives while

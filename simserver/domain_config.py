@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from simserver.finetune import TrainingConfig
 from simserver.index_choice import IndexPolicy
 from simserver.metrics import Metric
+from simserver.preprocess import DEFAULT_MAX_DECODED_BYTES
 from simserver.relevance import RelevanceConfig
 from simserver.settings import PROJECT_ROOT
 
@@ -25,6 +26,19 @@ class Limits(BaseModel):
     max_entries: int = Field(10_000, ge=1, description="files in one training zip")
     max_uncompressed_bytes: int = Field(1 * 2**30, ge=1, description="sum of a zip's uncompressed sizes")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width*height of one image")
+    max_decoded_bytes: int = Field(
+        DEFAULT_MAX_DECODED_BYTES,
+        ge=1,
+        description="width*height*bytes per pixel of one decoded image, checked before decoding",
+    )
+    max_entry_bytes: int = Field(
+        64 * 2**20, ge=1, description="uncompressed size of one zip entry, read from its header"
+    )
+    max_request_pixels: int = Field(
+        400_000_000,
+        ge=1,
+        description="sum of width*height over one multi-image request (a site's images), before decoding",
+    )
 
 
 class DomainConfig(BaseModel):

@@ -23,7 +23,7 @@ from PIL import Image
 
 from simserver.domain_config import Limits
 from simserver.errors import BadArchive, BadImage, TooLarge
-from simserver.preprocess import prepare
+from simserver.preprocess import DEFAULT_MAX_DECODED_BYTES, image_pixel_count, prepare
 from simserver.schemas import Skipped
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,50 @@ class Sample:
     metadata: dict[str, str] = field(default_factory=dict)
     image_size: int = 224
     max_pixels: int = 40_000_000
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
 
     @property
     def pixels(self) -> np.ndarray:
         """uint8 [S, S, 3], decoded on demand: holding 150 KB of pixels per image for a whole
         training set would cost 1.5 GB per 10,000 images; decoding twice costs a few ms each."""
-        return prepare(self.data, self.image_size, self.max_pixels, self.name)
+        return prepare(self.data, self.image_size, self.max_pixels, self.name, self.max_decoded_bytes)
+
+
+def _sample(
+    name: str,
+    label: str,
+    data: bytes,
+    limits: Limits,
+    image_size: int,
+    metadata: dict[str, str] | None = None,
+) -> Sample:
+    return Sample(
+        name,
+        label,
+        data,
+        _media_type(data),
+        dict(metadata or {}),
+        image_size,
+        limits.max_image_pixels,
+        limits.max_decoded_bytes,
+    )
+
+
+class PixelBudget:
+    """What one multi-image request may decode in all (a site's images), charged from each image's
+    header before it is decoded: decoding is what such a request costs (measured: 8 zero-filled
+    40-megapixel PNGs in a 3.6 KB zip kept a request busy 19 s)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.spent = limit, 0
+
+    def charge(self, name: str, data: bytes) -> None:
+        self.spent += image_pixel_count(data)
+        if self.spent > self.limit:
+            raise TooLarge(
+                f"{name}: the request's images hold more than {self.limit} pixels in all "
+                "(the limit per request); send fewer or smaller images"
+            )
 
 
 @dataclass
@@ -125,12 +163,15 @@ def _checked_image(
     image_size: int,
     skipped: list[Skipped],
     progress: Callable[[int], None] | None,
+    budget: PixelBudget | None = None,
 ) -> bytes | None:
     """The entry's bytes if they decode as an image (pixels are decoded again when encoded); a
     broken image is skipped and listed, an oversized one refuses the whole archive."""
     data = read()
+    if budget is not None:
+        budget.charge(name, data)
     try:
-        prepare(data, image_size, limits.max_image_pixels, name)
+        prepare(data, image_size, limits.max_image_pixels, name, limits.max_decoded_bytes)
     except TooLarge as exc:
         raise TooLarge(f"refusing the archive: {exc.message}") from None
     except BadImage as exc:
@@ -148,10 +189,11 @@ def _build(
     image_size: int,
     progress: Callable[[int], None] | None = None,
     labelled: bool = True,
+    budget: PixelBudget | None = None,
 ) -> Dataset:
     listed = list(entries)
     if not labelled:  # a bag of images (one supplier site): any layout, no categories
-        return _build_unlabelled(listed, limits, image_size, progress)
+        return _build_unlabelled(listed, limits, image_size, progress, budget)
     depth = _strip_wrapper([p for p, _ in listed if p[-1] != METADATA_FILE])
     metadata: dict[str, dict[str, str]] = {}
     images: list[tuple[tuple[str, ...], Callable[[], bytes]]] = []
@@ -176,11 +218,7 @@ def _build(
         meta = metadata.get(name)
         if meta is None and len(by_basename[rel[-1]]) == 1:
             meta = metadata.get(rel[-1])
-        samples.append(
-            Sample(
-                name, rel[0], data, _media_type(data), dict(meta or {}), image_size, limits.max_image_pixels
-            )
-        )
+        samples.append(_sample(name, rel[0], data, limits, image_size, meta))
     if not samples:
         raise BadArchive(
             f"no usable image: expected <category>/<image> entries; {len(skipped)} skipped"
@@ -194,15 +232,16 @@ def _build_unlabelled(
     limits: Limits,
     image_size: int,
     progress: Callable[[int], None] | None,
+    budget: PixelBudget | None,
 ) -> Dataset:
     samples: list[Sample] = []
     skipped: list[Skipped] = []
     for parts, read in listed:
         name = "/".join(parts)
-        data = _checked_image(name, read, limits, image_size, skipped, progress)
+        data = _checked_image(name, read, limits, image_size, skipped, progress, budget)
         if data is None:
             continue
-        samples.append(Sample(name, "", data, _media_type(data), {}, image_size, limits.max_image_pixels))
+        samples.append(_sample(name, "", data, limits, image_size))
     if not samples:
         raise BadArchive(
             f"no usable image in the archive; {len(skipped)} skipped"
@@ -226,8 +265,10 @@ def read_zip(
     image_size: int = 224,
     progress: Callable[[int], None] | None = None,
     labelled: bool = True,
+    budget: PixelBudget | None = None,
 ) -> Dataset:
-    """``labelled``: ``<category>/<image>`` entries (training); else any layout (a site's images)."""
+    """``labelled``: ``<category>/<image>`` entries (training); else any layout (a site's images).
+    ``budget``: the pixels the whole request may decode."""
     if not data:
         raise BadArchive("archive is empty")
     if len(data) > limits.max_upload_bytes:
@@ -247,6 +288,13 @@ def read_zip(
     total = sum(i.file_size for i in files)
     if total > limits.max_uncompressed_bytes:
         raise TooLarge(f"archive expands to {total} bytes; the limit is {limits.max_uncompressed_bytes}")
+    # From the headers, before inflating anything: a 1 MB entry of zeros may claim 1 GB (and the
+    # reader never reads more than an entry claims, so the claim is what it costs).
+    if oversized := next((i for i in files if i.file_size > limits.max_entry_bytes), None):
+        raise TooLarge(
+            f"archive entry {oversized.filename!r} expands to {oversized.file_size} bytes; "
+            f"the limit is {limits.max_entry_bytes} per entry"
+        )
     entries = []
     for info in infos:
         parts = _safe_parts(info.filename)
@@ -258,7 +306,7 @@ def read_zip(
             raise BadArchive(f"archive entry {info.filename!r} is encrypted")
         if _visible(parts):
             entries.append((parts, _reader(zf, info)))
-    return _build(entries, limits, image_size, progress, labelled)
+    return _build(entries, limits, image_size, progress, labelled, budget)
 
 
 def read_site(
@@ -268,9 +316,10 @@ def read_site(
     Broken images are skipped and listed; a site with no usable image is refused."""
     samples: list[Sample] = []
     skipped: list[Skipped] = []
+    budget = PixelBudget(limits.max_request_pixels)
     if archive is not None:
         try:
-            site = read_zip(archive, limits, image_size, labelled=False)
+            site = read_zip(archive, limits, image_size, labelled=False, budget=budget)
             samples.extend(site.samples)
             skipped.extend(site.skipped)
         except BadArchive as exc:
@@ -282,8 +331,8 @@ def read_site(
             f"{len(samples) + len(skipped) + len(files)} images in all; the limit is {limits.max_entries}"
         )
     for name, data in files:
-        if _checked_image(name, partial(_given, data), limits, image_size, skipped, None) is not None:
-            samples.append(Sample(name, "", data, _media_type(data), {}, image_size, limits.max_image_pixels))
+        if _checked_image(name, partial(_given, data), limits, image_size, skipped, None, budget) is not None:
+            samples.append(_sample(name, "", data, limits, image_size))
     if not samples:
         raise BadArchive(
             "no usable image in the site's upload"

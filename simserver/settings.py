@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     encoder_runtime: Literal["auto", "tflite", "savedmodel"] = Field(
         "auto", description="auto: TFLite/XNNPACK when it reproduces the SavedModel, else TF"
     )
+    max_heavy_requests: int = Field(
+        2, ge=1, le=64, description="/relevance calls at once per gateway; 429 + Retry-After beyond"
+    )
+    max_concurrent_decodes: int = Field(
+        4, ge=1, le=64, description="uploaded images the gateway decodes at once (each up to ~200 MB)"
+    )
     encoder_threads: int = Field(
         0, ge=0, le=256, description="TFLite threads; 0: every CPU the process may use"
     )

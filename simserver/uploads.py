@@ -3,6 +3,7 @@ decoded pixels."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -13,6 +14,20 @@ from simserver.domain_config import Limits
 from simserver.encoder import IMAGE_SIZE
 from simserver.errors import TooLarge
 from simserver.preprocess import prepare
+from simserver.settings import get_settings
+
+_limiter: tuple[asyncio.AbstractEventLoop, anyio.CapacityLimiter] | None = None
+
+
+def _decode_limiter() -> anyio.CapacityLimiter:
+    """Uploaded images decoded at once in this process (``MAX_CONCURRENT_DECODES``): one decode of
+    the largest allowed image holds ~200 MB, so 16 concurrent ones must not all run together. One
+    limiter per event loop (a limiter belongs to the loop it was made in)."""
+    global _limiter
+    loop = asyncio.get_running_loop()
+    if _limiter is None or _limiter[0] is not loop:
+        _limiter = (loop, anyio.CapacityLimiter(get_settings().max_concurrent_decodes))
+    return _limiter[1]
 
 
 def upload_name(path: Path) -> str:
@@ -33,10 +48,11 @@ async def read_upload_async(path: Path, limits: Limits, field: str) -> bytes:
 
 
 def _pixels(path: Path, limits: Limits, field: str) -> np.ndarray:
-    return prepare(read_upload(path, limits, field), IMAGE_SIZE, limits.max_image_pixels, field)
+    data = read_upload(path, limits, field)
+    return prepare(data, IMAGE_SIZE, limits.max_image_pixels, field, limits.max_decoded_bytes)
 
 
 async def image_pixels(path: Path, limits: Limits, field: str) -> np.ndarray:
     """``uint8 [S, S, 3]`` of an uploaded image; refuses non-images and oversized ones (4xx).
     Read and decoded in one worker-thread hop: this is on every search's path."""
-    return await anyio.to_thread.run_sync(_pixels, path, limits, field)
+    return await anyio.to_thread.run_sync(_pixels, path, limits, field, limiter=_decode_limiter())

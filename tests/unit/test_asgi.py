@@ -110,7 +110,8 @@ def test_body_limits_and_unknown_domain():
 
 def test_bentoml_error_bodies_are_clarified():
     app, _ = make_app(400, [{"error": "bad thing"}])
-    assert call(mw_for(app), "GET", "/x")[1] == {"error": "bad thing"}
+    body = call(mw_for(app), "GET", "/x")[1]
+    assert body["error"] == "bad thing" and set(body) == {"error", "request_id"}
     detail = {"error": "1 validation error for Input", "detail": [{"loc": ["top_k"], "msg": "too big"}]}
     app, _ = make_app(400, detail)
     assert call(mw_for(app), "GET", "/x")[1]["error"] == "top_k: too big"
@@ -134,7 +135,7 @@ def test_unknown_task_answered_from_job_records():
     status, body, _ = call(mw, "GET", "/fashion/train/status", query="task_id=t1")
     assert status == 200 and body["status"] == "failed"
     status, body, _ = call(mw, "GET", "/fashion/train/get", query="task_id=t1")
-    assert status == 413 and body == {"error": "too big"}
+    assert status == 413 and body["error"] == "too big"
     assert call(mw, "GET", "/fashion/train/status", query="task_id=t2")[0] == 404
 
 
@@ -198,3 +199,90 @@ def test_the_api_key_never_reaches_the_app():
     assert call(mw_for(app), "POST", "/fashion/search", headers)[0] == 200  # no keys configured
     assert seen and all(b"authorization" not in h for h in seen)
     assert all(h[b"content-length"] == b"10" for h in seen)  # the other headers pass through
+
+
+# -- request ids and the heavy-route bound (#19) ----------------------------------------------------
+
+
+def test_every_answer_carries_a_request_id_and_errors_repeat_it():
+    app, _ = make_app(200)
+    status, _, headers = call(mw_for(app), "GET", "/domains")
+    assert status == 200 and len(headers[b"x-request-id"]) == 16
+    app, _ = make_app(400, [{"error": "bad thing"}])
+    _, body, headers = call(mw_for(app), "GET", "/x", {"X-Request-ID": "lb-1234.a_b"})
+    assert headers[b"x-request-id"] == b"lb-1234.a_b" and body["request_id"] == "lb-1234.a_b"
+    # The middleware's own refusals too; a header that could inject text into logs is replaced.
+    _, body, headers = call(mw_for(app), "POST", "/shoes/search", {**POST, "X-Request-ID": "a b\nINFO x"})
+    assert body["request_id"] == headers[b"x-request-id"].decode() and " " not in body["request_id"]
+    # Server faults as well (their message stays BentoML's).
+    app, _ = make_app(500, {"error": "Internal Server Error"})
+    _, body, headers = call(mw_for(app), "GET", "/x")
+    assert body["request_id"] == headers[b"x-request-id"].decode()
+
+
+def test_log_lines_written_during_a_request_carry_its_id(caplog):
+    import logging
+
+    from simserver.request_ids import RequestIdFilter
+
+    async def app(scope, receive, send):
+        logging.getLogger("simserver.test").warning("inside %s", "the handler")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    caplog.handler.addFilter(RequestIdFilter())
+    sent: list[dict] = []
+
+    async def run():
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(m):
+            sent.append(m)
+
+        scope = {"type": "http", "method": "GET", "path": "/x", "headers": [(b"x-request-id", b"abc")]}
+        await mw_for(app)(scope, receive, send)
+
+    asyncio.run(run())
+    assert [r.getMessage() for r in caplog.records] == ["[req abc] inside the handler"]
+
+
+def test_heavy_requests_beyond_the_bound_get_429_with_retry_after():
+    release = asyncio.Event()
+    entered = []
+
+    async def slow_app(scope, receive, send):
+        entered.append(scope["path"])
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    mw = mw_for(slow_app, heavy_routes=("relevance",), max_heavy_requests=2, domain_routes=("relevance",))
+
+    async def one(path: str) -> tuple[int, dict]:
+        out: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        async def send(m):
+            out.append(m)
+
+        headers = [(k.lower().encode(), v.encode()) for k, v in POST.items()]
+        await mw({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
+        return out[0]["status"], dict(out[0]["headers"])
+
+    async def run():
+        first = [asyncio.ensure_future(one("/fashion/relevance")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        third = await one("/fashion/relevance")
+        other = asyncio.ensure_future(one("/fashion/search"))  # not heavy: not bounded
+        await asyncio.sleep(0.05)
+        release.set()
+        done = [await f for f in first]
+        after = await one("/fashion/relevance")  # the slots were given back
+        return third, done, await other, after
+
+    third, done, other, after = asyncio.run(run())
+    assert third[0] == 429 and third[1][b"retry-after"] == b"5"
+    assert [d[0] for d in done] == [200, 200] and other[0] == 200 and after[0] == 200

@@ -11,7 +11,7 @@ import pytest
 
 from simserver.domain_config import Limits
 from simserver.errors import BadArchive, TooLarge
-from simserver.ingest import Skipped, count_entries, iter_chunks, read_folder, read_zip
+from simserver.ingest import Skipped, count_entries, iter_chunks, read_folder, read_site, read_zip
 from tests.unit.conftest import BLUE, DEMO, GREEN, RED, TEST_DATA, make_zip, solid
 
 LIMITS = Limits()
@@ -339,3 +339,37 @@ def test_count_entries_and_chunks(tmp_path):
     assert count_entries(DEMO / "fashion") == sum(1 for p in (DEMO / "fashion").rglob("*") if p.is_file())
     assert list(iter_chunks(list(range(7)), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
     assert list(iter_chunks([], 3)) == []
+
+
+# -- per-entry and per-request budgets, before the work (#19) ---------------------------------------
+
+
+def test_an_entry_larger_than_the_limit_is_refused_from_its_header():
+    # A zip bomb: a few KB of deflated zeros that claim 5 MB; refused before anything is inflated.
+    data = make_zip({"shoes/zeros.png": b"\0" * 5_000_000, "shoes/red.png": PNG_RED})
+    assert len(data) < 20_000
+    with pytest.raises(TooLarge, match="per entry"):
+        read_zip(data, Limits(max_entry_bytes=1_000_000))
+
+
+def test_a_site_over_its_pixel_budget_is_refused_before_decoding_the_rest(monkeypatch):
+    from simserver import ingest
+
+    decoded: list[str] = []
+    real_prepare = ingest.prepare
+    monkeypatch.setattr(
+        ingest, "prepare", lambda data, *a, **k: decoded.append(a[2]) or real_prepare(data, *a, **k)
+    )
+    files = [(f"img{i}.png", solid(RED, size=(100, 100))) for i in range(5)]
+    with pytest.raises(TooLarge, match="pixels in all"):
+        read_site(None, files, Limits(max_request_pixels=25_000))
+    assert decoded == ["img0.png", "img1.png"]  # the third image was refused from its header
+    # Within the budget: all five.
+    assert len(read_site(None, files, Limits(max_request_pixels=50_000)).samples) == 5
+
+
+def test_a_sites_pixel_budget_counts_archive_entries_and_files_together():
+    archive = make_zip({f"site/{i}.png": solid(RED, size=(100, 100)) for i in range(2)})
+    files = [("extra.png", solid(RED, size=(100, 100)))]
+    with pytest.raises(TooLarge, match="pixels in all"):
+        read_site(archive, files, Limits(max_request_pixels=25_000))

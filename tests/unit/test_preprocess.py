@@ -250,3 +250,92 @@ def test_max_pixels_boundary():
 def test_open_image_returns_loaded_image():
     img = open_image(solid(RED, size=(7, 5)), BIG)
     assert img.size == (7, 5)
+
+
+# -- memory bounded before and during decoding (#19) ------------------------------------------------
+
+_PEAK_SCRIPT = """
+import resource, sys
+from simserver.preprocess import prepare
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prepare(data, 224, 40_000_000)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def _peak_mb(tmp_path, data: bytes) -> int:
+    """Peak RSS that one prepare() adds, in a fresh interpreter (ru_maxrss never goes down)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, check=True
+    )
+    return int(out.stdout.strip())
+
+
+@pytest.mark.parametrize("mode", ["I;16", "RGBA"])
+def test_a_small_file_of_40_megapixels_costs_little_memory(tmp_path, mode):
+    # The outside test's finding: a 77 KB 16-bit PNG of 6300x6300 added ~1.0 GB to one search (a
+    # float64 copy and its temporaries); an RGBA one 0.76 GB (full-size composited copies).
+    img = Image.new(mode, (6300, 6300)) if mode == "I;16" else Image.new(mode, (6300, 6300), (9, 9, 9, 9))
+    data = encode(img, "PNG")
+    assert len(data) < 200_000
+    decoded = 6300 * 6300 * (2 if mode == "I;16" else 4) // 2**20
+    assert _peak_mb(tmp_path, data) < decoded + 60
+
+
+def test_decoded_size_is_refused_from_the_header():
+    # 6000x6000 RGBA: under the pixel limit, 137 MiB decoded; refused with no pixel data read.
+    with pytest.raises(TooLarge, match="decodes to"):
+        prepare(png_header_only(6000, 6000), SIZE, BIG, "query", max_decoded_bytes=100 * 2**20)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "I;16", "P"])
+def test_the_strip_path_gives_the_direct_paths_pixels(monkeypatch, mode):
+    # Oracle: the same image through the direct path (whole image converted, then resized).
+    from simserver import preprocess
+
+    rng = np.random.default_rng(1)
+    small = Image.fromarray((rng.random((30, 45, 3)) * 255).astype(np.uint8))
+    big = small.resize((1350, 900), Image.Resampling.BILINEAR)
+    if mode == "I;16":
+        big = Image.fromarray(np.asarray(big.convert("L")).astype(np.uint16) * 257)
+    elif mode == "P":
+        big = big.convert("P")
+    elif mode != "RGB":
+        big = big.convert(mode)
+        big.putalpha(Image.new("L", big.size, 100))
+    data = encode(big, "PNG")
+    direct = prepare(data, SIZE, BIG)
+    monkeypatch.setattr(preprocess, "LEAN_ABOVE_BYTES", 0)
+    monkeypatch.setattr(preprocess, "STRIP_BYTES", 40_000)  # many strips
+    lean = prepare(data, SIZE, BIG)
+    assert np.abs(lean.astype(int) - direct).max() <= 1
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale(monkeypatch):
+    from simserver import preprocess
+
+    src = _landscape_with_red_top_left().resize((4000, 2000))
+    data = encode(src, "JPEG", quality=95)
+    full = prepare(data, SIZE, BIG)
+    monkeypatch.setattr(preprocess, "LEAN_ABOVE_BYTES", 0)
+    img = open_image(data, BIG, target=SIZE)
+    assert img.size[0] < 4000 and img.size[0] >= 2 * SIZE  # DCT-scaled, still twice the target
+    reduced = prepare(data, SIZE, BIG)
+    assert np.abs(reduced.astype(int) - full).mean() < 2
+
+
+def test_exif_orientation_is_applied_on_the_strip_path(monkeypatch):
+    from simserver import preprocess
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(_landscape_with_red_top_left(), "PNG", exif=exif.tobytes())
+    direct = prepare(data, SIZE, BIG)
+    monkeypatch.setattr(preprocess, "LEAN_ABOVE_BYTES", 0)
+    assert np.abs(prepare(data, SIZE, BIG).astype(int) - direct).max() <= 1
