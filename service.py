@@ -7,6 +7,7 @@ wherever they arise and reach the client as ``{"error": message}`` (:mod:`simser
 from __future__ import annotations
 
 import logging
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -80,6 +81,8 @@ class ImageSimilarity:
         request_ids.install_log_filter()  # BentoML has configured its log handlers by now
         self.repo = Repository(artifact_store())
         self.jobs = JobRecords(artifact_store())
+        # In a thread: listing the job records of a large S3 store must not delay start-up.
+        threading.Thread(target=self.jobs.fail_interrupted, name="fail-interrupted", daemon=True).start()
         # The internal services, each call's refusals raised again here with their status.
         self.indexes = {name: Remote(getattr(self, attr)) for name, attr in _DEP_ATTR.items()}
         self.training = Remote(self.trainer)

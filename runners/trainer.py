@@ -24,7 +24,8 @@ from simserver.ingest import read_zip
 from simserver.repository import Repository
 from simserver.schemas import TrainReply
 from simserver.settings import get_settings
-from simserver.store import open_store
+from simserver.store import LocalStore, open_store
+from simserver.sweep import sweep
 from simserver.training import FeatureCache, train_domain
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,10 @@ class TrainerService:
         exit_after_sigterm()
         self.settings = get_settings()
         self.domains: dict[str, DomainConfig] = load_domains(self.settings.domains_dir)
-        self.repo = Repository(open_store(self.settings.store_uri, self.settings.store_cache_dir))
+        store = open_store(self.settings.store_uri, self.settings.store_cache_dir)
+        self.repo = Repository(store)
+        # The only writer of versions: what a killed training left behind goes before it trains.
+        sweep(store.root if isinstance(store, LocalStore) else None, self.settings.store_cache_dir)
         self._training: set[str] = set()
         self._lock = threading.Lock()
 

@@ -15,12 +15,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
+import psutil
 from pydantic import BaseModel
 
 from simserver.http_errors import refusal
@@ -38,6 +41,23 @@ STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def this_process() -> dict[str, Any]:
+    """Who runs a job: host, pid and the pid's start time (a pid alone may be reused)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time()}
+
+
+def _gone(owner: Any) -> bool:
+    """True if ``owner`` (from :func:`this_process`) was a process of this host that no longer runs."""
+    if not isinstance(owner, dict) or owner.get("host") != socket.gethostname():
+        return False  # another replica's: its heartbeat tells
+    try:
+        return abs(psutil.Process(int(owner["pid"])).create_time() - float(owner["started"])) > 1.0
+    except psutil.NoSuchProcess:
+        return True
+    except (KeyError, TypeError, ValueError, psutil.Error):
+        return False
 
 
 class JobRecords:
@@ -64,6 +84,7 @@ class JobRecords:
             "created_at": _now(),
             "executed_at": None,
             "heartbeat_at": _now(),
+            "owner": this_process(),
         }
         self._write(task_id, record)
         return record
@@ -125,6 +146,23 @@ class JobRecords:
         beat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beat
+
+    def fail_interrupted(self) -> list[str]:
+        """At start-up: the jobs a dead process of this host left in progress are marked failed
+        at once (a client polling one sees the failure now, not after the heartbeat goes stale)."""
+        failed = []
+        for key in self.store.list("jobs/"):
+            task_id = key.removeprefix("jobs/").removesuffix(".json")
+            try:
+                record = json.loads(self.store.get(key))
+            except (KeyError, ValueError):
+                continue
+            if record.get("status") == "in_progress" and _gone(record.get("owner")):
+                self.failed(record, 503, "interrupted by a restart of the server; submit it again")
+                failed.append(task_id)
+        if failed:
+            logger.info("marked %d interrupted training jobs failed: %s", len(failed), ", ".join(failed))
+        return failed
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         try:

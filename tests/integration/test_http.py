@@ -383,14 +383,43 @@ def test_sigterm_with_requests_in_flight_stops_every_process(tmp_path, demo_stor
 def test_a_killed_server_leaves_no_worker_and_restarts_on_its_port(
     tmp_path, demo_store, domains_dir, builtin_tag
 ):
-    """kill -9 of `bentoml serve` used to leave every worker running (each in a process group of
-    its own), holding the port: a restart failed with "Address already in use"."""
+    """kill -9 of `bentoml serve` during a training used to leave every worker running (each in a
+    process group of its own), holding the port: a restart failed with "Address already in use";
+    and the job stayed `in_progress` for ever, with its temp files left in the store."""
+    import json
+    import shutil
+
     from tests.integration.conftest import Server, server_env
 
-    srv = Server(server_env(demo_store, domains_dir, tmp_path), tmp_path / "server.log")
+    store = tmp_path / "store"
+    shutil.copytree(demo_store, store)  # the training below must not reach the session's store
+    hour_ago = time.time() - 3600
+    leftovers = [store / "domains/food/versions/20000101T000000-dead00/.encoder.tar.x1y2.tmp"]
+    leftovers.append(store / "domains/food/.CURRENT.a1b2.tmp")
+    for p in leftovers:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"partial")
+        os.utime(p, (hour_ago, hour_ago))
+    srv = Server(server_env(store, domains_dir, tmp_path), tmp_path / "server.log")
     srv.wait_ready()
     workers = srv.processes()[1:]
     assert len(workers) >= 5, workers  # gateway, encoder, trainer, index services
+    photos = sorted(p for p in (DEMO / "food").rglob("*") if p.is_file())[::7][:55]
+    archive = make_zip({f"{p.parent.name}/{p.name}": p.read_bytes() for p in photos})
+    r = requests.post(
+        f"{srv.url}/scratch/train/submit",
+        files={"archive": ("set.zip", archive)},
+        data={"mode": "finetune"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    task_id = r.json()["task_id"]
+    record = store / "jobs" / f"{task_id}.json"
+    deadline = time.monotonic() + 30
+    while not record.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert json.loads(record.read_text())["status"] == "in_progress"  # killed mid-training
     os.kill(srv.proc.pid, signal.SIGKILL)
     srv.proc.wait()
     _, alive = psutil.wait_procs(workers, timeout=15)
@@ -400,5 +429,16 @@ def test_a_killed_server_leaves_no_worker_and_restarts_on_its_port(
     srv.restart()  # the same port, at once
     try:
         assert search(srv, "fashion", DRESS.read_bytes()).status_code == 200
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = requests.get(f"{srv.url}/scratch/train/status", params={"task_id": task_id}, timeout=10)
+            if status.json()["status"] != "in_progress":
+                break
+            time.sleep(0.5)
+        assert status.status_code == 200 and status.json()["status"] == "failed", status.text
+        got = requests.get(f"{srv.url}/scratch/train/get", params={"task_id": task_id}, timeout=10)
+        assert_error(got, 503, "interrupted by a restart")
+        assert not any(p.exists() for p in leftovers)
+        assert not leftovers[0].parent.exists()  # the version folder without meta.json
     finally:
         srv.stop()

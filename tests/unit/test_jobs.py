@@ -96,3 +96,39 @@ def test_a_running_job_renews_its_heartbeat(store, monkeypatch):
     # started, then heartbeats while it ran, then the final record, written last
     assert writes[0] == "in_progress" and writes.count("in_progress") >= 4 and writes[-1] == "completed"
     assert jobs.get("t6")["status"] == "completed"
+
+
+def test_at_start_up_jobs_of_dead_processes_of_this_host_are_failed_at_once(store):
+    import json
+    import subprocess
+    import sys
+
+    from simserver.jobs import this_process
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = this_process()
+    owners = {
+        "dead": {**me, "pid": dead.pid},  # its process is gone
+        "reused": {**me, "started": me["started"] - 3600},  # the pid now belongs to another process
+        "alive": me,  # this process: still running it
+        "elsewhere": {**me, "host": "another-replica"},  # its heartbeat decides
+        "old-format": None,
+    }
+    jobs = JobRecords(store)
+    for task_id, owner in owners.items():
+        record = jobs.started(task_id, "fashion")
+        record["owner"] = owner
+        store.put(f"jobs/{task_id}.json", json.dumps(record).encode())
+    jobs.completed(jobs.started("done", "fashion"), {"version": "v"})
+    assert sorted(jobs.fail_interrupted()) == ["dead", "reused"]
+    for task_id in ("dead", "reused"):
+        record = jobs.get(task_id)
+        assert record["status"] == "failed" and record["http_status"] == 503
+        assert "interrupted by a restart" in record["error"]
+    assert [jobs.get(t)["status"] for t in ("alive", "elsewhere", "old-format", "done")] == [
+        "in_progress",
+        "in_progress",
+        "in_progress",
+        "completed",
+    ]
