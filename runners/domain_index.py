@@ -21,6 +21,7 @@ from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, die_with_server, exit_a
 from runners.encoder import EncoderService
 from simserver.domain_config import DomainConfig
 from simserver.encoder import IMAGE_SIZE
+from simserver.index import DomainIndex
 from simserver.ingest import read_site
 from simserver.live import LiveIndex
 from simserver.repository import Repository
@@ -48,7 +49,8 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             exit_after_sigterm()
             settings = get_settings()
             repo = Repository(open_store(settings.store_uri, settings.store_cache_dir))
-            self.live = LiveIndex(repo, cfg.name, settings.pointer_poll_seconds)
+            self._loop = asyncio.get_event_loop()
+            self.live = LiveIndex(repo, cfg.name, settings.pointer_poll_seconds, warm=self._warm_version)
             self.live.start()
             self.searcher = Searcher(cfg, lambda: self.live.current, self._encode, settings.encode_batch_size)
             self._started = time.monotonic()
@@ -69,6 +71,13 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
                     logger.debug("domain %s: warm-up: %s", cfg.name, exc)
                     await asyncio.sleep(0.5)
             self._warm = True
+
+        def _warm_version(self, index: DomainIndex) -> None:
+            """Before a new version replaces the served one (in the poll thread, or the thread of a
+            ``reload`` call; never the event loop's): its encoder loaded and run once."""
+            probe = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+            call = self._encode(probe, served_encoder(index, cfg))
+            asyncio.run_coroutine_threadsafe(call, self._loop).result(timeout=WARM_UP_LIMIT_S)
 
         def __is_ready__(self) -> bool:
             # Bounded: a warm-up that keeps failing must not keep the server unready for ever.

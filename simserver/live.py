@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from simserver.index import DomainIndex
 from simserver.repository import Repository
@@ -17,8 +18,20 @@ logger = logging.getLogger(__name__)
 
 
 class LiveIndex:
-    def __init__(self, repo: Repository, domain: str, poll_seconds: float = 2.0) -> None:
+    """``warm``: called with a newly loaded version before it replaces the served one (not for the
+    first version: the service's readiness waits for that). Searches meanwhile keep the old one,
+    so a replica that picks up a fine-tuned version never makes a client wait for its encoder; a
+    warm-up that fails is logged, and the version is served anyway."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        domain: str,
+        poll_seconds: float = 2.0,
+        warm: Callable[[DomainIndex], None] | None = None,
+    ) -> None:
         self.repo = repo
+        self.warm = warm
         self.domain = domain
         self.poll_seconds = poll_seconds
         self.current: DomainIndex | None = None
@@ -40,6 +53,11 @@ class LiveIndex:
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 logger.warning("domain %s: cannot refresh: %s", self.domain, self.last_error)
                 return False
+            if self.warm is not None and self.current is not None:
+                try:
+                    self.warm(index)
+                except Exception as exc:
+                    logger.warning("domain %s: warm-up of version %s failed: %s", self.domain, version, exc)
             old = self.current.version if self.current else None
             self.current = index
             self.last_error = None

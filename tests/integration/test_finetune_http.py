@@ -132,3 +132,31 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
     assert [h["id"] for h in after["results"]] == [h["id"] for h in before["results"]]
     for a, b in zip(after["results"], before["results"], strict=True):
         assert abs(a["score"] - b["score"]) < 1e-3
+
+    # Another replica publishes a fine-tuned version this server has never loaded (a copy of the
+    # last one under a new version and encoder key): the poller warms its encoder before it swaps,
+    # so the first search on it does not wait for the load (~9 s when loaded on demand).
+    from pathlib import Path
+
+    from simserver.repository import Repository, new_version_id
+    from simserver.store import LocalStore
+
+    store = LocalStore(Path(train_server.env["STORE_URI"].removeprefix("file://")))
+    repo = Repository(store)
+    index = repo.load("ft", last["version"])
+    version = new_version_id()
+    key = f"domains/ft/versions/{version}/encoder.tar"
+    store.put(key, store.get(last["encoder"].removeprefix("store:")))
+    index.meta.update(version=version, encoder=f"store:{key}")
+    repo.publish("ft", index)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        listed = {d["name"]: d for d in requests.get(f"{train_server.url}/domains", timeout=10).json()}
+        if listed["ft"]["version"] == version:
+            break
+        time.sleep(0.2)
+    assert listed["ft"]["serving_encoder"] == f"store:{key}"
+    t0 = time.monotonic()
+    swapped = search(train_server, "ft", query).json()
+    assert time.monotonic() - t0 < 3.0
+    assert swapped["version"] == version and swapped["results"][0]["name"] == query_name

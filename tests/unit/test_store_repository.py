@@ -392,3 +392,24 @@ def test_failed_encode_publishes_nothing(repo):
         build_domain(repo, "shop", ds, encode=broken, encoder_id="x", metric="cosine")
     assert repo.current_version("shop") is None
     assert repo.store.list("domains/shop") == []
+
+
+def test_a_new_version_is_warmed_before_it_is_served(repo):
+    seen = []
+    live = LiveIndex(repo, "d", warm=lambda index: seen.append((index.version, live.current.version)))
+    repo.publish("d", tiny_index("v1"))
+    assert live.refresh() and seen == []  # the first version: readiness waits for it instead
+    repo.publish("d", tiny_index("v2"))
+    assert live.refresh() and seen == [("v2", "v1")]  # warmed while v1 still served
+    assert live.current.version == "v2"
+
+
+def test_a_failed_warm_up_still_serves_the_new_version(repo):
+    def warm(index):
+        raise TimeoutError("encoder service busy")
+
+    live = LiveIndex(repo, "d", warm=warm)
+    repo.publish("d", tiny_index("v1"))
+    live.refresh()
+    repo.publish("d", tiny_index("v2"))
+    assert live.refresh() and live.current.version == "v2" and live.last_error is None
