@@ -48,11 +48,17 @@ class GatewayMiddleware:
         job_lookup: Callable[[str], dict | None] | None = None,
         ready_timeout: float = 4.0,
         heavy_routes: Collection[str] = (),
+        relevance_domains: Collection[str] | None = None,
+        task_choices: Mapping[str, Collection[str]] | None = None,
+        task_files: Collection[str] = (),
         max_heavy_requests: int = 2,
         retry_after_s: int = 5,
     ) -> None:
         self.app = app
         self.heavy_routes = heavy_routes
+        self.relevance_domains = relevance_domains
+        self.task_choices = task_choices or {}
+        self.task_files = task_files
         self.max_heavy_requests = max_heavy_requests
         self.retry_after_s = retry_after_s
         self._heavy_in_flight = 0
@@ -68,7 +74,10 @@ class GatewayMiddleware:
     @staticmethod
     def options(domains: Mapping[str, Any], settings: Any, job_lookup: Callable[[str], dict | None]) -> dict:
         """The gateway's middleware options from its domains (``DomainConfig`` by name) and settings."""
+        from typing import get_args
+
         from simserver.domain_config import Limits
+        from simserver.finetune import TrainingMode
         from simserver.settings import api_keys
 
         uploads = [c.limits.max_upload_bytes for c in domains.values()] + [Limits().max_upload_bytes]
@@ -76,6 +85,9 @@ class GatewayMiddleware:
             "domains": set(domains),
             "domain_routes": ("search", "train", "images", "relevance"),
             "heavy_routes": ("relevance",),
+            "relevance_domains": {n for n, c in domains.items() if c.target_label},
+            "task_choices": {"mode": get_args(TrainingMode)},
+            "task_files": ("archive",),
             "max_heavy_requests": settings.max_heavy_requests,
             "api_keys": api_keys(settings),
             "search_requires_key": settings.search_requires_key,
@@ -142,6 +154,9 @@ class GatewayMiddleware:
         if path == "/readyz":
             await self._readyz(scope, receive, send)
             return
+        if path == "/docs.json" and method == "GET":
+            await self._openapi(scope, receive, send)
+            return
         parts = path.strip("/").split("/")
         if len(parts) >= 2 and parts[1] in self.domain_routes and parts[0] not in self.domains:
             known = ", ".join(sorted(self.domains)) or "none"
@@ -160,6 +175,14 @@ class GatewayMiddleware:
                 **scope,
                 "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"],
             }
+        if len(parts) == 3 and parts[1:] == ["train", "cancel"]:
+            await self._refuse(
+                send,
+                405,
+                "a training cannot be cancelled: it ends by itself, and publishes only if it completes",
+                [(b"allow", b"GET")],
+            )
+            return
         if method in ("POST", "PUT"):
             length_header = headers.get(b"content-length")
             if length_header is None:
@@ -178,6 +201,13 @@ class GatewayMiddleware:
             ctype = headers.get(b"content-type", b"").lower()
             if ctype.startswith(b"multipart/form-data") and b"boundary=" not in ctype:
                 await self._refuse(send, 400, "multipart/form-data request without a boundary")
+                return
+        if len(parts) == 3 and parts[1:] == ["train", "submit"] and method == "POST":
+            # BentoML stores a task and answers 200 before it parses the form: a bad choice would
+            # only fail later, in the task. Checked here so the submit itself gets the 400.
+            receive, problem = await self._checked_task_form(scope, receive)
+            if problem:
+                await self._refuse(send, 400, problem)
                 return
         task_query = (
             len(parts) == 3 and parts[1] == "train" and parts[2] in ("status", "get") and method == "GET"
@@ -238,6 +268,82 @@ class GatewayMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self._heavy_in_flight -= 1
+
+    async def _checked_task_form(self, scope: Scope, receive: Callable) -> tuple[Callable, str | None]:
+        """The body read once (its size is checked already) and replayed to BentoML; its choice
+        fields (``task_choices``) checked. Returns the replaying ``receive`` and the problem."""
+        from starlette.datastructures import Headers, UploadFile
+        from starlette.formparsers import MultiPartException, MultiPartParser
+
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:  # after the body: what the client does next (a disconnect)
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def stream():
+            yield body
+
+        problem = None
+        headers = Headers(scope=scope)
+        if not headers.get("content-type", "").startswith("multipart/form-data"):
+            return replay, "send the training as multipart/form-data with the zip in 'archive'"
+        try:
+            form = await MultiPartParser(headers, stream()).parse()
+        except MultiPartException as exc:
+            return replay, f"malformed multipart body: {exc.message}"
+        try:
+            for name in self.task_files:
+                if not any(isinstance(v, UploadFile) for v in form.getlist(name)):
+                    problem = f"{name}: missing; upload it as a file"
+            for name, allowed in self.task_choices.items():
+                for value in form.getlist(name):
+                    if isinstance(value, UploadFile):
+                        continue
+                    try:
+                        choice = json.loads(value)  # BentoML json-decodes a JSON-typed part
+                    except ValueError:
+                        choice = value
+                    if choice not in allowed and value not in allowed:
+                        problem = f"{name}: {value[:40]!r} is not one of {', '.join(allowed)}"
+        finally:
+            await form.close()
+        return replay, problem
+
+    async def _openapi(self, scope: Scope, receive: Callable, send: Callable) -> None:
+        """BentoML's OpenAPI document, completed (:mod:`simserver.openapi`)."""
+        from simserver.openapi import complete
+
+        got: dict[str, Any] = {"status": 500, "body": b""}
+
+        async def capture(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                got["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                got["body"] += message.get("body", b"")
+
+        await self.app(scope, receive, capture)
+        try:
+            spec = json.loads(got["body"])
+        except ValueError:
+            spec = None
+        if got["status"] != 200 or not isinstance(spec, dict):
+            await self._refuse(send, 500, "cannot generate the OpenAPI document")
+            return
+        await self._respond(send, 200, complete(spec, self.domains, self.relevance_domains))
 
     async def _readyz(self, scope: Scope, receive: Callable, send: Callable) -> None:
         """BentoML's /readyz, answered within ``ready_timeout`` seconds: a probe that arrives while

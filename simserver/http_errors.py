@@ -24,6 +24,7 @@ from typing import Any
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from simserver.errors import RequestRefused
@@ -55,8 +56,8 @@ def error_body(body: Any) -> Any:
             if isinstance(d, dict) and "msg" in d:
                 loc = ".".join(str(x) for x in d.get("loc", ()) if x not in ("body",))
                 parts.append(f"{loc}: {d['msg']}" if loc else d["msg"])
-        if parts:
-            body = {**body, "error": "; ".join(parts)}
+        if parts:  # the list said in one line; the schema's error shape has no `detail`
+            body = {k: v for k, v in body.items() if k != "detail"} | {"error": "; ".join(parts)}
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         body = {**body, "error": _unwrap(body["error"])}
     return body
@@ -126,6 +127,10 @@ class _RefusalsAreNotErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         refused = refusal(exc) if exc is not None else None
+        if refused is None and isinstance(exc, ValidationError):  # BentoML's input validation: a 400
+            refused = 400, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        if refused is None and isinstance(exc, BentoMLException) and 400 <= int(exc.error_code) < 500:
+            refused = int(exc.error_code), exc.message  # raised in this process (BadInput): the client's
         if refused is not None:
             where = record.getMessage().removeprefix("Exception on ")
             record.msg, record.args = "%s refused (%d): %s", (where, refused[0], refused[1])

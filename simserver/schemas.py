@@ -3,14 +3,27 @@ services give the gateway, and what :mod:`simserver.client` returns. One model p
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from simserver.finetune import TrainingMode
 
+
+def _not_a_bool(value: Any) -> Any:
+    """A number parameter sent as ``true``/``false`` is a mistake; pydantic would read it as 1/0."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+_NUMBER = BeforeValidator(_not_a_bool)
+
 # Request parameters of the HTTP routes, validated by BentoML (a violation is a 400 naming the field).
-TopK = Annotated[int | None, Field(ge=1, le=100, description="default: the domain's top_k")]
+# Bounds inside the optional: on the union, a null would meet the bound (a TypeError, a 500).
+TopK = Annotated[
+    Annotated[int, Field(ge=1, le=100)] | None, _NUMBER, Field(description="default: the domain's top_k")
+]
 Mode = Annotated[
     TrainingMode | None,
     Field(
@@ -19,12 +32,16 @@ Mode = Annotated[
     ),
 ]
 ImageThreshold = Annotated[
-    float | None, Field(ge=-1, le=1, description="margin threshold; default: calibrated at training")
+    Annotated[float, Field(ge=-1, le=1)] | None,
+    _NUMBER,
+    Field(description="margin threshold; default: calibrated at training"),
 ]
 SiteThreshold = Annotated[
-    float | None, Field(ge=0, le=1, description="default: the domain's relevance.site_threshold")
+    Annotated[float, Field(ge=0, le=1)] | None,
+    _NUMBER,
+    Field(description="default: the domain's relevance.site_threshold"),
 ]
-Nearest = Annotated[int, Field(ge=0, le=20, description="neighbours listed per image")]
+Nearest = Annotated[int, _NUMBER, Field(ge=0, le=20, description="neighbours listed per image")]
 
 
 class Hit(BaseModel):

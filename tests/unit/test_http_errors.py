@@ -54,3 +54,38 @@ def test_remote_raises_refusals_again_and_anything_else_as_a_fault():
     validation = BentoMLException('{"error": "x", "detail": []}', error_code=HTTPStatus.BAD_REQUEST)
     with pytest.raises(InternalCallFailed):
         anyio.run(lambda: Remote(Proxy(validation)).to_async.search())
+
+
+def test_client_mistakes_are_one_info_line_and_faults_keep_their_traceback():
+    import logging
+
+    from bentoml.exceptions import BadInput
+    from pydantic import BaseModel, ValidationError
+
+    from simserver.errors import BadImage
+    from simserver.http_errors import _RefusalsAreNotErrors
+
+    class Input(BaseModel):
+        top_k: int
+
+    try:
+        Input.model_validate({"top_k": "many"})
+    except ValidationError as exc:
+        invalid = exc
+
+    def logged(exc: BaseException) -> logging.LogRecord:
+        record = logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on /x [POST]", (), None)
+        record.exc_info = (type(exc), exc, None)
+        _RefusalsAreNotErrors().filter(record)
+        return record
+
+    for mistake, status in (
+        (BadImage("image: empty file"), 400),
+        (BadInput("file fields ..."), 400),
+        (invalid, 400),
+    ):
+        record = logged(mistake)
+        assert record.levelno == logging.INFO and record.exc_info is None, mistake
+        assert f"refused ({status})" in record.getMessage()
+    fault = logged(RuntimeError("disk full"))
+    assert fault.levelno == logging.ERROR and fault.exc_info is not None
