@@ -163,13 +163,10 @@ def _checked_image(
     image_size: int,
     skipped: list[Skipped],
     progress: Callable[[int], None] | None,
-    budget: PixelBudget | None = None,
 ) -> bytes | None:
     """The entry's bytes if they decode as an image (pixels are decoded again when encoded); a
     broken image is skipped and listed, an oversized one refuses the whole archive."""
     data = read()
-    if budget is not None:
-        budget.charge(name, data)
     try:
         prepare(data, image_size, limits.max_image_pixels, name, limits.max_decoded_bytes)
     except TooLarge as exc:
@@ -236,12 +233,13 @@ def _build_unlabelled(
 ) -> Dataset:
     samples: list[Sample] = []
     skipped: list[Skipped] = []
-    for parts, read in listed:
-        name = "/".join(parts)
-        data = _checked_image(name, read, limits, image_size, skipped, progress, budget)
-        if data is None:
-            continue
-        samples.append(_sample(name, "", data, limits, image_size))
+    read_all = [("/".join(parts), read()) for parts, read in listed]
+    if budget is not None:  # every header first: an over-budget site is refused before any decoding
+        for name, data in read_all:
+            budget.charge(name, data)
+    for name, raw in read_all:
+        if _checked_image(name, partial(_given, raw), limits, image_size, skipped, progress) is not None:
+            samples.append(_sample(name, "", raw, limits, image_size))
     if not samples:
         raise BadArchive(
             f"no usable image in the archive; {len(skipped)} skipped"
@@ -317,6 +315,8 @@ def read_site(
     samples: list[Sample] = []
     skipped: list[Skipped] = []
     budget = PixelBudget(limits.max_request_pixels)
+    for name, data in files:
+        budget.charge(name, data)
     if archive is not None:
         try:
             site = read_zip(archive, limits, image_size, labelled=False, budget=budget)
@@ -331,7 +331,7 @@ def read_site(
             f"{len(samples) + len(skipped) + len(files)} images in all; the limit is {limits.max_entries}"
         )
     for name, data in files:
-        if _checked_image(name, partial(_given, data), limits, image_size, skipped, None, budget) is not None:
+        if _checked_image(name, partial(_given, data), limits, image_size, skipped, None) is not None:
             samples.append(_sample(name, "", data, limits, image_size))
     if not samples:
         raise BadArchive(

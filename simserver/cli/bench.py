@@ -57,6 +57,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quick", action="store_true", help="N = 20,000, 100 queries")
 
+    bench(
+        "limits",
+        "the worst inputs under the limits, each sent once to a real server: status, peak RSS added, CPU s",
+        run_limits,
+    )
+    p = bench(
+        "soak",
+        "thousands of searches mixed with bad inputs against one server: unexpected answers, RSS growth",
+        run_soak,
+    )
+    p.add_argument("--searches", type=int, default=10_000)
+    p.add_argument("--bad", type=int, default=500, help="bad requests mixed in (each must get a 4xx)")
+    p.add_argument("--clients", type=int, default=4)
+
     p = bench(
         "http",
         "a real server: latency, req/s, batching, CPU per search; ratios against the encoder alone",
@@ -142,6 +156,30 @@ def run_index(args: argparse.Namespace) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     print_json(index_figures(n, 1280, queries, kinds), compact=args.json)
     return 0
+
+
+def run_limits(args: argparse.Namespace) -> int:
+    from simserver.bench import limits
+    from simserver.bench.common import BenchError
+
+    try:
+        result = limits.worst_inputs()
+    except BenchError as exc:
+        return fail(str(exc), status=1)
+    print_json(result, compact=args.json)
+    return 0
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    from simserver.bench import limits
+    from simserver.bench.common import BenchError
+
+    try:
+        result = limits.soak(searches=args.searches, bad=args.bad, clients=args.clients)
+    except BenchError as exc:
+        return fail(str(exc), status=1)
+    print_json(result, compact=args.json)
+    return 0 if result["errors"] == 0 else 1
 
 
 def run_http(args: argparse.Namespace) -> int:
