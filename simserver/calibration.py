@@ -1,10 +1,11 @@
 """The calibration step of a training: each capability that needs a per-domain decision rule
-fitted on the hold-out plugs in here, instead of growing :mod:`simserver.training`.
+fitted on the dataset plugs in here, instead of growing :mod:`simserver.training`.
 
-A :class:`Calibrator` sees the stratified split and the vectors of the embedding the new version
-serves (hold-out images unseen by its head), and returns a JSON-able dict stored in the version's
-``meta.json`` under its ``name`` and reported in the train reply. Supplier relevance is the first;
-duplicate thresholds, pair thresholds and text-fusion weights follow the same shape.
+A :class:`Calibrator` sees the stratified split and the vectors, in the embedding the new
+version serves, of every dataset image (hold-out images unseen by its head), and returns a
+JSON-able dict stored in the version's ``meta.json`` under its ``name`` and reported in the
+train reply. Supplier relevance is the first; duplicate thresholds, pair thresholds and text-fusion
+weights follow the same shape.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 
 from simserver.domain_config import DomainConfig
 from simserver.evaluation import Split
-from simserver.relevance import calibrate, margins_exact
+from simserver.relevance import site_rule
+from simserver.relevance_calibration import choose_threshold, loo_margins
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,9 @@ class Calibrator(Protocol):
 
 
 class RelevanceCalibrator:
-    """The per-image margin threshold of ``/relevance``: hold-out images scored against the
-    training images, at the configured precision."""
+    """The per-image margin threshold of ``/relevance``: every image of the dataset scored
+    leave-one-out against all the others, in the embedding the version serves (see
+    :mod:`simserver.relevance_calibration`), and the site rule that follows from it."""
 
     name = "relevance"
 
@@ -45,23 +48,17 @@ class RelevanceCalibrator:
         return bool(cfg.target_label)
 
     def calibrate(self, data: CalibrationData) -> dict[str, Any]:
-        cfg, split, lab = data.cfg, data.split, data.labels
+        cfg, lab = data.cfg, data.labels
         assert cfg.target_label
         rc = cfg.relevance
-        if split.evaluable:
-            m = margins_exact(
-                data.vectors[split.holdout],
-                data.vectors[split.train],
-                lab[split.train].tolist(),
-                cfg.target_label,
-                rc.top_k,
-                cfg.metric,
-            )
-            is_target = lab[split.holdout] == cfg.target_label
-        else:
-            m, is_target = np.zeros(0), np.zeros(0, dtype=bool)
-        out = calibrate(m, is_target, rc.precision, rc.default_image_threshold)
-        return {"target": cfg.target_label, "top_k": rc.top_k, "site_threshold": rc.site_threshold, **out}
+        margins = loo_margins(data.vectors, lab, cfg.target_label, rc.top_k, cfg.metric)
+        out = choose_threshold(margins, lab == cfg.target_label, rc)
+        rule = site_rule(out, rc)
+        site = {"site_rule": rule.rule, "site_threshold": round(rule.threshold, 4)}
+        if rule.basis is not None:
+            site["expected_fraction_relevant"] = round(rule.basis.expected_fraction_relevant, 4)
+            site["expected_fraction_irrelevant"] = round(rule.basis.expected_fraction_irrelevant, 4)
+        return {"target": cfg.target_label, "top_k": rc.top_k, **out, **site}
 
 
 CALIBRATORS: tuple[Calibrator, ...] = (RelevanceCalibrator(),)

@@ -167,5 +167,8 @@ def test_training_needs_the_target_label_folder(repo):
     ok = DomainConfig(name="shop", target_label="warm", training={"augment_views": 0})
     report = train_domain(repo, ok, dataset(), Backend())
     cal = report.meta["relevance"]
-    assert cal["target"] == "warm" and cal["method"] == "hold-out" and cal["positives"] == 1
+    # Every image scored leave-one-out: all five warm ones are positives, not one hold-out image.
+    assert cal["target"] == "warm" and cal["method"] == "leave-one-out"
+    assert (cal["positives"], cal["negatives"]) == (5, 5) and cal["recall"] == 1.0
+    assert cal["site_rule"] == "likelihood" and 0 < cal["site_threshold"] < 1 and cal["recall_ci95"][1] == 1.0
     assert report.as_json()["relevance"] == cal

@@ -1,0 +1,116 @@
+"""The numbers behind ``/relevance``'s two decisions, fitted once per training.
+
+1. **Image threshold.** Every catalogue image is scored *leave-one-out*: its margin (see
+   :mod:`simserver.relevance`) against the index of all the other images, exactly what a search of
+   an index without it returns (:func:`loo_margins`). The threshold on those margins maximises
+   Youden's J = recall - false-positive rate (or F1), placed midway between two adjacent margins.
+   J is the right criterion for the site decision: a site whose share of target images is ``s``
+   shows an expected fraction ``fpr + s * J`` of similar images, so the largest J separates
+   relevant from irrelevant sites the most. A precision floor applies only when at least
+   ``min_positives`` target images back it (a floor on 3 images is noise).
+2. The site threshold follows from the counts this returns, at request time
+   (:func:`simserver.relevance.site_rule`), so a changed ``relevant_share`` needs no retraining.
+
+Recall and false-positive rate are reported with Wilson 95% intervals and the counts they rest on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from simserver import metrics
+from simserver.relevance import RelevanceConfig, distances
+
+Z95 = 1.959964
+
+
+def loo_margins(
+    vectors: np.ndarray,
+    labels: list[str] | np.ndarray,
+    target: str,
+    top_k: int,
+    metric: str,
+    chunk: int = 512,
+) -> np.ndarray:
+    """Each image's margin against all the *other* images (its own row left out), by exact kNN
+    over its ``top_k`` nearest: what a search of an index without it gives."""
+    n = len(vectors)
+    lab = np.asarray(labels)
+    is_target = lab == target
+    k = min(top_k, n - 1)
+    out = np.zeros(n, dtype=np.float64)
+    if k < 1:
+        return out
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(start + chunk, n))
+        dist = distances(metric, vectors[rows], vectors)
+        dist[np.arange(len(rows)), rows] = np.inf  # leave the image itself out
+        top = np.argpartition(dist, k - 1, axis=1)[:, :k] if k < n else np.argsort(dist, axis=1)
+        # argpartition leaves the k nearest unordered: order them as a search would (stable).
+        order = np.argsort(np.take_along_axis(dist, top, 1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, 1)
+        scores = metrics.distance_to_score(metric, np.take_along_axis(dist, top, 1))
+        hit = is_target[top]
+        best_target = np.where(hit, scores, 0.0).max(axis=1)
+        best_other = np.where(~hit, scores, 0.0).max(axis=1)
+        out[rows] = best_target - best_other
+    return out
+
+
+def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson score interval of a binomial proportion (None without trials)."""
+    if trials <= 0:
+        return None
+    p = successes / trials
+    denom = 1 + z**2 / trials
+    centre = (p + z**2 / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _rounded(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [round(interval[0], 4), round(interval[1], 4)]
+
+
+def choose_threshold(margins: np.ndarray, is_target: np.ndarray, config: RelevanceConfig) -> dict[str, Any]:
+    """The margin threshold (see the module docstring) and the counts at it."""
+    margins = np.asarray(margins, dtype=np.float64)
+    is_target = np.asarray(is_target, dtype=bool)
+    pos, neg = int(is_target.sum()), int((~is_target).sum())
+    base: dict[str, Any] = {"rule": config.rule, "positives": pos, "negatives": neg}
+    if pos == 0 or neg == 0:
+        return {**base, "method": "default", "image_threshold": config.default_image_threshold}
+    # Candidate cuts: above every margin, then midway below each distinct margin (descending).
+    values = np.unique(margins)[::-1]
+    cuts = np.concatenate([[values[0] + 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] - 1e-6]])
+    tp = np.array([(margins[is_target] >= c).sum() for c in cuts])
+    fp = np.array([(margins[~is_target] >= c).sum() for c in cuts])
+    recall, fpr = tp / pos, fp / neg
+    precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
+    if config.rule == "f1":
+        score = np.where(tp > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    else:
+        score = recall - fpr
+    floor = config.precision if config.precision is not None and pos >= config.min_positives else None
+    allowed = precision >= floor if floor is not None else np.ones(len(cuts), bool)
+    if not allowed.any():
+        allowed = precision == precision.max()  # the floor is out of reach: the most precise cut
+    score = np.where(allowed, score, -np.inf)
+    best = int(np.flatnonzero(score == score.max())[-1])  # ties: the lowest cut (more recall)
+    t, p = int(tp[best]), int(fp[best])
+    return {
+        **base,
+        "method": "leave-one-out",
+        "image_threshold": round(float(cuts[best]), 6),
+        "true_positives": t,
+        "false_positives": p,
+        "recall": round(t / pos, 4),
+        "recall_ci95": _rounded(wilson(t, pos)),
+        "false_positive_rate": round(p / neg, 4),
+        "false_positive_rate_ci95": _rounded(wilson(p, neg)),
+        "precision": round(float(precision[best]), 4),
+        "precision_floor": floor,
+    }
