@@ -22,11 +22,25 @@ from simserver.relevance_calibration import choose_threshold, loo_margins
 
 
 @dataclass(frozen=True)
+class ScoredPart:
+    """Images scored in one embedding that never trained on them: their indices, every dataset
+    image's vector in it (the gallery), and optionally augmented views of them (vectors + the
+    image each one is a view of), scored as further queries the way site photos would be."""
+
+    indices: np.ndarray
+    vectors: np.ndarray
+    view_vectors: np.ndarray | None = None
+    view_owner: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
 class CalibrationData:
     cfg: DomainConfig
     split: Split
     vectors: np.ndarray  # every image of the dataset, in the embedding the version serves
     labels: np.ndarray  # str [N]
+    # None: every image scored with the served vectors (an embedding that trained on none of them).
+    parts: list[ScoredPart] | None = None
 
 
 class Calibrator(Protocol):
@@ -39,8 +53,9 @@ class Calibrator(Protocol):
 
 class RelevanceCalibrator:
     """The per-image margin threshold of ``/relevance``: every image of the dataset scored
-    leave-one-out against all the others, in the embedding the version serves (see
-    :mod:`simserver.relevance_calibration`), and the site rule that follows from it."""
+    leave-one-out against all the others (see :mod:`simserver.relevance_calibration`), in an
+    embedding whose head never trained on it (the served one's hold-out, the others by heads
+    cross-fitted without them), and the site rule that follows from it."""
 
     name = "relevance"
 
@@ -51,8 +66,31 @@ class RelevanceCalibrator:
         cfg, lab = data.cfg, data.labels
         assert cfg.target_label
         rc = cfg.relevance
-        margins = loo_margins(data.vectors, lab, cfg.target_label, rc.top_k, cfg.metric)
-        out = choose_threshold(margins, lab == cfg.target_label, rc)
+        parts = data.parts or [ScoredPart(np.arange(len(lab)), data.vectors)]
+        margins, owners = [], []
+        for part in parts:
+            margins.append(
+                loo_margins(part.vectors, lab, cfg.target_label, rc.top_k, cfg.metric, queries=part.indices)
+            )
+            owners.append(part.indices)
+            if part.view_vectors is not None and part.view_owner is not None and len(part.view_owner):
+                margins.append(
+                    loo_margins(
+                        part.vectors,
+                        lab,
+                        cfg.target_label,
+                        rc.top_k,
+                        cfg.metric,
+                        queries=part.view_owner,
+                        query_vectors=part.view_vectors,
+                    )
+                )
+                owners.append(part.view_owner)
+        owner = np.concatenate(owners).astype(np.int64)
+        out = choose_threshold(np.concatenate(margins), lab[owner] == cfg.target_label, rc, images=owner)
+        views = sum(len(p.view_owner) for p in parts if p.view_owner is not None)
+        out["method"] = "leave-one-out" + (f", {len(parts)} cross-fitted heads" if len(parts) > 1 else "")
+        out["augmented_views"] = views
         rule = site_rule(out, rc)
         site = {"site_rule": rule.rule, "site_threshold": round(rule.threshold, 4)}
         if rule.basis is not None:

@@ -41,6 +41,13 @@ class RelevanceConfig(BaseModel):
         validation_alias=AliasChoices("top_k", "k"),  # `k` before the names were unified
         description="neighbours looked at per site image",
     )
+    folds: int = Field(
+        5,
+        ge=1,
+        le=20,
+        description="fine-tuned versions: heads the calibration images are scored by, each never trained on "
+        "them (the served head's hold-out + folds - 1 cross-fitted heads); 1: the served head only",
+    )
     rule: Literal["youden", "f1"] = Field(
         "youden", description="image threshold maximising Youden's J (recall - false-positive rate) or F1"
     )
@@ -147,7 +154,7 @@ def site_rule(calibration: dict[str, Any] | None, config: RelevanceConfig) -> Si
     asked for, or when the calibration has no image-level counts (no target image, an older version)."""
     cal = calibration or {}
     counts = ("true_positives", "false_positives", "positives", "negatives")
-    if config.site_rule == "fixed" or any(not isinstance(cal.get(k), int) for k in counts):
+    if config.site_rule == "fixed" or any(not isinstance(cal.get(k), int | float) for k in counts):
         return SiteRule("fixed", config.site_threshold)
     r = (cal["true_positives"] + 0.5) / (cal["positives"] + 1)
     f = (cal["false_positives"] + 0.5) / (cal["negatives"] + 1)

@@ -81,7 +81,7 @@ def make_sites(pool: list, target: str, n_sites: int, seed: int) -> list[Site]:
             pixels = view(s.pixels, hashlib.sha256(s.data).hexdigest(), counter, seed)
             buf = io.BytesIO()
             Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-            images.append((f"site{i}/img{counter}.jpg", buf.getvalue()))
+            images.append((f"site{i}/{s.label}/img{counter}.jpg", buf.getvalue()))  # label: for scoring
         order = rng.permutation(len(images))
         sites.append((relevant, [images[int(j)] for j in order]))
     return sites
@@ -112,12 +112,16 @@ def reference(
 
 def ours(
     sites: list[Site], index, encode: Encode, target: str, config, calibration: dict
-) -> tuple[list[bool], float]:
-    """The endpoint's algorithm (simserver.relevance), in process: one batched encoding per site."""
+) -> tuple[list[bool], float, dict]:
+    """The endpoint's algorithm (simserver.relevance), in process: one batched encoding per site.
+    Also the image-level recall and false-positive rate on the site images (to set beside the
+    calibration's estimates)."""
     from simserver.preprocess import prepare
     from simserver.relevance import judge_site
 
     decisions = []
+    similar: list[bool] = []
+    is_target: list[bool] = []
     t0 = time.perf_counter()
     for _, images in sites:
         # As the endpoint does: decode the site's images, one encoder call for all of them.
@@ -127,7 +131,17 @@ def ours(
             names, index.search(vectors, config.top_k), target, config, calibration=calibration
         )
         decisions.append(verdict.relevant)
-    return decisions, time.perf_counter() - t0
+        similar += [i.similar for i in verdict.images]
+        is_target += [name.split("/")[1] == target for name in names]
+    seconds = time.perf_counter() - t0
+    sim, tgt = np.asarray(similar), np.asarray(is_target)
+    image_figures = {
+        "recall": round(float(sim[tgt].mean()), 4) if tgt.any() else None,
+        "false_positive_rate": round(float(sim[~tgt].mean()), 4) if (~tgt).any() else None,
+        "target_images": int(tgt.sum()),
+        "other_images": int((~tgt).sum()),
+    }
+    return decisions, seconds, image_figures
 
 
 def verdict_figures(decisions: list[bool], truth: list[bool], seconds: float) -> dict:
@@ -200,8 +214,10 @@ def relevance_figures(
         # The reference reads its target images from their files each time, as the notebook did.
         targets = [data / s.name for s in catalogue if s.label == target]
 
-        ours_decisions, ours_s = ours(sites, index, served.encode, target, cfg.relevance, calibration)
-        result = {"ours": verdict_figures(ours_decisions, truth, ours_s)}
+        ours_decisions, ours_s, ours_images = ours(
+            sites, index, served.encode, target, cfg.relevance, calibration
+        )
+        result = {"ours": {**verdict_figures(ours_decisions, truth, ours_s), "site_images": ours_images}}
         logger.info("ours: %s", result["ours"])
         runtimes = {"savedmodel": "reference", "serving": "reference_on_serving_runtime"}
         for runtime in reference_runtimes:
