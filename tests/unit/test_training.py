@@ -185,7 +185,7 @@ def test_relevance_calibration_scores_every_image_with_a_head_that_never_saw_it(
     outcome = fit_and_evaluate(samples, features, be, config, "finetune")
     assert be.heads == 1 and len(outcome.split.holdout) == 2
     seen: list[int] = []
-    be.train_head = lambda x, y, c: seen.append(len(x)) or outcome.head  # type: ignore[method-assign]
+    be.train_head = lambda x, y, c: seen.append(len(x)) or outcome.head
     parts = scored_parts(samples, features, outcome, outcome.head.apply(features), 5, be, config)
     scored = np.concatenate([p.indices for p in parts])
     assert sorted(scored.tolist()) == list(range(10))  # every image once
