@@ -4,19 +4,29 @@ An image's ``similarity`` is its score to the nearest indexed image of the targe
 ``top_k`` nearest neighbours (0 if none is among them); its ``margin`` is that minus the score of the
 nearest image of any other label (so an image closer to an "other"/"random" example than to any
 target example has a negative margin). An image is *similar* when its margin reaches the domain's
-``image_threshold``, calibrated at training time (:func:`calibrate`); a site is *relevant* when the
-fraction of similar images reaches ``site_threshold`` (default 0.25, as in the reference notebook).
+``image_threshold``, calibrated at training time (:mod:`simserver.relevance_calibration`).
+
+A site is *relevant* when its fraction of similar images reaches the site threshold. With
+``site_rule: likelihood`` (default) that threshold comes from the calibrated image-level recall
+``r`` and false-positive rate ``f`` (add-half smoothed): a site whose share of target images is
+``relevant_share`` shows similar images at rate ``p1 = f + relevant_share * (r - f)``, one with
+``irrelevant_share`` at ``p0``; a site of n images with k similar ones is relevant when the
+binomial log-likelihood ratio of p1 against p0 is >= 0, the same as ``k / n >= t`` with ``t``
+between p0 and p1 whatever n. With ``site_rule: fixed`` it is ``site_threshold`` (0.25, as in the
+reference notebook), also used when the image threshold is the request's own (its recall is unknown).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from simserver import metrics
-from simserver.schemas import Hit, SiteImage, SiteVerdict
+from simserver.schemas import Hit, SiteBasis, SiteImage, SiteVerdict
 
 
 class RelevanceConfig(BaseModel):
@@ -31,13 +41,42 @@ class RelevanceConfig(BaseModel):
         validation_alias=AliasChoices("top_k", "k"),  # `k` before the names were unified
         description="neighbours looked at per site image",
     )
-    precision: float = Field(
-        0.9, gt=0, le=1, description="per-image precision the calibrated image_threshold aims for"
+    folds: int = Field(
+        5,
+        ge=1,
+        le=20,
+        description="fine-tuned versions: heads the calibration images are scored by, each never trained on "
+        "them (the served head's hold-out + folds - 1 cross-fitted heads); 1: the served head only",
     )
-    site_threshold: float = Field(0.25, ge=0, le=1, description="fraction of similar images for 'relevant'")
+    rule: Literal["youden", "f1"] = Field(
+        "youden", description="image threshold maximising Youden's J (recall - false-positive rate) or F1"
+    )
+    precision: float | None = Field(
+        0.9, gt=0, le=1, description="per-image precision floor, applied with >= min_positives target images"
+    )
+    min_positives: int = Field(
+        30, ge=1, description="target images needed before the precision floor applies"
+    )
+    site_rule: Literal["likelihood", "fixed"] = Field(
+        "likelihood",
+        description="likelihood: site threshold from the image-level recall; fixed: site_threshold",
+    )
+    relevant_share: float = Field(
+        0.25, gt=0, le=1, description="a relevant site shows at least this share of target images"
+    )
+    irrelevant_share: float = Field(0.1, ge=0, lt=1, description="an irrelevant one at most this share")
+    site_threshold: float = Field(
+        0.25, ge=0, le=1, description="fraction of similar images for 'relevant' with site_rule: fixed"
+    )
     default_image_threshold: float = Field(
-        0.0, ge=-1, le=1, description="margin threshold when the hold-out has no target image to calibrate on"
+        0.0, ge=-1, le=1, description="margin threshold when there is no target image to calibrate on"
     )
+
+    @model_validator(mode="after")
+    def _shares(self) -> RelevanceConfig:
+        if self.irrelevant_share >= self.relevant_share:
+            raise ValueError("irrelevant_share must be below relevant_share")
+        return self
 
 
 @dataclass(frozen=True)
@@ -57,7 +96,7 @@ def score_neighbours(labels: list[str], scores: list[float], target: str) -> Ima
     return ImageScore(float(best_target), float(best_other))
 
 
-def _distances(metric: str, q: np.ndarray, g: np.ndarray) -> np.ndarray:
+def distances(metric: str, q: np.ndarray, g: np.ndarray) -> np.ndarray:
     """[Q, G] distances as the domain's index measures them (see simserver.metrics)."""
     q = np.asarray(q, dtype=np.float64)
     g = np.asarray(g, dtype=np.float64)
@@ -83,7 +122,7 @@ def margins_exact(
 ) -> np.ndarray:
     """Margins of ``queries`` against a gallery by exact kNN (calibration, benchmarks): the same
     scores a search of the domain's index gives."""
-    dist = _distances(metric, queries, gallery)
+    dist = distances(metric, queries, gallery)
     k = min(top_k, dist.shape[1])
     top = np.argsort(dist, axis=1, kind="stable")[:, :k]
     labels = np.asarray(gallery_labels)
@@ -94,39 +133,49 @@ def margins_exact(
     return np.asarray(out, dtype=np.float64)
 
 
-def calibrate(margins: np.ndarray, is_target: np.ndarray, precision: float, default: float) -> dict:
-    """A margin threshold from labelled margins: the lowest target margin whose precision reaches
-    ``precision`` (so the most target images are still found; if none reaches it, the most precise
-    one), then moved midway down to the next lower margin."""
-    margins = np.asarray(margins, dtype=np.float64)
-    is_target = np.asarray(is_target, dtype=bool)
-    pos, neg = int(is_target.sum()), int((~is_target).sum())
-    base = {"precision_target": precision, "positives": pos, "negatives": neg}
-    if pos == 0:
-        return {**base, "image_threshold": default, "precision": None, "recall": None, "method": "default"}
-    best = None
-    for t in np.unique(margins[is_target]):
-        chosen = margins >= t
-        tp = int((chosen & is_target).sum())
-        fp = int((chosen & ~is_target).sum())
-        prec, rec = tp / (tp + fp), tp / pos
-        key = (prec >= precision, rec if prec >= precision else prec, rec)
-        if best is None or key > best[0]:
-            best = (key, float(t), prec, rec)
-    assert best is not None
-    _, t, prec, rec = best
-    # Midway to the next lower margin (always a non-target one): the same decisions on this data,
-    # but unseen target images scoring a little below the lowest calibration one still count.
-    # With a handful of target images, a threshold *at* one of them would overfit.
-    below = margins[margins < t]
-    threshold = (t + float(below.max())) / 2 if below.size else t
-    return {
-        **base,
-        "image_threshold": round(threshold, 6),
-        "precision": round(prec, 4),
-        "recall": round(rec, 4),
-        "method": "hold-out",
-    }
+@dataclass(frozen=True)
+class SiteRule:
+    """How a site's fraction of similar images becomes a verdict (see the module docstring)."""
+
+    rule: str  # "likelihood", "fixed" (the config's site_threshold) or "request"
+    threshold: float
+    basis: SiteBasis | None = None  # likelihood only: what the threshold rests on
+
+    def log_likelihood_ratio(self, similar: int, n: int) -> float | None:
+        """log P(k of n similar | relevant site) / P(k of n | irrelevant site); None unless likelihood."""
+        if self.basis is None:
+            return None
+        p1, p0 = self.basis.expected_fraction_relevant, self.basis.expected_fraction_irrelevant
+        return similar * math.log(p1 / p0) + (n - similar) * math.log((1 - p1) / (1 - p0))
+
+
+def site_rule(calibration: dict[str, Any] | None, config: RelevanceConfig) -> SiteRule:
+    """The configured site rule with a version's calibration; ``fixed`` (``site_threshold``) when
+    asked for, or when the calibration has no image-level counts (no target image, an older version)."""
+    cal = calibration or {}
+    counts = ("true_positives", "false_positives", "positives", "negatives")
+    if config.site_rule == "fixed" or any(not isinstance(cal.get(k), int | float) for k in counts):
+        return SiteRule("fixed", config.site_threshold)
+    r = (cal["true_positives"] + 0.5) / (cal["positives"] + 1)
+    f = (cal["false_positives"] + 0.5) / (cal["negatives"] + 1)
+    if r <= f:  # the image decisions carry no evidence about the target: nothing to weigh
+        return SiteRule("fixed", config.site_threshold)
+    p1 = f + config.relevant_share * (r - f)
+    p0 = f + config.irrelevant_share * (r - f)
+    up, down = math.log(p1 / p0), math.log((1 - p0) / (1 - p1))
+    basis = SiteBasis(
+        positives=cal["positives"],
+        negatives=cal["negatives"],
+        image_recall=cal.get("recall", round(r, 4)),
+        image_recall_ci95=cal.get("recall_ci95"),
+        image_false_positive_rate=cal.get("false_positive_rate", round(f, 4)),
+        image_false_positive_rate_ci95=cal.get("false_positive_rate_ci95"),
+        relevant_share=config.relevant_share,
+        irrelevant_share=config.irrelevant_share,
+        expected_fraction_relevant=p1,
+        expected_fraction_irrelevant=p0,
+    )
+    return SiteRule("likelihood", down / (up + down), basis)
 
 
 def site_decision(
@@ -136,6 +185,26 @@ def site_decision(
     similar = [m >= image_threshold for m in margins]
     fraction = sum(similar) / len(similar) if similar else 0.0
     return similar, fraction, bool(similar) and fraction >= site_threshold
+
+
+def thresholds(
+    config: RelevanceConfig,
+    calibration: dict | None,
+    image_threshold: float | None = None,
+    site_threshold: float | None = None,
+) -> tuple[float, SiteRule]:
+    """(image threshold, site rule): the request's, else the version's calibration with the
+    config's site rule. A request's own image threshold has no calibrated recall, so the site
+    threshold is then the config's fixed one (unless the request gives that too)."""
+    cal = calibration or {}
+    t_image = image_threshold if image_threshold is not None else cal.get("image_threshold")
+    if t_image is None:
+        t_image = config.default_image_threshold
+    if site_threshold is not None:
+        return t_image, SiteRule("request", site_threshold)
+    if image_threshold is not None:
+        return t_image, SiteRule("fixed", config.site_threshold)
+    return t_image, site_rule(cal, config)
 
 
 def judge_site(
@@ -149,20 +218,20 @@ def judge_site(
     site_threshold: float | None = None,
     nearest: int = 3,
 ) -> SiteVerdict:
-    """The ``/relevance`` verdict from each site image's nearest indexed items (best first).
-    Thresholds: the request's, else the version's calibrated one / the config's."""
-    t_image = image_threshold
-    if t_image is None:
-        t_image = (calibration or {}).get("image_threshold", config.default_image_threshold)
-    t_site = site_threshold if site_threshold is not None else config.site_threshold
+    """The ``/relevance`` verdict from each site image's nearest indexed items (best first)."""
+    t_image, rule = thresholds(config, calibration, image_threshold, site_threshold)
     scores = [score_neighbours([h.label for h in row], [h.score for h in row], target) for row in results]
-    similar, fraction, relevant = site_decision([s.margin for s in scores], t_image, t_site)
+    similar, fraction, relevant = site_decision([s.margin for s in scores], t_image, rule.threshold)
+    llr = rule.log_likelihood_ratio(sum(similar), len(similar))
     return SiteVerdict(
         relevant=relevant,
         fraction=round(fraction, 4),
         target=target,
         image_threshold=t_image,
-        site_threshold=t_site,
+        site_threshold=round(rule.threshold, 4),
+        site_rule=rule.rule,
+        log_likelihood_ratio=None if llr is None else round(llr, 4),
+        basis=rule.basis,
         images=[
             SiteImage(
                 name=name,

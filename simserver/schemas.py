@@ -116,12 +116,37 @@ class SiteImage(BaseModel):
     nearest: list[Hit]
 
 
+class SiteBasis(BaseModel):
+    """What a likelihood site threshold rests on: the leave-one-out image-level counts of the
+    version's calibration and the expected fraction of similar images on each kind of site."""
+
+    positives: int = Field(description="target images the calibration scored (leave-one-out)")
+    negatives: int = Field(description="other images it scored")
+    image_recall: float = Field(description="share of target images found similar")
+    image_recall_ci95: list[float] | None = Field(None, description="Wilson 95% interval")
+    image_false_positive_rate: float = Field(description="share of other images found similar")
+    image_false_positive_rate_ci95: list[float] | None = None
+    relevant_share: float = Field(description="a relevant site shows at least this share of target images")
+    irrelevant_share: float = Field(description="an irrelevant one at most this share")
+    expected_fraction_relevant: float = Field(description="similar-image fraction of a relevant_share site")
+    expected_fraction_irrelevant: float = Field(description="of an irrelevant_share site")
+
+
 class SiteVerdict(BaseModel):
     relevant: bool = Field(description="fraction >= site_threshold")
     fraction: float = Field(description="share of the site's usable images that are similar to the target")
     target: str
     image_threshold: float = Field(description="margin threshold (calibrated at training, or the request's)")
-    site_threshold: float
+    site_threshold: float = Field(description="fraction needed for 'relevant' (derived: see site_rule)")
+    site_rule: str = Field(
+        "fixed",  # what servers before the likelihood rule applied (their replies lack the field)
+        description="likelihood: from the calibrated image recall (equivalent to log_likelihood_ratio >= 0); "
+        "fixed: the domain's relevance.site_threshold; request: the request's site_threshold",
+    )
+    log_likelihood_ratio: float | None = Field(
+        None, description="likelihood rule: log P(this many similar | relevant) / P(... | irrelevant)"
+    )
+    basis: SiteBasis | None = Field(None, description="likelihood rule: what the site threshold rests on")
     images: list[SiteImage]
 
 

@@ -90,6 +90,13 @@ class Searcher:
                 f"domain {self.cfg.name!r} names no target_label: relevance is for domains that do"
             )
         index = self._serving()
+        indexed = index.meta.get("labels") or {}
+        if target not in indexed:
+            raise Conflict(
+                f"domain {self.cfg.name!r} decides relevance for target label {target!r}, but the version "
+                f"it serves ({index.version}) has no {target!r} images (labels: "
+                f"{', '.join(indexed) or 'none'}): train it with a {target}/ folder of images"
+            )
         rc = self.cfg.relevance
         chunks = []
         for batch in iter_chunks(site.samples, self.batch_size):

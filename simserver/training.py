@@ -29,7 +29,7 @@ import numpy as np
 
 from simserver.augment import view as augmented_view
 from simserver.builder import BuildReport, encode_images, publish_version
-from simserver.calibration import CalibrationData, calibrate_all
+from simserver.calibration import CalibrationData, ScoredPart, calibrate_all
 from simserver.domain_config import DomainConfig
 from simserver.errors import RequestRefused
 from simserver.evaluation import RetrievalResult, Split, evaluate_retrieval, is_better, stratified_split
@@ -159,6 +159,8 @@ class Outcome:
     reason: str
     augmented_views: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # The training split's augmented views: their features and the dataset index of each one's image.
+    views: tuple[np.ndarray, np.ndarray] | None = None
 
     def evaluation(self) -> dict:
         return {
@@ -231,6 +233,7 @@ def fit_and_evaluate(
         x = np.concatenate([x, vx])
         y = np.concatenate([y, y[np.asarray(owner, dtype=np.int64)]])
         out.augmented_views = len(vx)
+        out.views = (vx, train_idx[np.asarray(owner, dtype=np.int64)])
         out.seconds["augment"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     head = backend.train_head(x, y.tolist(), config)
@@ -246,6 +249,92 @@ def fit_and_evaluate(
         assert out.finetuned is not None and pretrained is not None
         out.promoted, out.reason = is_better(out.finetuned, pretrained)
     return out
+
+
+def fold_groups(labels: np.ndarray, indices: np.ndarray, n_groups: int, seed: int) -> list[np.ndarray]:
+    """``indices`` dealt into ``n_groups`` groups, each class spread evenly (deterministic)."""
+    rng = np.random.default_rng(seed)
+    groups: list[list[int]] = [[] for _ in range(n_groups)]
+    turn = 0
+    for label in sorted(set(labels[indices].tolist())):
+        idx = indices[labels[indices] == label].copy()
+        rng.shuffle(idx)
+        for i in idx.tolist():
+            groups[turn % n_groups].append(i)
+            turn += 1
+    return [np.array(sorted(g), dtype=np.int64) for g in groups if g]
+
+
+def scored_parts(
+    samples: list[Sample],
+    features: np.ndarray,
+    outcome: Outcome,
+    served_vectors: np.ndarray,
+    folds: int,
+    backend: Backend,
+    config: TrainingConfig,
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> list[ScoredPart]:
+    """Every image, each in an embedding whose head never trained on it, with its augmented views
+    (when the training made them) as further queries: what relevance calibrates on.
+
+    Without a promoted head the served embedding trained on no image: one part, every image. With
+    one, the served head's hold-out is the first part, and the training split is dealt into
+    ``folds - 1`` more, each embedded by a head trained (the same way) on everything else, so every
+    image is scored once by a head that did not train on it, as a site image is."""
+    n = len(samples)
+    lab = np.asarray([s.label for s in samples])
+    split = outcome.split
+    views = outcome.views  # the training split's; the hold-out's are added when a head needs them
+    promoted = outcome.promoted and outcome.head is not None
+    if views is not None and split.evaluable and (promoted and folds > 1 or not promoted):
+        vx, owner = view_features(
+            [samples[i] for i in split.holdout],
+            config.augment_views,
+            config.seed,
+            backend,
+            cache,
+            batch_size,
+            progress,
+        )
+        views = (
+            np.concatenate([views[0], vx]),
+            np.concatenate([views[1], split.holdout[np.asarray(owner, np.int64)]]),
+        )
+
+    def part(
+        indices: np.ndarray, vectors: np.ndarray, embed: Callable[[np.ndarray], np.ndarray]
+    ) -> ScoredPart:
+        if views is None:
+            return ScoredPart(indices, vectors)
+        mine = np.isin(views[1], indices)
+        return ScoredPart(indices, vectors, embed(views[0][mine]), views[1][mine])
+
+    if not promoted:
+        return [part(np.arange(n, dtype=np.int64), served_vectors, lambda x: x)]
+    assert outcome.head is not None
+    if folds < 2:
+        return [part(np.arange(n, dtype=np.int64), served_vectors, outcome.head.apply)]
+    parts: list[ScoredPart] = []
+    rest = np.arange(n, dtype=np.int64)
+    if split.evaluable:
+        parts.append(part(split.holdout, served_vectors, outcome.head.apply))
+        rest = split.train
+    t0 = time.perf_counter()
+    for group in fold_groups(lab, rest, folds - len(parts), config.seed):
+        keep = np.setdiff1d(np.arange(n), group)
+        x, y = features[keep], lab[keep]
+        if views is not None:
+            mine = np.isin(views[1], keep)
+            x, y = np.concatenate([x, views[0][mine]]), np.concatenate([y, lab[views[1][mine]]])
+        if len(set(y.tolist())) < 2:
+            continue  # nothing to fit a head on: these images are not scored
+        head = backend.train_head(x, y.tolist(), config)
+        parts.append(part(group, head.apply(features), head.apply))
+    outcome.seconds["cross_fit"] = time.perf_counter() - t0
+    return parts
 
 
 def check_dataset(cfg: DomainConfig, dataset: Dataset) -> None:
@@ -320,7 +409,21 @@ def train_domain(
     outcome.seconds = {"encode": encode_seconds, **outcome.seconds}
     served = promote(cfg, version, outcome, features, backend)
     labels = np.asarray([s.label for s in dataset.samples])
-    calibrations = calibrate_all(CalibrationData(cfg, outcome.split, served.vectors, labels))
+    parts = None
+    if cfg.target_label:  # relevance calibrates on every image, each unseen by the head scoring it
+        parts = scored_parts(
+            dataset.samples,
+            features,
+            outcome,
+            served.vectors,
+            cfg.relevance.folds,
+            backend,
+            cfg.training,
+            cache,
+            batch_size,
+            progress,
+        )
+    calibrations = calibrate_all(CalibrationData(cfg, outcome.split, served.vectors, labels, parts))
     logger.info("domain %s: %s", cfg.name, outcome.reason)
     return publish_version(
         repo,

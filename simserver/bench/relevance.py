@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simserver.bench.common import bench_environment
+from simserver.bench.common import BenchError, bench_environment
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def make_sites(pool: list, target: str, n_sites: int, seed: int) -> list[Site]:
             pixels = view(s.pixels, hashlib.sha256(s.data).hexdigest(), counter, seed)
             buf = io.BytesIO()
             Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-            images.append((f"site{i}/img{counter}.jpg", buf.getvalue()))
+            images.append((f"site{i}/{s.label}/img{counter}.jpg", buf.getvalue()))  # label: for scoring
         order = rng.permutation(len(images))
         sites.append((relevant, [images[int(j)] for j in order]))
     return sites
@@ -111,36 +111,63 @@ def reference(
 
 
 def ours(
-    sites: list[Site],
-    index,
-    encode: Encode,
-    target: str,
-    k: int,
-    image_threshold: float,
-    site_threshold: float,
-) -> tuple[list[bool], float]:
-    """The endpoint's algorithm (simserver.relevance), in process: one batched encoding per image."""
+    sites: list[Site], index, encode: Encode, target: str, config, calibration: dict
+) -> tuple[list[bool], float, dict]:
+    """The endpoint's algorithm (simserver.relevance), in process: one batched encoding per site.
+    Also the image-level recall and false-positive rate on the site images (to set beside the
+    calibration's estimates)."""
     from simserver.preprocess import prepare
-    from simserver.relevance import score_neighbours, site_decision
+    from simserver.relevance import judge_site
 
     decisions = []
+    similar: list[bool] = []
+    is_target: list[bool] = []
     t0 = time.perf_counter()
     for _, images in sites:
         # As the endpoint does: decode the site's images, one encoder call for all of them.
         vectors = encode(np.stack([prepare(data, 224, 10**8) for _, data in images]))
-        margins = [
-            score_neighbours([h.label for h in hits], [h.score for h in hits], target).margin
-            for hits in index.search(vectors, k)
-        ]
-        decisions.append(site_decision(margins, image_threshold, site_threshold)[2])
-    return decisions, time.perf_counter() - t0
+        names = [name for name, _ in images]
+        verdict = judge_site(
+            names, index.search(vectors, config.top_k), target, config, calibration=calibration
+        )
+        decisions.append(verdict.relevant)
+        similar += [i.similar for i in verdict.images]
+        is_target += [name.split("/")[1] == target for name in names]
+    seconds = time.perf_counter() - t0
+    sim, tgt = np.asarray(similar), np.asarray(is_target)
+    image_figures = {
+        "recall": round(float(sim[tgt].mean()), 4) if tgt.any() else None,
+        "false_positive_rate": round(float(sim[~tgt].mean()), 4) if (~tgt).any() else None,
+        "target_images": int(tgt.sum()),
+        "other_images": int((~tgt).sum()),
+    }
+    return decisions, seconds, image_figures
+
+
+def verdict_figures(decisions: list[bool], truth: list[bool], seconds: float) -> dict:
+    """Accuracy, precision and recall of site verdicts ("relevant" is the positive class)."""
+    d, t = np.asarray(decisions, bool), np.asarray(truth, bool)
+    tp = int((d & t).sum())
+    return {
+        "accuracy": round(float((d == t).mean()), 4),
+        "precision": round(tp / int(d.sum()), 4) if d.any() else None,
+        "recall": round(tp / int(t.sum()), 4) if t.any() else None,
+        "seconds": round(seconds, 2),
+    }
 
 
 def relevance_figures(
-    data: Path, domain: str = "almonds-suppliers", target: str | None = None, n_sites: int = 40, seed: int = 0
+    data: Path,
+    domain: str = "almonds-suppliers",
+    target: str | None = None,
+    n_sites: int = 40,
+    seed: int = 0,
+    reference_runtimes: tuple[str, ...] = ("savedmodel", "serving"),
 ) -> dict:
     """Both algorithms on the same synthetic sites; ``target`` defaults to the domain's target_label.
-    Raises ``ValueError`` for an unknown domain or one without a target."""
+    ``reference_runtimes``: run the reference as written ("savedmodel", TF through hub) and/or on the
+    serving runtime ("serving"); none skips it. Raises ``BenchError`` for an unknown domain, one
+    without a target, or a target the data has no folder of."""
     bench_environment()
     from simserver.domain_config import load_domains
     from simserver.encoder_pool import EncoderPool, LocalBackend
@@ -153,13 +180,23 @@ def relevance_figures(
     settings = get_settings()
     domains = load_domains(settings.domains_dir)
     if domain not in domains:
-        raise ValueError(f"unknown domain {domain!r} (known: {', '.join(domains)})")
+        raise BenchError(f"unknown domain {domain!r} (known: {', '.join(domains)})")
     cfg = domains[domain]
     target = target or cfg.target_label
     if not target:
-        raise ValueError(f"domain {domain} has no target_label: give a target")
+        raise BenchError(f"domain {domain} has no target_label: give a target with --target")
     cfg = cfg.model_copy(update={"target_label": target})
+    if not Path(data).is_dir():
+        raise BenchError(f"--data {data}: not a folder of <category>/<image>")
     samples = read_folder(data, cfg.limits).samples
+    labels = sorted({s.label for s in samples})
+    if target not in labels:
+        raise BenchError(
+            f"target {target!r} is not a category of {data} (categories: {', '.join(labels) or 'none'}): "
+            "give one with --target"
+        )
+    if len(labels) < 2:
+        raise BenchError(f"{data} has only the category {target!r}: sites need other images too")
     catalogue, pool = split_catalogue(samples, seed)
     sites = make_sites(pool, target, n_sites, seed)
     truth = [relevant for relevant, _ in sites]
@@ -167,57 +204,45 @@ def relevance_figures(
     with tempfile.TemporaryDirectory(prefix="bench-relevance-") as tmp:
         store = LocalStore(Path(tmp) / "store")
         fast = EncoderPool(cache_dir=settings.store_cache_dir, store=store)
+        t0 = time.perf_counter()
         report = train_domain(Repository(store), cfg, Dataset(catalogue, []), LocalBackend(fast, cfg.encoder))
+        train_s = time.perf_counter() - t0
         index = Repository(store).load(cfg.name, report.version)
         encoder = report.meta["encoder"]
         served = fast.get(encoder)
-        as_written = EncoderPool(cache_dir=settings.store_cache_dir, store=store, runtime="savedmodel").get(
-            encoder
-        )
         calibration = report.meta["relevance"]
         # The reference reads its target images from their files each time, as the notebook did.
         targets = [data / s.name for s in catalogue if s.label == target]
 
-        ours_decisions, ours_s = ours(
-            sites,
-            index,
-            served.encode,
-            target,
-            cfg.relevance.top_k,
-            calibration["image_threshold"],
-            cfg.relevance.site_threshold,
+        ours_decisions, ours_s, ours_images = ours(
+            sites, index, served.encode, target, cfg.relevance, calibration
         )
-        logger.info("ours: %.1f s; the reference runs twice (TF, then the serving runtime)", ours_s)
-        ref_decisions, ref_s = reference(sites, targets, as_written.encode, seed)
-        ref_fast_decisions, ref_fast_s = reference(sites, targets, served.encode, seed)
-
-    def accuracy(decisions: list[bool]) -> float:
-        return round(float(np.mean([d == t for d, t in zip(decisions, truth, strict=True)])), 4)
+        result = {"ours": {**verdict_figures(ours_decisions, truth, ours_s), "site_images": ours_images}}
+        logger.info("ours: %s", result["ours"])
+        runtimes = {"savedmodel": "reference", "serving": "reference_on_serving_runtime"}
+        for runtime in reference_runtimes:
+            enc = served
+            if runtime == "savedmodel":
+                tf_pool = EncoderPool(cache_dir=settings.store_cache_dir, store=store, runtime="savedmodel")
+                enc = tf_pool.get(encoder)
+            decisions, seconds = reference(sites, targets, enc.encode, seed)
+            figures = verdict_figures(decisions, truth, seconds)
+            figures["speedup"] = round(seconds / ours_s, 1)
+            figures["runtime"] = enc.runtime
+            result[runtimes[runtime]] = figures
+            logger.info("%s: %s", runtimes[runtime], figures)
 
     return {
-        "accuracy_reference": accuracy(ref_decisions),
-        "accuracy_ours": accuracy(ours_decisions),
-        "seconds_reference": round(ref_s, 2),
-        "seconds_ours": round(ours_s, 2),
-        "speedup": round(ref_s / ours_s, 1),
-        "reference_on_serving_runtime": {
-            "accuracy": accuracy(ref_fast_decisions),
-            "seconds": round(ref_fast_s, 2),
-            "speedup": round(ref_fast_s / ours_s, 1),
-        },
+        **result,
+        "data": str(data),
         "sites": len(sites),
+        "relevant_sites": sum(truth),
         "site_images": sum(len(images) for _, images in sites),
         "target": target,
         "catalogue_images": len(catalogue),
         "catalogue_target_images": len(targets),
-        "encoder": {
-            "id": served.id,
-            "serving_runtime": served.runtime,
-            "reference_runtime": as_written.runtime,
-        },
+        "encoder": {"id": served.id, "serving_runtime": served.runtime},
         "promoted": report.meta["evaluation"]["promoted"],
-        "image_threshold": calibration["image_threshold"],
-        "calibration": {
-            k: calibration[k] for k in ("method", "precision", "recall", "positives", "negatives")
-        },
+        "training_seconds": round(train_s, 1),
+        "calibration": calibration,
     }

@@ -120,6 +120,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", help="target label (default: the domain's target_label)")
     p.add_argument("--sites", type=int, default=40, help="synthetic sites, half relevant (default 40)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reference",
+        choices=("both", "savedmodel", "serving", "none"),
+        default="both",
+        help="run the reference as written (savedmodel: TF through hub), on the serving runtime, "
+        "both (default) or not at all",
+    )
 
     from simserver.bench.suite import PARTS
 
@@ -254,12 +261,14 @@ def run_quantization(args: argparse.Namespace) -> int:
 
 
 def run_relevance(args: argparse.Namespace) -> int:
+    from simserver.bench.common import BenchError
     from simserver.bench.relevance import relevance_figures
 
+    runtimes = {"both": ("savedmodel", "serving"), "none": ()}.get(args.reference, (args.reference,))
     try:
-        result = relevance_figures(args.data, args.domain, args.target, args.sites, args.seed)
-    except ValueError as exc:
-        args.parser.error(str(exc))
+        result = relevance_figures(args.data, args.domain, args.target, args.sites, args.seed, runtimes)
+    except (BenchError, FileNotFoundError) as exc:
+        return fail(str(exc), status=1)
     print_json(result, compact=args.json)
     return 0
 

@@ -88,6 +88,7 @@ class FakeIndex(Fake):
             target="peanuts",
             image_threshold=0.0,
             site_threshold=0.25,
+            site_rule="fixed",
             images=[],
             skipped=[],
         )

@@ -54,12 +54,20 @@ def test_training_calibrates_the_image_threshold(nuts):
     assert domains["nuts"]["version"] == result["version"]
     assert result["labels"]["peanuts"] == 3
     cal = result["relevance"]
-    assert cal["method"] == "hold-out" and cal["target"] == "peanuts" and cal["positives"] == 1
-    assert cal["negatives"] == result["evaluation"]["holdout_images"] - 1
+    # Every image scored leave-one-out (not one hold-out image): all 3 peanuts are positives.
+    assert cal["method"].startswith("leave-one-out") and cal["target"] == "peanuts" and cal["positives"] == 3
+    assert cal["negatives"] == sum(result["labels"].values()) - 3 and cal["rule"] == "youden"
     assert -1 <= cal["image_threshold"] <= 1 and cal["precision"] is not None
+    lo, hi = cal["recall_ci95"]
+    assert 0 <= lo <= cal["recall"] <= hi <= 1 and cal["site_rule"] == "likelihood"
     # /relevance uses it unless the request says otherwise.
     image = _variant(sorted((ALMONDS / "random").iterdir())[0])
-    assert relevance(server, images=[("x.jpg", image)]).json()["image_threshold"] == cal["image_threshold"]
+    body = relevance(server, images=[("x.jpg", image)]).json()
+    assert (
+        body["image_threshold"] == cal["image_threshold"] and body["site_threshold"] == cal["site_threshold"]
+    )
+    assert body["site_rule"] == "likelihood" and body["basis"]["positives"] == 3
+    assert body["basis"]["image_recall"] == cal["recall"] and body["basis"]["relevant_share"] == 0.25
 
 
 def test_sites_with_and_without_the_target(nuts):
@@ -71,7 +79,10 @@ def test_sites_with_and_without_the_target(nuts):
     assert seller.status_code == 200, seller.text
     body = seller.json()
     assert body["version"] == trained["version"] and body["target"] == "peanuts"
-    assert body["site_threshold"] == 0.25 and isinstance(body["image_threshold"], float)
+    assert (
+        body["site_threshold"] == trained["relevance"]["site_threshold"] and body["site_rule"] == "likelihood"
+    )
+    assert isinstance(body["image_threshold"], float) and body["log_likelihood_ratio"] > 0
     by_name = {i["name"]: i for i in body["images"]}
     assert set(by_name) == {n for n, _ in peanuts + others[:5]}
     assert all(by_name[n]["similar"] for n, _ in peanuts), body
@@ -86,14 +97,27 @@ def test_sites_with_and_without_the_target(nuts):
     other_site = relevance(server, images=others)
     assert other_site.status_code == 200, other_site.text
     body = other_site.json()
-    assert body["relevant"] is False and body["fraction"] < 0.25 and len(body["images"]) == 9
+    assert (
+        body["relevant"] is False and body["fraction"] < body["site_threshold"] and len(body["images"]) == 9
+    )
+    assert body["log_likelihood_ratio"] < 0
 
     # Per-request thresholds override the calibrated and configured ones.
     everything = relevance(server, images=others, image_threshold=-1, nearest=1).json()
     assert everything["fraction"] == 1.0 and everything["relevant"] is True
     assert everything["image_threshold"] == -1 and all(len(i["nearest"]) == 1 for i in everything["images"])
+    # The request's own image threshold has no calibrated recall: the configured fixed site threshold.
+    assert (everything["site_rule"], everything["site_threshold"], everything["basis"]) == (
+        "fixed",
+        0.25,
+        None,
+    )
     lenient = relevance(server, archive=make_zip(dict(peanuts[:1] + others)), site_threshold=0.05).json()
-    assert lenient["site_threshold"] == 0.05 and lenient["relevant"] is True
+    assert (
+        lenient["site_threshold"] == 0.05
+        and lenient["relevant"] is True
+        and lenient["site_rule"] == "request"
+    )
 
 
 def test_relevance_bad_input(nuts, train_server):

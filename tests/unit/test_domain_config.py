@@ -86,6 +86,9 @@ def test_every_metric_is_accepted(tmp_path, metric):
         ("shop", "limits:\n  max_entries: 0\n", "max_entries"),
         ("shop", "limits:\n  max_files: 10\n", "max_files"),  # unknown limit
         ("shop", "name: other\n", "must match the file name"),
+        ("shop", "relevance:\n  site_rule: vote\n", "site_rule"),
+        ("shop", "relevance:\n  relevant_share: 0.1\n  irrelevant_share: 0.1\n", "irrelevant_share"),
+        ("shop", "relevance:\n  folds: 0\n", "folds"),
         ("Shop", "", "lower-case"),  # name from the file: upper case
         ("shop_1", "", "lower-case"),
         ("-shop", "", "lower-case"),
@@ -99,6 +102,9 @@ def test_every_metric_is_accepted(tmp_path, metric):
         "limit-0",
         "unknown-limit",
         "name-mismatch",
+        "site-rule",
+        "shares",
+        "folds",
         "upper",
         "underscore",
         "leading-dash",

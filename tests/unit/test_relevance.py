@@ -1,5 +1,6 @@
-"""Relevance scoring: margins from the served index equal the exact ones used for calibration,
-the calibrated threshold meets its precision, and the site decision."""
+"""Relevance scoring: margins from the served index equal the exact and the leave-one-out ones
+used for calibration (checked against a brute-force index per left-out image), the threshold
+rules, the Wilson interval, the likelihood site rule and the verdict's thresholds."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 
 from simserver.index import DomainIndex, Item
-from simserver.relevance import calibrate, margins_exact, score_neighbours, site_decision
+from simserver.relevance import RelevanceConfig, margins_exact, score_neighbours, site_decision, site_rule
+from simserver.relevance_calibration import choose_threshold, loo_margins, wilson
 
 
 def test_score_neighbours():
@@ -38,29 +40,157 @@ def test_served_margins_equal_exact_margins(metric):
     np.testing.assert_allclose(served, margins_exact(q, g, gl, "nut", 7, metric), atol=1e-5)
 
 
-def test_calibration_meets_the_precision_with_the_most_recall():
-    margins = np.array([0.5, 0.4, 0.3, 0.2, 0.1, 0.35, 0.15, -0.2])
-    is_target = np.array([1, 1, 1, 1, 1, 0, 0, 0], dtype=bool)
-    # Cut at a target margin: 0.2 keeps 4 targets + 1 other (precision 0.8); 0.1 keeps 5 + 2
-    # (0.714); 0.4 keeps 2 + 0 (1.0). The threshold then sits midway to the next lower margin.
-    c = calibrate(margins, is_target, precision=0.75, default=0.0)
-    assert (c["precision"], c["recall"], c["method"]) == (0.8, 0.8, "hold-out")
-    assert c["image_threshold"] == pytest.approx((0.2 + 0.15) / 2)
-    strict = calibrate(margins, is_target, precision=0.95, default=0.0)
-    assert (strict["precision"], strict["recall"]) == (1.0, 0.4)
-    assert strict["image_threshold"] == pytest.approx((0.4 + 0.35) / 2)
-    loose = calibrate(margins, is_target, precision=0.5, default=0.0)
-    assert loose["image_threshold"] == pytest.approx((0.1 - 0.2) / 2) and loose["recall"] == 1.0
-    for cal in (c, strict, loose):  # the stated precision and recall hold at the returned threshold
-        chosen = margins >= cal["image_threshold"]
-        assert (chosen & is_target).sum() / chosen.sum() == pytest.approx(cal["precision"], abs=1e-4)
-        assert (chosen & is_target).sum() / is_target.sum() == pytest.approx(cal["recall"], abs=1e-4)
-    assert (loose["positives"], loose["negatives"]) == (5, 3)
-    # Unreachable precision: the most precise threshold is used and its precision reported.
-    hard = calibrate(np.array([0.1, 0.5]), np.array([True, False]), precision=0.9, default=0.0)
-    assert hard["image_threshold"] == 0.1 and hard["precision"] == 0.5
-    empty = calibrate(np.array([0.2]), np.array([False]), precision=0.9, default=0.05)
+def clusters(n: int, seed: int = 0, d: int = 16) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    names = ["nut", "random", "olive"]
+    centers = rng.normal(size=(3, d))
+    labels = [names[i % 3] for i in range(n)]
+    x = np.stack([centers[names.index(x)] + rng.normal(scale=1.0, size=d) for x in labels]).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), labels
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip", "l1"])
+@pytest.mark.parametrize("top_k", [1, 5, 200])
+def test_leave_one_out_margins_equal_a_search_of_an_index_without_the_image(metric, top_k):
+    """Oracle: for every image, a real index of all the *other* images, searched for it."""
+    x, labels = clusters(45, seed=1)
+    items = [Item(f"{lab}/{i}.png", lab, f"k{i}", "image/png") for i, lab in enumerate(labels)]
+    brute = []
+    for i in range(len(x)):
+        keep = [j for j in range(len(x)) if j != i]
+        index = DomainIndex.build(
+            x[keep], [items[j] for j in keep], metric=metric, encoder_id="e", version="v"
+        )
+        hits = index.search(x[i : i + 1], top_k)[0]
+        brute.append(score_neighbours([h.label for h in hits], [h.score for h in hits], "nut").margin)
+    np.testing.assert_allclose(loo_margins(x, labels, "nut", top_k, metric, chunk=7), brute, atol=1e-5)
+
+
+def test_leave_one_out_of_tiny_sets():
+    x, labels = clusters(2)
+    assert loo_margins(x[:1], labels[:1], "nut", 5, "cosine").tolist() == [0.0]  # nothing to compare with
+    pair = np.array([[1.0, 0.0], [0.8, 0.6]], np.float32)  # cosine 0.8
+    nut, other = loo_margins(pair, ["nut", "random"], "nut", 5, "cosine")
+    assert nut == pytest.approx(-0.8) and other == pytest.approx(0.8)  # each sees only the other
+
+
+def brute_force_threshold(margins, is_target, objective):
+    """Every cut between sorted margins, scored from scratch."""
+    values = sorted(set(margins.tolist()), reverse=True)
+    cuts = (
+        [values[0] + 1e-6]
+        + [(a + b) / 2 for a, b in zip(values, values[1:], strict=False)]
+        + [values[-1] - 1e-6]
+    )
+    best = None
+    for c in cuts:
+        chosen = margins >= c
+        tp, fp = int((chosen & is_target).sum()), int((chosen & ~is_target).sum())
+        score = objective(tp, fp, int(is_target.sum()), int((~is_target).sum()))
+        if best is None or score >= best[0]:  # ties: the lower cut
+            best = (score, c)
+    return best
+
+
+def youden(tp, fp, pos, neg):
+    return tp / pos - fp / neg
+
+
+def f1(tp, fp, pos, neg):
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + (pos - tp))
+
+
+@pytest.mark.parametrize("rule, objective", [("youden", youden), ("f1", f1)])
+@pytest.mark.parametrize("seed", range(5))
+def test_threshold_maximises_the_rule_like_a_brute_force_search(rule, objective, seed):
+    rng = np.random.default_rng(seed)
+    is_target = rng.random(40) < 0.3
+    margins = np.round(np.where(is_target, rng.normal(0.1, 0.1, 40), rng.normal(-0.1, 0.1, 40)), 2)
+    c = choose_threshold(margins, is_target, RelevanceConfig(rule=rule, precision=None))
+    score, cut = brute_force_threshold(margins, is_target, objective)
+    assert c["image_threshold"] == pytest.approx(cut, abs=1e-6) and c["method"] == "leave-one-out"
+    chosen = margins >= c["image_threshold"]
+    assert (
+        c["true_positives"] == (chosen & is_target).sum()
+        and c["false_positives"] == (chosen & ~is_target).sum()
+    )
+    assert objective(
+        c["true_positives"], c["false_positives"], c["positives"], c["negatives"]
+    ) == pytest.approx(score)
+    assert c["recall"] == pytest.approx(c["true_positives"] / is_target.sum(), abs=1e-4)
+
+
+def test_threshold_sits_midway_in_the_gap_and_reports_counts_with_intervals():
+    margins = np.array([0.5, 0.4, 0.3, 0.1, -0.2, -0.3])
+    is_target = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
+    c = choose_threshold(margins, is_target, RelevanceConfig())
+    assert c["image_threshold"] == pytest.approx(0.2) and (c["recall"], c["false_positive_rate"]) == (
+        1.0,
+        0.0,
+    )
+    assert (c["positives"], c["negatives"], c["precision_floor"]) == (
+        3,
+        3,
+        None,
+    )  # 3 < min_positives: no floor
+    lo, hi = c["recall_ci95"]
+    assert hi == 1.0 and 0.4 < lo < 0.45  # Wilson, 3 of 3
+
+
+def test_precision_floor_applies_only_with_enough_positives():
+    # 30 targets at 0.5, then 10 others at 0.4 and 30 targets at 0.3, 60 others below: the best J
+    # takes all targets (recall 1, fpr 1/7, precision 0.857); a 0.9 floor cuts at 0.45 instead.
+    margins = np.array([0.5] * 30 + [0.4] * 10 + [0.3] * 30 + [-0.5] * 60)
+    is_target = np.array([1] * 30 + [0] * 10 + [1] * 30 + [0] * 60, dtype=bool)
+    free = choose_threshold(margins, is_target, RelevanceConfig(precision=0.9, min_positives=61))
+    assert (
+        free["precision_floor"] is None
+        and free["recall"] == 1.0
+        and free["image_threshold"] == pytest.approx(-0.1)
+    )
+    floored = choose_threshold(margins, is_target, RelevanceConfig(precision=0.9, min_positives=60))
+    assert floored["precision_floor"] == 0.9 and floored["precision"] == 1.0 and floored["recall"] == 0.5
+    assert floored["image_threshold"] == pytest.approx(0.45)
+    unreachable = choose_threshold(
+        np.array([0.1, 0.5]), np.array([True, False]), RelevanceConfig(min_positives=1)
+    )
+    assert unreachable["precision"] == 1.0 and unreachable["true_positives"] == 0  # the most precise cut
+    empty = choose_threshold(
+        np.array([0.2]), np.array([False]), RelevanceConfig(default_image_threshold=0.05)
+    )
     assert empty["image_threshold"] == 0.05 and empty["method"] == "default"
+
+
+def test_wilson_interval():
+    assert wilson(0, 0) is None
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert wilson(0, 20)[0] == 0.0 and wilson(20, 20)[1] == 1.0
+
+
+def test_likelihood_site_threshold_follows_the_image_recall():
+    cfg = RelevanceConfig()  # relevant_share 0.25, irrelevant_share 0.1
+    cal = {"true_positives": 19, "false_positives": 0, "positives": 19, "negatives": 154}
+    rule = site_rule(cal, cfg)
+    basis = rule.basis
+    assert rule.rule == "likelihood" and basis is not None
+    r, f = 19.5 / 20, 0.5 / 155
+    assert basis.expected_fraction_relevant == pytest.approx(f + 0.25 * (r - f))
+    assert basis.expected_fraction_irrelevant == pytest.approx(f + 0.1 * (r - f))
+    assert basis.expected_fraction_irrelevant < rule.threshold < basis.expected_fraction_relevant
+    # The threshold is where the binomial log-likelihood ratio changes sign, for any site size.
+    for n in (4, 8, 13, 50):
+        for k in range(n + 1):
+            llr = rule.log_likelihood_ratio(k, n)
+            assert (llr >= 0) == (k / n >= rule.threshold) or abs(llr) < 1e-9
+    # Half the target images missed: the site threshold comes down with the recall.
+    weak = site_rule({**cal, "true_positives": 9}, cfg)
+    assert weak.threshold < rule.threshold
+    assert site_rule(cal, RelevanceConfig(site_rule="fixed")).threshold == 0.25
+    assert site_rule({"image_threshold": 0.1, "method": "hold-out"}, cfg).rule == "fixed"  # an older version
+    assert site_rule({**cal, "true_positives": 0, "false_positives": 100}, cfg).rule == "fixed"  # no evidence
+    with pytest.raises(ValueError, match="irrelevant_share"):
+        RelevanceConfig(relevant_share=0.2, irrelevant_share=0.2)
 
 
 def test_site_decision():
@@ -102,3 +232,26 @@ def test_judge_site_thresholds_come_from_request_then_calibration_then_config():
         site_threshold=0.7,
     ).model_dump()
     assert asked["fraction"] == pytest.approx(2 / 3, abs=1e-4) and asked["relevant"] is False
+    assert (v["site_rule"], calibrated["site_rule"], asked["site_rule"]) == ("fixed", "fixed", "request")
+    assert asked["site_threshold"] == 0.7 and v["log_likelihood_ratio"] is None and v["basis"] is None
+
+    # A calibration with image-level counts: the likelihood rule, its basis and the LLR in the reply.
+    counts = {
+        "image_threshold": 0.1,
+        "true_positives": 9,
+        "false_positives": 1,
+        "positives": 10,
+        "negatives": 90,
+    }
+    weighed = judge_site(["a", "b", "c"], hits, "nut", cfg, calibration=counts).model_dump()
+    rule = site_rule(counts, cfg)
+    assert weighed["site_rule"] == "likelihood" and weighed["site_threshold"] == pytest.approx(
+        rule.threshold, abs=1e-4
+    )
+    assert weighed["relevant"] is True and weighed["log_likelihood_ratio"] == pytest.approx(
+        rule.log_likelihood_ratio(1, 3), abs=1e-4
+    )
+    assert weighed["basis"]["positives"] == 10 and weighed["basis"]["relevant_share"] == 0.25
+    # The request's own image threshold has no calibrated recall: the config's fixed site threshold.
+    own = judge_site(["a", "b", "c"], hits, "nut", cfg, calibration=counts, image_threshold=0.5).model_dump()
+    assert own["site_rule"] == "fixed" and own["site_threshold"] == 0.25 and own["relevant"] is False

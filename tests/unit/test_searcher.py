@@ -81,3 +81,25 @@ def test_relevance_encodes_each_site_image_once_in_batches():
     reply = anyio.run(searcher.relevance, site)
     assert calls == [2, 2, 1] and [i.name for i in reply.images] == sorted(entries)
     assert reply.version == "v1" and reply.target == "warm" and 0 <= reply.fraction <= 1
+
+
+def test_relevance_refuses_a_version_without_target_images():
+    """A domain whose yaml names a target the served version was not trained with: 409, not a
+    silent "irrelevant" for every site."""
+    from simserver.searcher import Searcher
+
+    cfg = DomainConfig(name="nuts", target_label="almonds", encoder="base")
+    calls: list[int] = []
+
+    async def encode(images, encoder):
+        calls.append(len(images))
+        return fake_encode(images)
+
+    site = read_zip(make_zip({"a.png": solid(RED)}), cfg.limits, labelled=False)
+    searcher = Searcher(cfg, lambda: version("v1", "base", 3), encode)
+    with pytest.raises(Conflict) as err:
+        anyio.run(searcher.relevance, site)
+    assert err.value.status == 409 and calls == []  # refused before anything is encoded
+    assert (
+        "'almonds'" in err.value.message and "cool, warm" in err.value.message and "v1" in err.value.message
+    )

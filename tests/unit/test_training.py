@@ -167,5 +167,47 @@ def test_training_needs_the_target_label_folder(repo):
     ok = DomainConfig(name="shop", target_label="warm", training={"augment_views": 0})
     report = train_domain(repo, ok, dataset(), Backend())
     cal = report.meta["relevance"]
-    assert cal["target"] == "warm" and cal["method"] == "hold-out" and cal["positives"] == 1
+    # Every image scored leave-one-out: all five warm ones are positives, not one hold-out image.
+    assert cal["target"] == "warm" and cal["method"].startswith("leave-one-out")
+    assert (cal["positives"], cal["negatives"]) == (5, 5) and cal["recall"] == 1.0
+    assert cal["site_rule"] == "likelihood" and 0 < cal["site_threshold"] < 1 and cal["recall_ci95"][1] == 1.0
     assert report.as_json()["relevance"] == cal
+
+
+def test_relevance_calibration_scores_every_image_with_a_head_that_never_saw_it(repo):
+    """Fine-tuned: the served head's hold-out + folds - 1 cross-fitted heads, every image scored once."""
+    from simserver.training import backbone_features, fit_and_evaluate, scored_parts
+
+    samples = dataset().samples
+    be = Backend()
+    features = backbone_features(samples, be)
+    config = cfg().training
+    outcome = fit_and_evaluate(samples, features, be, config, "finetune")
+    assert be.heads == 1 and len(outcome.split.holdout) == 2
+    seen: list[int] = []
+    be.train_head = lambda x, y, c: seen.append(len(x)) or outcome.head
+    parts = scored_parts(samples, features, outcome, outcome.head.apply(features), 5, be, config)
+    scored = np.concatenate([p.indices for p in parts])
+    assert sorted(scored.tolist()) == list(range(10))  # every image once
+    np.testing.assert_array_equal(parts[0].indices, outcome.split.holdout)  # the served head's own
+    assert seen == [10 - len(p.indices) for p in parts[1:]] and len(parts) == 5  # each head without its part
+    # One fold: the served embedding for every image; pretrained: no head at all.
+    assert [len(p.indices) for p in scored_parts(samples, features, outcome, features, 1, be, config)] == [10]
+    plain = fit_and_evaluate(samples, features, be, config, "pretrained")
+    assert len(scored_parts(samples, features, plain, features, 5, be, config)) == 1
+
+
+def test_relevance_calibration_in_the_training_reply(repo):
+    be = Backend()
+    shop = DomainConfig(name="shop", target_label="warm", training={"augment_views": 2})
+    report = train_domain(repo, shop, dataset(), be, mode="finetune")
+    cal = report.meta["relevance"]
+    assert be.heads == 5 and cal["method"] == "leave-one-out, 5 cross-fitted heads"
+    # Each image and its 2 augmented views are scored; the counts stay in images.
+    assert (cal["positives"], cal["negatives"], cal["scored"], cal["augmented_views"]) == (5, 5, 30, 20)
+    one = DomainConfig(
+        name="shop", target_label="warm", relevance={"folds": 1}, training={"augment_views": 0}
+    )
+    be = Backend()
+    cal = train_domain(repo, one, dataset(), be, mode="finetune").meta["relevance"]
+    assert be.heads == 1 and cal["method"] == "leave-one-out" and cal["scored"] == 10
