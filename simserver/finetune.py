@@ -32,6 +32,24 @@ INFO_FILE = "encoder.json"
 TrainingMode = Literal["auto", "finetune", "pretrained"]
 
 
+class PromotionRule(BaseModel):
+    """``training.promotion``: when ``mode=auto`` promotes (:func:`simserver.evaluation.decide`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    promote_on: Literal["closed_set", "open_set"] = Field(
+        "closed_set", description="whose Recall@1 gain must be above 0: stratified or whole-category hold-out"
+    )
+    max_open_set_drop: float | None = Field(
+        0.01, ge=0, le=1, description="open-set Recall@1 may fall at most this below pretrained (null: any)"
+    )
+    require_interval: bool = Field(True, description="the gain's bootstrap interval must be above 0")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000)
+    open_set: bool = Field(True, description="also evaluate with whole categories held out")
+    open_set_fraction: float = Field(0.3, gt=0, lt=1, description="of the categories, held out whole")
+
+
 class TrainingConfig(BaseModel):
     """``training:`` in ``domains/<name>.yaml``."""
 
@@ -62,6 +80,20 @@ class TrainingConfig(BaseModel):
         500, ge=0, description="augment only sets up to this size (each view costs one encoding)"
     )
     seed: int = 0
+    promotion: PromotionRule = PromotionRule()
+    # -- what is trained (see simserver.tail) --
+    method: Literal["head", "tail"] = Field(
+        "tail",
+        description="head: a head on frozen pooled features; tail: also the backbone's last blocks "
+        "and GeM pooling, on cached activations (built-in encoder only, else head)",
+    )
+    tail_blocks: int = Field(1, ge=0, le=4, description="MBConv blocks fine-tuned before conv_head")
+    tail_epochs: float = Field(4.0, gt=0, le=1000, description="passes over the training images")
+    tail_min_steps: int = Field(30, ge=1)
+    tail_learning_rate: float = Field(1e-4, gt=0, le=1)
+    tail_erase: float = Field(0.5, ge=0, le=1, description="random erasing probability on the maps")
+    gem_p: float = Field(3.0, ge=1, le=8, description="GeM pooling exponent (1: average pooling)")
+    learn_gem_p: bool = False
 
 
 @dataclass(frozen=True)
