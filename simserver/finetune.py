@@ -75,25 +75,25 @@ class TrainingConfig(BaseModel):
     dropout: float = Field(0.2, ge=0, lt=1, description="on the backbone features, while training")
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
     min_holdout_per_class: int = Field(1, ge=1)
-    augment_views: int = Field(2, ge=0, le=16, description="augmented copies per training image")
+    augment_views: int = Field(
+        0, ge=0, le=16, description="augmented copies per training image (each costs one encoding)"
+    )
     augment_max_images: int = Field(
         500, ge=0, description="augment only sets up to this size (each view costs one encoding)"
     )
     seed: int = 0
     promotion: PromotionRule = PromotionRule()
-    # -- what is trained (see simserver.tail) --
-    method: Literal["head", "tail"] = Field(
-        "tail",
-        description="head: a head on frozen pooled features; tail: also the backbone's last blocks "
-        "and GeM pooling, on cached activations (built-in encoder only, else head)",
+    blend: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="weight of the pretrained embedding concatenated to the head's (0: the head alone); "
+        "keeps what the pretrained embedding knows about categories the head never saw",
     )
-    tail_blocks: int = Field(1, ge=0, le=4, description="MBConv blocks fine-tuned before conv_head")
-    tail_epochs: float = Field(4.0, gt=0, le=1000, description="passes over the training images")
-    tail_min_steps: int = Field(30, ge=1)
-    tail_learning_rate: float = Field(1e-4, gt=0, le=1)
-    tail_erase: float = Field(0.5, ge=0, le=1, description="random erasing probability on the maps")
-    gem_p: float = Field(3.0, ge=1, le=8, description="GeM pooling exponent (1: average pooling)")
-    learn_gem_p: bool = False
+
+    def output_dim(self, backbone_dim: int) -> int:
+        """Dimension of the fine-tuned embedding (what the export template is traced for)."""
+        return self.embedding_dim + (backbone_dim if self.blend > 0 else 0)
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,23 @@ def train_head(features: np.ndarray, labels: list[str] | np.ndarray, config: Tra
     logger.debug("head: %d steps, loss %.4f -> %.4f", len(plan), float(first), loss)
     if not np.isfinite(loss):
         raise RuntimeError(f"head training diverged (loss {loss})")
-    return Head(kernel.numpy(), bias.numpy())
+    head = Head(kernel.numpy(), bias.numpy())
+    return blended(head, x_all, config.blend) if config.blend > 0 else head
+
+
+def blended(head: Head, features: np.ndarray, weight: float) -> Head:
+    """One linear head computing ``l2norm([weight * x, beta * (x @ kernel + bias)])`` for
+    L2-normalised features ``x``: the pretrained embedding beside the fine-tuned one, ``beta``
+    scaling the head's output to unit norm on average over ``features``. A head fine-tuned on a
+    few hundred images gathers the categories it saw and scatters the ones it did not (measured:
+    open-set Recall@1 fell 4 to 13 points below pretrained); the pretrained half keeps those."""
+    x = metrics.l2_normalize(np.asarray(features, dtype=np.float32))
+    z = x @ head.kernel + head.bias
+    beta = 1.0 / max(float(np.linalg.norm(z, axis=1).mean()), 1e-6)
+    d = head.kernel.shape[0]
+    kernel = np.concatenate([weight * np.eye(d, dtype=np.float32), beta * head.kernel], axis=1)
+    bias = np.concatenate([np.zeros(d, np.float32), beta * head.bias])
+    return Head(kernel.astype(np.float32), bias.astype(np.float32))
 
 
 # -- export: backbone + head as one SavedModel ------------------------------------------------------

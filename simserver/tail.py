@@ -36,6 +36,18 @@ TAIL_FILE = "tail.npz"
 _BN_EPS = 1e-3
 
 
+@dataclass(frozen=True)
+class TailConfig:
+    """How the tail is fine-tuned (the head part follows the domain's :class:`TrainingConfig`)."""
+
+    blocks: int = 1  # MBConv blocks before conv_head that are fine-tuned (0: conv_head only)
+    epochs: float = 4.0  # passes over the training maps
+    min_steps: int = 30
+    learning_rate: float = 1e-4  # for the backbone layers (the head uses TrainingConfig's)
+    erase: float = 0.5  # probability of erasing a random rectangle of a map
+    gem_p: float = 3.0  # GeM exponent (1: the pretrained average pooling)
+
+
 @dataclass
 class TailBlock:
     """One stride-1 MBConv block with BatchNorm folded: 1x1 expand (+ReLU6), depthwise (+ReLU6),
@@ -245,11 +257,18 @@ def tail_forward(tf, v: dict[str, Any], tail: Tail, maps):
     return tf.reduce_mean(tf.maximum(x, 1e-6) ** p, axis=[1, 2]) ** (1.0 / p)
 
 
-def train_tail(maps: np.ndarray, labels: list[str] | np.ndarray, config: TrainingConfig, base: Tail) -> Tail:
+def train_tail(
+    maps: np.ndarray,
+    labels: list[str] | np.ndarray,
+    config: TrainingConfig,
+    base: Tail,
+    tail: TailConfig | None = None,
+) -> Tail:
     """Fine-tune ``base`` (the pretrained tail) and a new head on cached trunk maps."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
+    tail = tail or TailConfig()
     shape = base.input_shape
     x_all = np.asarray(maps, dtype=np.float32).reshape((-1, *shape))
     names, y_all = np.unique(np.asarray(labels), return_inverse=True)
@@ -258,24 +277,23 @@ def train_tail(maps: np.ndarray, labels: list[str] | np.ndarray, config: Trainin
     n = len(x_all)
     rng = np.random.default_rng(config.seed)
     batch = config.batch_size
-    steps = max(config.tail_min_steps, round(config.tail_epochs * n / batch))
+    steps = max(tail.min_steps, round(tail.epochs * n / batch))
     plan = _balanced_batches(y_all, batch, steps, rng)
     flips = rng.random(plan.shape) < 0.5
     # Random erasing: per sample a rectangle of up to half the map's side, or nothing (p = 0.5).
     erase = np.ones((*plan.shape, shape[0], shape[1], 1), np.float32)
-    if config.tail_erase > 0:
+    if tail.erase > 0:
         for s in range(plan.shape[0]):
             for j in range(plan.shape[1]):
-                if rng.random() < config.tail_erase:
+                if rng.random() < tail.erase:
                     h, w = rng.integers(1, shape[0] // 2 + 2, size=2)
                     top, left = rng.integers(0, shape[0] - h + 1), rng.integers(0, shape[1] - w + 1)
                     erase[s, j, top : top + h, left : left + w] = 0.0
 
     tf.random.set_seed(config.seed)
-    start = Tail(base.blocks, base.conv_w, base.conv_b, config.gem_p, None, shape)
+    start = Tail(base.blocks, base.conv_w, base.conv_b, tail.gem_p, None, shape)
     tv = tail_variables(tf, start)
-    if not config.learn_gem_p:
-        tv["gem_p"] = tf.constant(tv["gem_p"].numpy())
+    tv["gem_p"] = tf.constant(tv["gem_p"].numpy())  # a fixed exponent
     d = base.conv_w.shape[1]
     side = max(d, config.embedding_dim)
     q, _ = np.linalg.qr(rng.normal(size=(side, side)))
@@ -284,7 +302,7 @@ def train_tail(maps: np.ndarray, labels: list[str] | np.ndarray, config: Trainin
     proxies = tf.Variable(rng.normal(0, 1, (config.embedding_dim, len(names))).astype(np.float32))
     head_vars = [kernel, bias, proxies]
     body_vars = [v for v in tv.values() if isinstance(v, tf.Variable)]
-    rates = [config.learning_rate] * len(head_vars) + [config.tail_learning_rate] * len(body_vars)
+    rates = [config.learning_rate] * len(head_vars) + [tail.learning_rate] * len(body_vars)
     variables = head_vars + body_vars
     beta1, beta2, eps = 0.9, 0.999, 1e-7
     metric_loss = METRIC_LOSSES.get(config.metric_loss)

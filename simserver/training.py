@@ -204,7 +204,6 @@ class Outcome:
     def evaluation(self) -> dict:
         return {
             "mode": self.mode,
-            "method": self.config.method,
             "pretrained": self._pretrained_summary(),
             "finetuned": (
                 interval_summary(self.finetuned, self.closed.finetuned_ci)
@@ -234,8 +233,13 @@ def fit_and_evaluate(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     progress: Progress | None = None,
+    pretrained_vectors: np.ndarray | None = None,
 ) -> Outcome:
-    """Split, evaluate the pretrained embedding, fine-tune (unless told not to), decide."""
+    """Split, evaluate the pretrained embedding, fine-tune (unless told not to), decide.
+
+    ``features`` are what the backend's fit takes and the fitted model's ``apply`` maps;
+    ``pretrained_vectors`` the pretrained embedding when that is not ``features`` themselves
+    (the tail experiment of ``bench quality``: features are trunk activation maps)."""
     labels = [s.label for s in samples]
     classes = sorted(set(labels))
     split = stratified_split(labels, config.holdout_fraction, config.min_holdout_per_class, config.seed)
@@ -248,7 +252,8 @@ def fit_and_evaluate(
             vectors[split.holdout], lab[split.holdout], vectors[split.train], lab[split.train]
         )
 
-    pretrained = evaluate(features)
+    pre_vectors = features if pretrained_vectors is None else pretrained_vectors
+    pretrained = evaluate(pre_vectors)
     out = Outcome(mode, split, pretrained, None, None, False, "", config=config)
     if mode == "pretrained":
         out.reason = "mode=pretrained: indexed with the domain's pretrained encoder"
@@ -295,7 +300,7 @@ def fit_and_evaluate(
         )
         if rule.open_set:
             t0 = time.perf_counter()
-            out.open_split, out.open_set = _open_set(features, x, y, lab, backend, config)
+            out.open_split, out.open_set = _open_set(features, pre_vectors, x, y, lab, backend, config)
             out.seconds["open_set"] = time.perf_counter() - t0
     if mode == "finetune":
         out.promoted = True
@@ -312,6 +317,7 @@ def fit_and_evaluate(
 
 def _open_set(
     features: np.ndarray,
+    pre_vectors: np.ndarray,
     x: np.ndarray,
     y: np.ndarray,
     lab: np.ndarray,
@@ -328,7 +334,7 @@ def _open_set(
         return None, None
     head = backend.train_head(x[keep], y[keep].tolist(), config)
     rule = config.promotion
-    pre = evaluate_open_set(features, lab, split)
+    pre = evaluate_open_set(pre_vectors, lab, split)
     fine = evaluate_open_set(head.apply(features), lab, split)
     return split, Comparison.of(fine, pre, rule.bootstrap_samples, rule.confidence, config.seed)
 

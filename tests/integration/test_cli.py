@@ -69,7 +69,7 @@ def test_finetune_mode_then_query_uses_the_versions_encoder(tmp_path, builtin_ta
     assert ev["promoted"] and ev["mode"] == "finetune" and report["encoder"].startswith("store:")
     assert ev["finetuned"]["recall_at_1"] > ev["pretrained"]["recall_at_1"]
     meta = json.loads((store / "domains/fashion/versions" / report["version"] / "meta.json").read_text())
-    assert meta["evaluation"] == ev and meta["dim"] == 256 and meta["encoder"] == report["encoder"]
+    assert meta["evaluation"] == ev and meta["dim"] == 1280 + 256 and meta["encoder"] == report["encoder"]
     assert (store / report["encoder"].removeprefix("store:")).is_file()
 
     # A query encodes with the version's fine-tuned encoder (a 1280-d pretrained vector would not fit).
