@@ -32,12 +32,13 @@ from simserver.bench.common import bench_environment
 logger = logging.getLogger(__name__)
 
 # TrainingConfig overrides per method, on top of the domain's training section.
-HEAD_ONLY = {"augment_views": 2, "epochs": 30}
+HEAD_ONLY = {"augment_views": 2, "epochs": 30, "blend": 0.0}
 EXPERIMENTS = ("tail",)
 METHODS: dict[str, dict] = {
     "pretrained": {},
     "head-only": HEAD_ONLY,
-    "new": {"method": "head", "augment_views": 0},
+    "new": {"augment_views": 0, "blend": 1.0},
+    "tail": {},
 }
 
 

@@ -43,7 +43,12 @@ def test_fine_tuning_beats_pretrained_on_the_holdout(fashion, loss):
     assert out.pretrained.queries == 47  # one held-out style per item
     assert out.finetuned.recall_at_1 > out.pretrained.recall_at_1 + 0.05, (loss, out.reason)
     assert out.finetuned.map_at_r > out.pretrained.map_at_r
-    assert out.promoted
+    # auto promotes when the gain's interval is above 0 and the open set holds (47 queries: a gain
+    # of 3 or 4 queries may well not be significant), and says so.
+    assert out.closed is not None and out.open_set is not None
+    significant = out.closed.gain_ci[0] > 0
+    kept = out.open_set.finetuned.recall_at_1 >= out.open_set.pretrained.recall_at_1 - 0.01
+    assert out.promoted is (significant and kept), out.reason
 
 
 def test_exported_savedmodel_is_backbone_plus_head_through_hub(fashion, pool, tmp_path):
