@@ -98,15 +98,15 @@ class Tail:
         out: dict[str, np.ndarray] = {
             "conv_w": self.conv_w,
             "conv_b": self.conv_b,
-            "gem_p": np.float32([self.gem_p]),
-            "input_shape": np.float32(self.input_shape),
+            "gem_p": np.array([self.gem_p], np.float32),
+            "input_shape": np.array(self.input_shape, np.float32),
         }
         for i, b in enumerate(self.blocks):
             for name in ("expand_w", "expand_b", "dw_w", "dw_b", "project_w", "project_b"):
                 value = getattr(b, name)
                 if value is not None:
                     out[f"b{i}_{name}"] = value
-            out[f"b{i}_residual"] = np.float32([b.residual])
+            out[f"b{i}_residual"] = np.array([b.residual], np.float32)
         if self.head is not None:
             out["head_kernel"], out["head_bias"] = self.head.kernel, self.head.bias
         return out
@@ -169,11 +169,16 @@ def gem(x: np.ndarray, p: float) -> np.ndarray:
 def pack_arrays(arrays: dict[str, np.ndarray]) -> np.ndarray:
     """``[count, (name length, name codes..., ndim, dims..., values...) per array]`` as float32
     (names are ASCII; float32 holds every dimension and code here exactly)."""
-    parts: list[np.ndarray] = [np.float32([len(arrays)])]
+    parts: list[np.ndarray] = [np.array([len(arrays)], np.float32)]
     for name, value in arrays.items():
         v = np.asarray(value, dtype=np.float32)
         codes = np.frombuffer(name.encode("ascii"), np.uint8).astype(np.float32)
-        parts += [np.float32([len(codes)]), codes, np.float32([v.ndim, *v.shape]), v.ravel()]
+        parts += [
+            np.array([len(codes)], np.float32),
+            codes,
+            np.array([v.ndim, *v.shape], np.float32),
+            v.ravel(),
+        ]
     return np.concatenate(parts)
 
 

@@ -155,10 +155,10 @@ def _tail_row(samples: list, training, holdout: float, encode_s: float, memo: di
     outcome = fit_and_evaluate(
         samples,
         maps,
-        TailBackend(),
+        TailBackend(),  # type: ignore[arg-type]  # only the fit: no encoding, no export
         config,
         "auto",
-        pretrained_vectors=base.apply(maps),  # type: ignore[arg-type]
+        pretrained_vectors=base.apply(maps),
     )
     fit_s = time.perf_counter() - t - outcome.seconds.get("open_set", 0.0)
     assert outcome.closed is not None

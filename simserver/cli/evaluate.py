@@ -8,6 +8,7 @@ import logging
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from simserver.cli.common import HelpFormatter, fail, progress_bar
 
@@ -87,7 +88,7 @@ def evaluate(args: argparse.Namespace) -> int:
         except RequestRefused as exc:
             return fail(exc.message)
     seconds = time.perf_counter() - t0
-    result = {
+    result: dict[str, Any] = {
         "pretrained": {k: out.pretrained.summary()[k] for k in METRICS} if out.pretrained else None,
         "finetuned": {k: out.finetuned.summary()[k] for k in METRICS} if out.finetuned else None,
         "n": len(dataset.samples),
