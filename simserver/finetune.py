@@ -32,6 +32,24 @@ INFO_FILE = "encoder.json"
 TrainingMode = Literal["auto", "finetune", "pretrained"]
 
 
+class PromotionRule(BaseModel):
+    """``training.promotion``: when ``mode=auto`` promotes (:func:`simserver.evaluation.decide`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    promote_on: Literal["closed_set", "open_set"] = Field(
+        "closed_set", description="whose Recall@1 gain must be above 0: stratified or whole-category hold-out"
+    )
+    max_open_set_drop: float | None = Field(
+        0.01, ge=0, le=1, description="open-set Recall@1 may fall at most this below pretrained (null: any)"
+    )
+    require_interval: bool = Field(True, description="the gain's bootstrap interval must be above 0")
+    confidence: float = Field(0.95, gt=0, lt=1)
+    bootstrap_samples: int = Field(1000, ge=100, le=100_000)
+    open_set: bool = Field(True, description="also evaluate with whole categories held out")
+    open_set_fraction: float = Field(0.3, gt=0, lt=1, description="of the categories, held out whole")
+
+
 class TrainingConfig(BaseModel):
     """``training:`` in ``domains/<name>.yaml``."""
 
@@ -57,11 +75,25 @@ class TrainingConfig(BaseModel):
     dropout: float = Field(0.2, ge=0, lt=1, description="on the backbone features, while training")
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
     min_holdout_per_class: int = Field(1, ge=1)
-    augment_views: int = Field(2, ge=0, le=16, description="augmented copies per training image")
+    augment_views: int = Field(
+        0, ge=0, le=16, description="augmented copies per training image (each costs one encoding)"
+    )
     augment_max_images: int = Field(
         500, ge=0, description="augment only sets up to this size (each view costs one encoding)"
     )
     seed: int = 0
+    promotion: PromotionRule = PromotionRule()
+    blend: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="weight of the pretrained embedding concatenated to the head's (0: the head alone); "
+        "keeps what the pretrained embedding knows about categories the head never saw",
+    )
+
+    def output_dim(self, backbone_dim: int) -> int:
+        """Dimension of the fine-tuned embedding (what the export template is traced for)."""
+        return self.embedding_dim + (backbone_dim if self.blend > 0 else 0)
 
 
 @dataclass(frozen=True)
@@ -231,7 +263,23 @@ def train_head(features: np.ndarray, labels: list[str] | np.ndarray, config: Tra
     logger.debug("head: %d steps, loss %.4f -> %.4f", len(plan), float(first), loss)
     if not np.isfinite(loss):
         raise RuntimeError(f"head training diverged (loss {loss})")
-    return Head(kernel.numpy(), bias.numpy())
+    head = Head(kernel.numpy(), bias.numpy())
+    return blended(head, x_all, config.blend) if config.blend > 0 else head
+
+
+def blended(head: Head, features: np.ndarray, weight: float) -> Head:
+    """One linear head computing ``l2norm([weight * x, beta * (x @ kernel + bias)])`` for
+    L2-normalised features ``x``: the pretrained embedding beside the fine-tuned one, ``beta``
+    scaling the head's output to unit norm on average over ``features``. A head fine-tuned on a
+    few hundred images gathers the categories it saw and scatters the ones it did not (measured:
+    open-set Recall@1 fell 4 to 13 points below pretrained); the pretrained half keeps those."""
+    x = metrics.l2_normalize(np.asarray(features, dtype=np.float32))
+    z = x @ head.kernel + head.bias
+    beta = 1.0 / max(float(np.linalg.norm(z, axis=1).mean()), 1e-6)
+    d = head.kernel.shape[0]
+    kernel = np.concatenate([weight * np.eye(d, dtype=np.float32), beta * head.kernel], axis=1)
+    bias = np.concatenate([np.zeros(d, np.float32), beta * head.bias])
+    return Head(kernel.astype(np.float32), bias.astype(np.float32))
 
 
 # -- export: backbone + head as one SavedModel ------------------------------------------------------

@@ -78,6 +78,23 @@ class RetrievalMetrics(BaseModel):
     )
     per_class_recall_at_1: dict[str, float]
     queries: int
+    recall_at_1_ci: list[float] | None = Field(
+        None, description="bootstrap interval of Recall@1 over the queries (training.promotion.confidence)"
+    )
+
+
+class Gain(BaseModel):
+    recall_at_1: float = Field(description="fine-tuned minus pretrained Recall@1 on the same queries")
+    ci: list[float] = Field(description="paired bootstrap interval of that gain")
+
+
+class OpenSetEvaluation(BaseModel):
+    held_out_categories: list[str] = Field(description="whole categories the open-set head never saw")
+    train_images: int
+    queries: int
+    pretrained: RetrievalMetrics
+    finetuned: RetrievalMetrics = Field(description="a head trained without the held-out categories")
+    gain: Gain
 
 
 class Evaluation(BaseModel):
@@ -90,6 +107,9 @@ class Evaluation(BaseModel):
     train_images: int
     augmented_views: int
     seconds: dict[str, float]
+    gain: Gain | None = Field(None, description="closed-set (stratified hold-out) Recall@1 gain")
+    open_set: OpenSetEvaluation | None = Field(None, description="whole categories held out")
+    promotion: dict | None = Field(None, description="the auto rule applied (training.promotion)")
 
 
 class TrainReply(BaseModel):

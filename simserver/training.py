@@ -32,7 +32,20 @@ from simserver.builder import BuildReport, encode_images, publish_version
 from simserver.calibration import CalibrationData, ScoredPart, calibrate_all
 from simserver.domain_config import DomainConfig
 from simserver.errors import RequestRefused
-from simserver.evaluation import RetrievalResult, Split, evaluate_retrieval, is_better, stratified_split
+from simserver.evaluation import (
+    Comparison,
+    OpenSplit,
+    RetrievalResult,
+    Split,
+    bootstrap_interval,
+    decide,
+    evaluate_open_set,
+    evaluate_retrieval,
+    hits_at_1,
+    interval_summary,
+    open_set_split,
+    stratified_split,
+)
 from simserver.finetune import Head, TrainingConfig
 from simserver.ingest import Dataset, Sample
 from simserver.repository import Repository, new_version_id
@@ -161,12 +174,49 @@ class Outcome:
     seconds: dict[str, float] = field(default_factory=dict)
     # The training split's augmented views: their features and the dataset index of each one's image.
     views: tuple[np.ndarray, np.ndarray] | None = None
+    config: TrainingConfig = field(default_factory=TrainingConfig)
+    closed: Comparison | None = None
+    open_split: OpenSplit | None = None
+    open_set: Comparison | None = None
+
+    def _pretrained_summary(self) -> dict | None:
+        if self.pretrained is None:
+            return None
+        if self.closed is not None:
+            return interval_summary(self.pretrained, self.closed.pretrained_ci)
+        rule = self.config.promotion
+        ci = bootstrap_interval(
+            hits_at_1(self.pretrained), rule.bootstrap_samples, rule.confidence, self.config.seed
+        )
+        return interval_summary(self.pretrained, ci)
+
+    def _open_set_summary(self) -> dict | None:
+        if self.open_set is None or self.open_split is None:
+            return None
+        o = self.open_set
+        return {
+            "held_out_categories": list(self.open_split.held_classes),
+            "train_images": len(self.open_split.train),
+            "queries": o.finetuned.queries,
+            "pretrained": interval_summary(o.pretrained, o.pretrained_ci),
+            "finetuned": interval_summary(o.finetuned, o.finetuned_ci),
+            "gain": o.gain_summary(),
+        }
 
     def evaluation(self) -> dict:
         return {
             "mode": self.mode,
-            "pretrained": self.pretrained.summary() if self.pretrained else None,
-            "finetuned": self.finetuned.summary() if self.finetuned else None,
+            "pretrained": self._pretrained_summary(),
+            "finetuned": (
+                interval_summary(self.finetuned, self.closed.finetuned_ci)
+                if self.finetuned and self.closed
+                else self.finetuned.summary()
+                if self.finetuned
+                else None
+            ),
+            "gain": self.closed.gain_summary() if self.closed else None,
+            "open_set": self._open_set_summary(),
+            "promotion": self.config.promotion.model_dump(),
             "promoted": self.promoted,
             "reason": self.reason,
             "holdout_images": len(self.split.holdout),
@@ -185,8 +235,13 @@ def fit_and_evaluate(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     progress: Progress | None = None,
+    pretrained_vectors: np.ndarray | None = None,
 ) -> Outcome:
-    """Split, evaluate the pretrained embedding, fine-tune (unless told not to), decide."""
+    """Split, evaluate the pretrained embedding, fine-tune (unless told not to), decide.
+
+    ``features`` are what the backend's fit takes and the fitted model's ``apply`` maps;
+    ``pretrained_vectors`` the pretrained embedding when that is not ``features`` themselves
+    (the tail experiment of ``bench quality``: features are trunk activation maps)."""
     labels = [s.label for s in samples]
     classes = sorted(set(labels))
     split = stratified_split(labels, config.holdout_fraction, config.min_holdout_per_class, config.seed)
@@ -199,8 +254,9 @@ def fit_and_evaluate(
             vectors[split.holdout], lab[split.holdout], vectors[split.train], lab[split.train]
         )
 
-    pretrained = evaluate(features)
-    out = Outcome(mode, split, pretrained, None, None, False, "")
+    pre_vectors = features if pretrained_vectors is None else pretrained_vectors
+    pretrained = evaluate(pre_vectors)
+    out = Outcome(mode, split, pretrained, None, None, False, "", config=config)
     if mode == "pretrained":
         out.reason = "mode=pretrained: indexed with the domain's pretrained encoder"
         return out
@@ -240,14 +296,25 @@ def fit_and_evaluate(
     out.seconds["head"] = time.perf_counter() - t0
     out.head = head
     out.finetuned = evaluate(head.apply(features))
+    rule = config.promotion
+    if out.finetuned is not None and pretrained is not None:
+        out.closed = Comparison.of(
+            out.finetuned, pretrained, rule.bootstrap_samples, rule.confidence, config.seed
+        )
+        if rule.open_set:
+            t0 = time.perf_counter()
+            out.open_split, out.open_set = _open_set(features, pre_vectors, x, y, lab, backend, config)
+            out.seconds["open_set"] = time.perf_counter() - t0
     if mode == "finetune":
         out.promoted = True
         out.reason = "mode=finetune: fine-tuned encoder promoted without comparison"
         if out.finetuned is None:
             out.reason += " (no hold-out: every category has one image)"
     else:
-        assert out.finetuned is not None and pretrained is not None
-        out.promoted, out.reason = is_better(out.finetuned, pretrained)
+        assert out.closed is not None
+        out.promoted, out.reason = decide(
+            out.closed, out.open_set, rule.promote_on, rule.max_open_set_drop, rule.require_interval
+        )
     return out
 
 
@@ -335,6 +402,30 @@ def scored_parts(
         parts.append(part(group, head.apply(features), head.apply))
     outcome.seconds["cross_fit"] = time.perf_counter() - t0
     return parts
+
+
+def _open_set(
+    features: np.ndarray,
+    pre_vectors: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    lab: np.ndarray,
+    backend: Backend,
+    config: TrainingConfig,
+) -> tuple[OpenSplit | None, Comparison | None]:
+    """A second head trained without whole categories (the rows of ``x``/``y``, the training rows of
+    the promoted head, whose label is not held out), evaluated on those categories' images."""
+    split = open_set_split(lab.tolist(), config.promotion.open_set_fraction, config.seed)
+    if not split.evaluable:
+        return None, None
+    keep = ~np.isin(y, split.held_classes)
+    if len(np.unique(y[keep])) < 2:
+        return None, None
+    head = backend.train_head(x[keep], y[keep].tolist(), config)
+    rule = config.promotion
+    pre = evaluate_open_set(pre_vectors, lab, split)
+    fine = evaluate_open_set(head.apply(features), lab, split)
+    return split, Comparison.of(fine, pre, rule.bootstrap_samples, rule.confidence, config.seed)
 
 
 def check_dataset(cfg: DomainConfig, dataset: Dataset) -> None:

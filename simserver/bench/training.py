@@ -71,7 +71,7 @@ def training_figures(n: int = 1000, rounds: int = 2) -> dict:
         cfg = DomainConfig(name="bench", training={"augment_views": 0})
         backend.encode(np.stack([s.pixels for s in samples[:32]]))  # warm-up
         t0 = time.perf_counter()
-        pool.prepare_export("builtin", cfg.training.embedding_dim)  # the server does this at start
+        pool.prepare_export("builtin", cfg.training.output_dim(1280))  # the server does this at start
         template_s = time.perf_counter() - t0
         pairs = []
         for r in range(rounds):  # alternate, so machine noise hits both sides

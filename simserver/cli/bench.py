@@ -108,6 +108,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=1000, help="images (default 1000)")
     p.add_argument("--rounds", type=int, default=2, help="encode-once / train pairs (default 2)")
 
+    p = bench(
+        "quality",
+        "retrieval quality on labelled photos: pretrained vs head-only vs the new fine-tuning",
+        run_quality,
+        description="Closed-set (stratified hold-out) and open-set (whole categories held out) Recall@1 "
+        "with bootstrap intervals, Recall@5, mAP@R, and training seconds as a multiple of one encoding "
+        "pass, for each --data folder of <category>/<image>.",
+    )
+    p.add_argument("--data", type=Path, action="append", required=True, help="a labelled folder (repeatable)")
+    p.add_argument("--domain", default="food", help="domain whose training config is the base (default food)")
+    p.add_argument("--holdout", type=float, default=0.3, help="closed-set hold-out fraction (default 0.3)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of pretrained,head-only,new")
+
     p = bench("quantization", "the int8 study: speed, cosine to float32, hold-out Recall@1", run_quantization)
     p.add_argument("--seconds", type=float, default=4.0, help="per speed figure (default 4)")
     p.add_argument("--rounds", type=int, default=2)
@@ -250,6 +263,24 @@ def run_training(args: argparse.Namespace) -> int:
     from simserver.bench.training import training_figures
 
     print_json(training_figures(args.n, args.rounds), compact=args.json)
+    return 0
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from simserver.bench.quality import METHODS, print_quality, quality_figures
+
+    methods = args.methods.split(",") if args.methods else None
+    unknown = sorted(set(methods or []) - set(METHODS))
+    if unknown:
+        args.parser.error(f"unknown methods: {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    missing = [str(d) for d in args.data if not d.is_dir()]
+    if missing:
+        args.parser.error(f"not a folder: {', '.join(missing)}")
+    result = quality_figures(args.data, args.domain, args.holdout, methods)
+    if args.json:
+        print_json(result, compact=True)
+    else:
+        print_quality(result)
     return 0
 
 

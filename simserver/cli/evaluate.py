@@ -8,6 +8,7 @@ import logging
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from simserver.cli.common import HelpFormatter, fail, progress_bar
 
@@ -87,7 +88,7 @@ def evaluate(args: argparse.Namespace) -> int:
         except RequestRefused as exc:
             return fail(exc.message)
     seconds = time.perf_counter() - t0
-    result = {
+    result: dict[str, Any] = {
         "pretrained": {k: out.pretrained.summary()[k] for k in METRICS} if out.pretrained else None,
         "finetuned": {k: out.finetuned.summary()[k] for k in METRICS} if out.finetuned else None,
         "n": len(dataset.samples),
@@ -96,6 +97,11 @@ def evaluate(args: argparse.Namespace) -> int:
         "reason": out.reason,
         "seconds": round(seconds, 2),
     }
+    ev = out.evaluation()
+    for side in ("pretrained", "finetuned"):
+        if result[side] is not None and ev[side] and "recall_at_1_ci" in ev[side]:
+            result[side]["recall_at_1_ci"] = ev[side]["recall_at_1_ci"]
+    result["gain"], result["open_set"] = ev["gain"], ev["open_set"]
     results = {
         n: r for n, r in (("pretrained", out.pretrained), ("finetuned", out.finetuned)) if r is not None
     }
@@ -112,7 +118,8 @@ def evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"{'embedding':<12} {'Recall@1':>9} {'Recall@5':>9} {'mAP@R':>7}")
     for n, r in results.items():
-        print(f"{n:<12} {r.recall_at_1:9.3f} {r.recall_at_5:9.3f} {r.map_at_r:7.3f}")
+        lo, hi = result[n].get("recall_at_1_ci", (float("nan"),) * 2)
+        print(f"{n:<12} {r.recall_at_1:9.3f} {r.recall_at_5:9.3f} {r.map_at_r:7.3f}  [{lo:.3f}, {hi:.3f}]")
     print(f"{result['n']} images, {result['queries']} hold-out queries; {out.reason}")
     if "report" in result:
         print(f"report: {result['report']}")

@@ -69,7 +69,7 @@ def test_finetune_mode_then_query_uses_the_versions_encoder(tmp_path, builtin_ta
     assert ev["promoted"] and ev["mode"] == "finetune" and report["encoder"].startswith("store:")
     assert ev["finetuned"]["recall_at_1"] > ev["pretrained"]["recall_at_1"]
     meta = json.loads((store / "domains/fashion/versions" / report["version"] / "meta.json").read_text())
-    assert meta["evaluation"] == ev and meta["dim"] == 256 and meta["encoder"] == report["encoder"]
+    assert meta["evaluation"] == ev and meta["dim"] == 1280 + 256 and meta["encoder"] == report["encoder"]
     assert (store / report["encoder"].removeprefix("store:")).is_file()
 
     # A query encodes with the version's fine-tuned encoder (a 1280-d pretrained vector would not fit).
@@ -90,8 +90,10 @@ def test_evaluate_prints_json_and_writes_the_html_report(tmp_path, builtin_tag):
     out = json.loads(r.stdout)
     assert out["n"] == 36 and out["queries"] == 12
     for name in ("pretrained", "finetuned"):
-        assert set(out[name]) == {"recall_at_1", "recall_at_5", "map_at_r"}
-        assert all(0 <= v <= 1 for v in out[name].values())
+        assert set(out[name]) == {"recall_at_1", "recall_at_5", "map_at_r", "recall_at_1_ci"}
+        lo, hi = out[name].pop("recall_at_1_ci")
+        assert all(0 <= v <= 1 for v in out[name].values()) and lo <= out[name]["recall_at_1"] <= hi
+    assert len(out["gain"]["ci"]) == 2 and len(out["open_set"]["held_out_categories"]) == 4  # 30% of 12
     page = report.read_text()
     assert page.count("<svg") == 2 and "Worst queries" in page
     assert page.count('class="q"') == 12 and page.count("data:image/jpeg;base64,") >= 12 * 2
@@ -109,4 +111,4 @@ def test_console_script_lists_every_command():
     assert {"encoder", "domain", "query", "evaluate", "bench", "deploy", "bento"} <= listed, listed
     bench = subprocess.run([str(exe), "bench", "--help"], capture_output=True, text=True, timeout=60)
     listed = set(re.findall(r"^    (\S+)", bench.stdout, re.M))
-    assert {"encoder", "index", "http", "training", "quantization", "relevance", "all"} <= listed, listed
+    assert {"encoder", "index", "http", "training", "quantization", "relevance", "quality", "all"} <= listed

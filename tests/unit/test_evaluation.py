@@ -82,3 +82,83 @@ def test_promotion_rule():
     assert is_better(good, bad)[0] and not is_better(bad, good)[0]
     promoted, reason = is_better(good, good)
     assert not promoted and "does not beat" in reason
+
+
+# -- intervals, open set, the promotion rule -------------------------------------------------------
+def _result(hits: list[int], map_at_r: float = 0.5):
+    from simserver.evaluation import RetrievalResult
+
+    first = np.where(np.asarray(hits) == 1, 0, 3)
+    r1 = float(np.mean(hits))
+    return RetrievalResult(r1, r1, map_at_r, {}, [r1] * 10, len(hits), np.zeros((len(hits), 5)), first)
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_queries():
+    from simserver.evaluation import bootstrap_interval
+
+    small = bootstrap_interval(np.array([1, 0] * 10, float))
+    large = bootstrap_interval(np.array([1, 0] * 500, float))
+    assert small[0] < 0.5 < small[1] and large[0] < 0.5 < large[1]
+    assert large[1] - large[0] < (small[1] - small[0]) / 4
+    assert bootstrap_interval(np.ones(7)) == (1.0, 1.0)
+    assert bootstrap_interval(np.array([1, 0, 1.0]), seed=3) == bootstrap_interval(
+        np.array([1, 0, 1.0]), seed=3
+    )
+
+
+def test_open_set_split_holds_out_whole_categories():
+    from simserver.evaluation import open_set_split
+
+    labels = [c for c in "abcdefghij" for _ in range(3)] + ["k"]
+    split = open_set_split(labels, 0.3, seed=1)
+    held = set(split.held_classes)
+    assert len(held) == 3 and "k" not in held  # a single-image category cannot be a query
+    assert {labels[i] for i in split.holdout} == held
+    assert not held & {labels[i] for i in split.train}
+    assert sorted([*split.train, *split.holdout]) == list(range(len(labels)))
+    assert not open_set_split(["a", "a", "b", "b"]).evaluable  # two categories: keep both
+
+
+def test_open_set_metrics_are_leave_one_out_against_everything():
+    from simserver.evaluation import OpenSplit, evaluate_open_set
+
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(12, 6)).astype(np.float32)
+    labels = ["a", "a", "a", "b", "b", "b", "c", "c", "c", "d", "d", "d"]
+    split = OpenSplit(np.arange(6), np.arange(6, 12), ("c", "d"))
+    res = evaluate_open_set(vecs, labels, split)
+    v = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    hits, aps = [], []
+    for q in range(6, 12):
+        others = [j for j in range(12) if j != q]
+        ranked = sorted(others, key=lambda j: (-(v[q] @ v[j]), j))
+        rel = [labels[j] == labels[q] for j in ranked]
+        hits.append(rel[0])
+        r = 2
+        aps.append(sum(sum(rel[: i + 1]) / (i + 1) for i in range(r) if rel[i]) / r)
+    assert res.queries == 6 and res.recall_at_1 == pytest.approx(np.mean(hits))
+    assert res.map_at_r == pytest.approx(np.mean(aps))
+
+
+def test_decide_needs_the_interval_above_zero_and_open_set_within_tolerance():
+    from simserver.evaluation import Comparison, decide
+
+    pre = _result([1] * 20 + [0] * 20)
+    better = _result([1] * 36 + [0] * 4)  # +40 points on 40 queries
+    slightly = _result([1] * 21 + [0] * 19)  # +1 query
+    ok, why = decide(Comparison.of(better, pre), None)
+    assert ok and "promoted" in why and "interval" in why
+    ok, why = decide(Comparison.of(slightly, pre), None)
+    assert not ok and "not above 0" in why
+    ok, _ = decide(Comparison.of(slightly, pre), None, require_interval=False)  # point estimate
+    assert ok
+    open_pre = _result([1] * 50 + [0] * 50)
+    open_drop = _result([1] * 48 + [0] * 52)  # 2 points below pretrained
+    open_same = _result([1] * 49 + [0] * 51)  # 1 point below: tolerated
+    ok, why = decide(Comparison.of(better, pre), Comparison.of(open_drop, open_pre))
+    assert not ok and "open-set" in why
+    assert decide(Comparison.of(better, pre), Comparison.of(open_same, open_pre))[0]
+    assert decide(Comparison.of(better, pre), Comparison.of(open_drop, open_pre), max_open_set_drop=None)[0]
+    # promote_on=open_set: the open-set gain must be significant.
+    ok, why = decide(Comparison.of(better, pre), Comparison.of(open_same, open_pre), promote_on="open_set")
+    assert not ok and why.startswith("not promoted: open-set")

@@ -94,8 +94,11 @@ def test_finetune_mode_promotes_and_indexes_the_head_embedding(repo):
 
 @pytest.mark.parametrize(("head", "promoted"), [("good", True), ("bad", False)])
 def test_auto_promotes_only_a_better_head(repo, head, promoted):
+    """The point-estimate rule (``require_interval: false``): 2 queries cannot make an interval
+    above 0, which the default rule requires (tested below and in test_evaluation)."""
     be = Backend(head)
-    report = train_domain(repo, cfg(), dataset(), be)  # the domain's default mode: auto
+    rule = {"require_interval": False}
+    report = train_domain(repo, cfg(promotion=rule), dataset(), be)  # the domain's default mode: auto
     ev = report.meta["evaluation"]
     assert ev["mode"] == "auto" and ev["promoted"] is promoted and be.heads == 1
     assert (be.exports != []) is promoted
@@ -211,3 +214,49 @@ def test_relevance_calibration_in_the_training_reply(repo):
     be = Backend()
     cal = train_domain(repo, one, dataset(), be, mode="finetune").meta["relevance"]
     assert be.heads == 1 and cal["method"] == "leave-one-out" and cal["scored"] == 10
+
+
+def test_default_rule_needs_the_gain_interval_above_zero(repo):
+    """The same better head as above, on 2 queries: the paired bootstrap interval of its gain
+    reaches 0, so the default rule keeps the pretrained encoder and says why; every Recall@1 comes
+    with its interval."""
+    be = Backend("good")
+    report = train_domain(repo, cfg(), dataset(), be)
+    ev = report.meta["evaluation"]
+    assert ev["promoted"] is False and "interval is not above 0" in ev["reason"], ev["reason"]
+    assert report.meta["encoder"] == "fake" and be.exports == []
+    for side in ("pretrained", "finetuned"):
+        lo, hi = ev[side]["recall_at_1_ci"]
+        assert 0.0 <= lo <= ev[side]["recall_at_1"] <= hi <= 1.0
+    assert ev["gain"]["ci"][0] <= 0 and ev["promotion"]["promote_on"] == "closed_set"
+    assert ev["open_set"] is None  # two categories: none can be held out whole
+
+
+def test_open_set_head_is_trained_without_the_held_out_categories(repo):
+    """Four categories: one is held out whole, a second head is trained on the other three and
+    both embeddings are evaluated with that category's images as queries."""
+    colours = {
+        "warm": WARM,
+        "cool": COOL,
+        "grey": [(g, g, g) for g in (40, 80, 120, 160, 200)],
+        "pink": [(255, 100 + 20 * i, 200) for i in range(5)],
+    }
+    entries = {f"{k}/{i}.png": solid(c) for k, cs in colours.items() for i, c in enumerate(cs)}
+    ds = read_zip(make_zip(entries), Limits())
+    seen: list[set[str]] = []
+
+    class Recording(Backend):
+        def train_head(self, features, labels, config):
+            seen.append(set(labels))
+            return Backend.train_head(
+                self, features, ["warm" if x in ("warm", "pink") else "cool" for x in labels], config
+            )
+
+    report = train_domain(repo, cfg(), ds, Recording("good"))
+    ev = report.meta["evaluation"]
+    held = ev["open_set"]["held_out_categories"]
+    assert len(held) == 1 and len(seen) == 2
+    assert seen[0] == set(colours) and seen[1] == set(colours) - set(held)
+    assert ev["open_set"]["queries"] == 5 and ev["open_set"]["train_images"] == 15
+    for side in ("pretrained", "finetuned"):
+        assert len(ev["open_set"][side]["recall_at_1_ci"]) == 2
