@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from simserver.catalog import CatalogPolicy
 from simserver.finetune import TrainingConfig
 from simserver.index_choice import IndexPolicy
 from simserver.metrics import Metric
@@ -25,6 +26,17 @@ class Limits(BaseModel):
     max_entries: int = Field(10_000, ge=1, description="files in one training zip")
     max_uncompressed_bytes: int = Field(1 * 2**30, ge=1, description="sum of a zip's uncompressed sizes")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width*height of one image")
+
+
+class VersionsConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keep: int = Field(10, ge=1, description="versions kept; older ones and blobs only they use are deleted")
+    gc_grace_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="blobs younger than this are never deleted (another replica may be using them)",
+    )
 
 
 class DomainConfig(BaseModel):
@@ -45,6 +57,8 @@ class DomainConfig(BaseModel):
     index: IndexPolicy = IndexPolicy()
     training: TrainingConfig = TrainingConfig()
     relevance: RelevanceConfig = RelevanceConfig()
+    catalog: CatalogPolicy = CatalogPolicy()
+    versions: VersionsConfig = VersionsConfig()
 
     @field_validator("name")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from simserver.index import DomainIndex
+from simserver.catalog import Catalog
 from simserver.repository import Repository
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ class LiveIndex:
         self.repo = repo
         self.domain = domain
         self.poll_seconds = poll_seconds
-        self.current: DomainIndex | None = None
+        self.current: Catalog | None = None
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
