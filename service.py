@@ -31,6 +31,7 @@ from simserver.http_errors import Remote, json_refusals, quiet_refusals
 from simserver.jobs import JobRecords
 from simserver.repository import Repository
 from simserver.schemas import (
+    CatalogMode,
     DeleteReply,
     DomainInfo,
     EncoderStats,
@@ -150,6 +151,7 @@ class ImageSimilarity:
         self,
         archive: Path,
         mode: Mode = None,
+        catalog: CatalogMode = None,
         *,
         ctx: bentoml.Context,
     ) -> TrainReply:
@@ -159,7 +161,9 @@ class ImageSimilarity:
 
         async def work() -> TrainReply:
             data = await read_upload_async(archive, cfg.limits, "archive")
-            reply = await self.training.to_async.train(domain=cfg.name, archive=data, mode=mode)
+            reply = await self.training.to_async.train(
+                domain=cfg.name, archive=data, mode=mode, catalog=catalog
+            )
             try:  # published already; the index service's poller would pick it up in seconds
                 await self.indexes[cfg.name].to_async.reload()
             except Exception:
@@ -205,14 +209,32 @@ class ImageSimilarity:
 
     @bentoml.api(route="/similarity")
     async def similarity(
-        self, image_a: Path, image_b: Path, metric: Literal["cosine", "l1", "l2"] = "cosine"
+        self,
+        image_a: Path,
+        image_b: Path,
+        metric: Literal["cosine", "l1", "l2"] | None = None,
+        domain: str | None = None,
     ) -> SimilarityReply:
-        """Distance and score between two images with the built-in encoder."""
-        limits = Limits()
+        """Distance and score between two images: with the built-in encoder (``metric``, default
+        cosine), or with a ``domain``'s served (fine-tuned) encoder and metric, answering also
+        ``same_label`` from the pair threshold calibrated on its hold-out."""
+        cfg = None
+        if domain is not None:
+            if domain not in DOMAINS:
+                raise UnknownDomain(f"unknown domain {domain!r} (known: {', '.join(DOMAINS)})")
+            cfg = DOMAINS[domain]
+            if metric is not None and metric != cfg.metric:
+                raise RequestRefused(
+                    f"metric: domain {domain!r} compares with {cfg.metric}; leave metric out"
+                )
+        limits = cfg.limits if cfg else Limits()
         pixels = [
             await image_pixels(image_a, limits, "image_a"),
             await image_pixels(image_b, limits, "image_b"),
         ]
+        if cfg is not None:
+            return await self.indexes[cfg.name].to_async.pair(images=np.stack(pixels))
+        metric = metric or "cosine"
         a, b = await self.encoding.to_async.encode(images=np.stack(pixels), encoder=BUILTIN)
         d = metrics.pairwise_distance(metric, a, b)
         return SimilarityReply(metric=metric, distance=d, score=float(metrics.distance_to_score(metric, d)))

@@ -37,6 +37,7 @@ from simserver.schemas import (
     ItemsReply,
     RelevanceReply,
     SearchReply,
+    SimilarityReply,
     VersionInfo,
 )
 from simserver.searcher import Searcher, served_encoder
@@ -115,6 +116,11 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
         async def search(self, image: np.ndarray, top_k: int, filter: dict | None = None) -> SearchReply:
             """Nearest items to one ``uint8 [S, S, 3]`` image in the version served now."""
             return await self.searcher.search(image, top_k, parse_filter(filter))
+
+        @bentoml.api
+        async def pair(self, images: np.ndarray) -> SimilarityReply:
+            """Two images compared with this domain's served encoder and metric."""
+            return await self.searcher.pair(images)
 
         @bentoml.api
         def similar(self, item_id: str, top_k: int, filter: dict | None = None) -> SearchReply:

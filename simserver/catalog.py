@@ -110,6 +110,12 @@ class Segment:
             self._columns[name] = col
         return col
 
+    @cached_property
+    def label_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct labels, each row's index into them): a version's label counts in one bincount."""
+        names, codes = np.unique(self.column("label").astype(str), return_inverse=True)
+        return names, codes.astype(np.int64)
+
     def numeric(self, name: str) -> np.ndarray:
         num = self._numeric.get(name)
         if num is None:
@@ -222,7 +228,12 @@ class Catalog:
         counts: Counter[str] = Counter()
         for seg, alive in zip(self.segments, self.alive, strict=True):
             if len(seg):
-                counts.update(seg.column("label")[alive].tolist())
+                names, codes = seg.label_codes
+                for name, c in zip(
+                    names.tolist(), np.bincount(codes[alive], minlength=len(names)).tolist(), strict=True
+                ):
+                    if c:
+                        counts[name] += c
         return dict(sorted(counts.items()))
 
     @property

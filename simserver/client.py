@@ -572,14 +572,19 @@ class DomainClient:
         )
 
     # -- training (a BentoML task) ----------------------------------------------------------------
-    def submit_training(self, archive: FileInput, mode: TrainingMode | None = None) -> str:
+    def submit_training(
+        self, archive: FileInput, mode: TrainingMode | None = None, catalog: str | None = None
+    ) -> str:
         """``POST /{domain}/train/submit``: start training on a zip of ``<category>/<image>``
         (+ optional ``metadata.csv``), or a folder of them (zipped here); returns the task id at once.
         ``mode``: auto, finetune or pretrained (default: the domain's)."""
         with ExitStack() as stack:
             part = _file_part(archive, "archive.zip", stack, zip_dirs=True)
             body = self.client._json(
-                "POST", f"{self._prefix}/train/submit", files=[("archive", part)], data=_form(mode=mode)
+                "POST",
+                f"{self._prefix}/train/submit",
+                files=[("archive", part)],
+                data=_form(mode=mode, catalog=catalog),
             )
         if not isinstance(body, dict) or not isinstance(body.get("task_id"), str):
             raise ProtocolError(200, f"submit reply has no task_id: {str(body)[:200]}", url=self.client.url)
@@ -613,12 +618,13 @@ class DomainClient:
         progress: Callable[[TaskStatus], object] | None = None,
         poll: float = 0.5,
         timeout: float | None = 3600.0,
+        catalog: str | None = None,
     ) -> TrainReply:
         """Submit a training, wait for it and return its result (the domain then serves the new
         version). ``progress(status)`` is called after every status poll (every ``poll`` s). A
         failed training raises its error (with ``task_id`` set); after ``timeout`` s (None: no
         limit) :class:`TrainingTimeout`, while the task goes on on the server."""
-        task_id = self.submit_training(archive, mode)
+        task_id = self.submit_training(archive, mode, catalog)
         start = time.monotonic()
         while True:
             status = self.training_status(task_id)

@@ -3,7 +3,7 @@ services give the gateway, and what :mod:`simserver.client` returns. One model p
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -16,6 +16,13 @@ Mode = Annotated[
     Field(
         description="auto: fine-tune and promote only if better on the hold-out; finetune: always; "
         "pretrained: never. Default: the domain's training.mode"
+    ),
+]
+CatalogMode = Annotated[
+    Literal["replace", "merge"] | None,
+    Field(
+        description="replace (default): the archive becomes the catalog; merge: the archive is upserted "
+        "into the current catalog, and fine-tuning, evaluation and index cover the merged catalog"
     ),
 ]
 ImageThreshold = Annotated[
@@ -86,6 +93,10 @@ class Evaluation(BaseModel):
     train_images: int
     augmented_views: int
     seconds: dict[str, float]
+    pair: dict | None = Field(
+        None,
+        description="hold-out x training pairs: same-label threshold, ROC AUC, accuracy (POST /similarity)",
+    )
 
 
 class TrainReply(BaseModel):
@@ -131,6 +142,14 @@ class SimilarityReply(BaseModel):
     metric: str
     distance: float
     score: float = Field(ge=0, le=1)
+    domain: str | None = Field(None, description="with a domain: compared with its served encoder and metric")
+    version: str | None = None
+    same_label: bool | None = Field(
+        None,
+        description="distance <= the pair threshold calibrated on the domain's hold-out "
+        "(None: none calibrated)",
+    )
+    threshold: float | None = Field(None, description="that pair threshold (a distance)")
 
 
 class IndexStatus(BaseModel):

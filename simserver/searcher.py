@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import numpy as np
 
+from simserver import metrics
 from simserver.builder import decode_batch
 from simserver.catalog import Catalog
 from simserver.domain_config import DomainConfig
@@ -24,7 +25,7 @@ from simserver.errors import Conflict, RequestRefused, UnknownItem
 from simserver.filters import Filter
 from simserver.ingest import Dataset, iter_chunks
 from simserver.relevance import judge_site
-from simserver.schemas import Evaluation, IndexStatus, ItemInfo, RelevanceReply, SearchReply
+from simserver.schemas import Evaluation, IndexStatus, ItemInfo, RelevanceReply, SearchReply, SimilarityReply
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,23 @@ class Searcher:
         else:  # one query: FAISS takes a millisecond or so, less than a hop to a worker thread
             results = index.search(vectors, top_k)[0]
         return SearchReply(domain=self.cfg.name, version=index.version, results=results)
+
+    async def pair(self, images: np.ndarray) -> SimilarityReply:
+        """Two images (``uint8 [2, S, S, 3]``) compared with the served encoder and the domain's
+        metric; ``same_label`` from the pair threshold calibrated at training, if any."""
+        index = self._serving()
+        a, b = await self._vectors(index, np.asarray(images, dtype=np.uint8))
+        d = metrics.pairwise_distance(self.cfg.metric, a, b)
+        threshold = (index.meta.get("pair") or {}).get("threshold")
+        return SimilarityReply(
+            metric=self.cfg.metric,
+            distance=d,
+            score=float(metrics.distance_to_score(self.cfg.metric, d)),
+            domain=self.cfg.name,
+            version=index.version,
+            same_label=None if threshold is None else bool(d <= threshold),
+            threshold=threshold,
+        )
 
     def similar(self, item_id: str, top_k: int, filt: Filter | None = None) -> SearchReply:
         """ "More like this": neighbours of a stored item from its stored vector, itself excluded."""

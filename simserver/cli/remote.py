@@ -7,7 +7,8 @@ Every command takes ``--url`` (default: ``$SIMSERVER_URL``, else http://127.0.0.
 
 Commands: ``domains``, ``stats``, ``ready``, ``search``, ``similar``, ``items add|delete|list``,
 ``similarity``, ``image``, ``relevance``, ``train``, ``train-status``, ``train-result``.
-:func:`add_parsers` adds them to the CLI's sub-commands; each sets ``func`` (``args.func(args)`` returns the exit code).
+:func:`add_parsers` adds them to the CLI's sub-commands; each sets ``func``
+(``args.func(args)`` returns the exit code).
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def _relevance(client: Client, args: argparse.Namespace) -> Any:
 def _train(client: Client, args: argparse.Namespace) -> Any:
     domain = client.domain(args.domain)
     if args.no_wait:
-        return {"task_id": domain.submit_training(args.archive, mode=args.mode)}
+        return {"task_id": domain.submit_training(args.archive, mode=args.mode, catalog=args.catalog)}
     last: list[str] = []
 
     def progress(status: TaskStatus) -> None:
@@ -197,7 +198,14 @@ def _train(client: Client, args: argparse.Namespace) -> Any:
             sys.stderr.flush()
             last[:] = [status.status]
 
-    return domain.train(args.archive, mode=args.mode, progress=progress, poll=args.poll, timeout=args.timeout)
+    return domain.train(
+        args.archive,
+        mode=args.mode,
+        progress=progress,
+        poll=args.poll,
+        timeout=args.timeout,
+        catalog=args.catalog,
+    )
 
 
 def _train_status(client: Client, args: argparse.Namespace) -> Any:
@@ -310,6 +318,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("domain")
     p.add_argument("archive", help="zip, or folder (zipped on the fly)")
     p.add_argument("--mode", choices=get_args(TrainingMode), default=None)
+    p.add_argument(
+        "--catalog",
+        choices=("replace", "merge"),
+        default=None,
+        help="merge: upsert the archive into the current catalog and train on the merged catalog",
+    )
     p.add_argument("--no-wait", action="store_true", help="print the task id and return at once")
     p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="status poll interval")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up waiting after")

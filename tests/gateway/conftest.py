@@ -34,6 +34,7 @@ from simserver.schemas import (
     ItemsReply,
     RelevanceReply,
     SearchReply,
+    SimilarityReply,
     TrainReply,
     VersionInfo,
 )
@@ -82,6 +83,18 @@ class FakeIndex(Fake):
         self._call("search", image=image, top_k=top_k, filter=filter)
         hit = Hit(id="a/0.png", name="a/0.png", label="a", score=1.0, distance=0.0)
         return SearchReply(domain=self.domain, version="v1", results=[hit] * min(top_k, 3))
+
+    async def pair(self, images: np.ndarray) -> SimilarityReply:
+        self._call("pair", images=images)
+        return SimilarityReply(
+            metric="cosine",
+            distance=0.2,
+            score=0.8,
+            domain=self.domain,
+            version="v1",
+            same_label=True,
+            threshold=0.3,
+        )
 
     async def similar(self, item_id: str, top_k: int, filter: dict | None = None) -> SearchReply:
         self._call("similar", item_id=item_id, top_k=top_k, filter=filter)
@@ -146,8 +159,10 @@ class FakeIndex(Fake):
 
 
 class FakeTrainer(Fake):
-    async def train(self, domain: str, archive: bytes, mode: str | None = None) -> TrainReply:
-        self._call("train", domain=domain, archive=archive, mode=mode)
+    async def train(
+        self, domain: str, archive: bytes, mode: str | None = None, catalog: str | None = None
+    ) -> TrainReply:
+        self._call("train", domain=domain, archive=archive, mode=mode, catalog=catalog)
         return TrainReply(version="v2", indexed=3, skipped=[], labels={"a": 3}, seconds=0.1)
 
 

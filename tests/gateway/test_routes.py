@@ -194,6 +194,7 @@ def test_training_upload_limits_and_fields(gw):
     status, r = run_task(gw, "shop", zip_of({"a/1.png": png()}), mode="sometimes")
     assert status == "failed"
     error_of(r, 400, "mode")
+
     # BentoML validates a task's fields when it runs: a missing archive is a failed task, a 400.
     r = gw.client.post("/shop/train/submit", files={"other": ("x.zip", b"")})
     task = gw.client.get("/shop/train/get", params={"task_id": r.json()["task_id"]})
@@ -204,6 +205,15 @@ def test_training_upload_limits_and_fields(gw):
         task = gw.client.get("/shop/train/get", params={"task_id": r.json()["task_id"]})
     error_of(task, 400, "other")
     assert gw.trainer.calls == []
+
+
+def test_training_catalog_field(gw):
+    status, r = run_task(gw, "shop", zip_of({"a/1.png": png()}), catalog="both")
+    assert status == "failed"
+    error_of(r, 400, "catalog")
+    assert gw.trainer.calls == []
+    status, r = run_task(gw, "shop", zip_of({"a/1.png": png()}), catalog="merge")
+    assert status == "completed" and gw.trainer.calls[-1][1]["catalog"] == "merge"
 
 
 def test_training_status_of_unknown_tasks(gw):
@@ -353,3 +363,19 @@ def test_versions_routes(gw):
     assert r.status_code == 200 and r.json()["activated_from"] == "v1"
     gw.index["shop"].refuse["activate"] = UnknownItem("domain 'shop' has no version 'v0'")
     error_of(gw.client.post("/shop/versions/v0/activate"), 404, "no version")
+
+
+def test_similarity_with_a_domain_uses_its_index_service(gw):
+    files = {"image_a": ("a.png", png()), "image_b": ("b.png", png(color="blue"))}
+    r = gw.client.post("/similarity", files=files, data={"domain": "shop"})
+    assert r.status_code == 200, r.text
+    assert r.json()["same_label"] is True and r.json()["domain"] == "shop"
+    ((method, kwargs),) = gw.index["shop"].calls
+    assert method == "pair" and kwargs["images"].shape == (2, 224, 224, 3)
+    assert gw.encoder.calls == []  # the domain's service encodes, with its served encoder
+    error_of(gw.client.post("/similarity", files=files, data={"domain": "nope"}), 404, "unknown domain")
+    error_of(
+        gw.client.post("/similarity", files=files, data={"domain": "shop", "metric": "l1"}), 400, "metric"
+    )
+    r = gw.client.post("/similarity", files=files)
+    assert r.status_code == 200 and r.json()["metric"] == "cosine" and r.json()["same_label"] is None

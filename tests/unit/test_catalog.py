@@ -300,3 +300,53 @@ def test_filter_round_trip_and_numbers():
     f = parse_filter({"label": {"in": ["a"]}, "metadata.price": {"gte": 10, "lt": 50}, "metadata.n": 7})
     assert parse_filter(f.to_json()) == f
     assert not parse_filter(None) and not parse_filter("") and not parse_filter({})
+
+
+def test_training_with_catalog_merge_covers_the_merged_catalog(tmp_path):
+    from simserver.training import merge_catalog, train_domain
+    from tests.unit.conftest import BLUE, GREEN, RED, fake_encode, solid
+
+    class Backend:
+        encoder, encoder_id = "fake", "fake:1"
+
+        def encode(self, images):
+            return fake_encode(images)
+
+    cfg = DomainConfig(name="d")
+    repo = Repository(LocalStore(tmp_path), cfg.catalog)
+    first = Dataset(
+        [
+            Sample("warm/red.png", "warm", solid(RED), "image/png"),
+            Sample("cool/blue.png", "cool", solid(BLUE), "image/png"),
+        ],
+        [],
+    )
+    train_domain(repo, cfg, first, Backend(), mode="pretrained")
+    update = Dataset(
+        [
+            Sample("cool/green.png", "cool", solid(GREEN), "image/png", id="cool/blue.png"),
+            Sample("cool/new.png", "cool", solid(GREEN), "image/png"),
+        ],
+        [],
+    )
+    merged = merge_catalog(repo, cfg, update)
+    assert sorted(s.id for s in merged.samples) == ["cool/blue.png", "cool/new.png", "warm/red.png"]
+    assert next(s for s in merged.samples if s.id == "cool/blue.png").data == solid(GREEN)  # replaced
+    report = train_domain(repo, cfg, merged, Backend(), mode="pretrained")
+    catalog = repo.load("d", report.version)
+    assert catalog.count == 3 and catalog.meta["kind"] == "train"
+    assert repo.image(catalog.get("warm/red.png").image_key) == solid(RED)  # kept from the catalog
+
+
+def test_pair_calibration_separates_same_label_pairs():
+    from simserver.calibration import CalibrationData, PairCalibrator
+    from simserver.evaluation import stratified_split
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, DIM)) * 3
+    labels = np.array([f"c{i % 3}" for i in range(90)])
+    vectors = np.stack([centres[i % 3] + rng.standard_normal(DIM) for i in range(90)]).astype(np.float32)
+    split = stratified_split(labels.tolist(), 0.2, 2, 0)
+    got = PairCalibrator().calibrate(CalibrationData(DomainConfig(name="d"), split, vectors, labels))
+    assert got["roc_auc"] > 0.95 and got["balanced_accuracy"] > 0.9 and 0 < got["threshold"] < 1
+    assert got["pairs"] == len(split.holdout) * len(split.train)
