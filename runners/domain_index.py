@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 # The longest an index service waits for its encoder before it says ready anyway.
 WARM_UP_LIMIT_S = 300.0
+GC_EVERY_S = 60.0
 
 
 def service_name(domain: str) -> str:
@@ -66,6 +67,7 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             self.repo = repo
             self.settings = settings
             self._maintaining = threading.Lock()  # one compaction / GC at a time in this process
+            self._last_gc = 0.0
             self.live = LiveIndex(repo, cfg.name, settings.pointer_poll_seconds)
             self.live.start()
             self.searcher = Searcher(cfg, lambda: self.live.current, self._encode, settings.encode_batch_size)
@@ -106,7 +108,10 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             try:
                 while catalog_ops.compact(self.repo, cfg) is not None:
                     self.live.refresh()
-                self.repo.collect_garbage(cfg.name, cfg.versions.keep, cfg.versions.gc_grace_seconds)
+                # GC lists the domain's blobs (every image): at most once a minute, not per change.
+                if time.monotonic() - self._last_gc > GC_EVERY_S:
+                    self._last_gc = time.monotonic()
+                    self.repo.collect_garbage(cfg.name, cfg.versions.keep, cfg.versions.gc_grace_seconds)
             except Exception:
                 logger.exception("domain %s: compaction / garbage collection failed", cfg.name)
             finally:

@@ -111,8 +111,14 @@ def catalog_figures(n: int = 100_000, queries: int = 200, stream_seconds: float 
         encoder.encode(pixels[start : start + 32])
     encode_s = time.perf_counter() - t0
 
+    inside = {"s": 0.0}
+
     async def encode(images: np.ndarray, name: str) -> np.ndarray:
-        return encoder.encode(images)
+        t = time.perf_counter()
+        try:
+            return encoder.encode(images)
+        finally:
+            inside["s"] += time.perf_counter() - t
 
     written = repo.bytes_written
     t0 = time.perf_counter()
@@ -124,6 +130,10 @@ def catalog_figures(n: int = 100_000, queries: int = 200, stream_seconds: float 
         "seconds": round(upsert_s, 3),
         "encode_100_images_s": round(encode_s, 3),
         "overhead_s": round(upsert_s - encode_s, 3),
+        # The same, against the encoding done inside this upsert (robust to the machine's noise
+        # between the two timings): decode, store the images and the segment, commit, assemble.
+        "encode_inside_upsert_s": round(inside["s"], 3),
+        "upsert_minus_its_encoding_s": round(upsert_s - inside["s"], 3),
         "target": "seconds <= encode_100_images_s + 2",
         "met": upsert_s <= encode_s + 2,
         "bytes_written": change_bytes,

@@ -150,6 +150,31 @@ def test_list_delete_by_filter_versions_and_activate(shop):
     )
 
 
+def test_similarity_with_the_domains_model(shop):
+    a = (DEMO / "fashion/dress/google.png").read_bytes()
+    b = (DEMO / "fashion/dress/twitter.png").read_bytes()
+    c = (DEMO / "fashion/boot/google.png").read_bytes()
+    pair = lambda x, y: requests.post(  # noqa: E731
+        f"{shop.url}/similarity",
+        files={"image_a": ("a.png", x), "image_b": ("b.png", y)},
+        data={"domain": "shop"},
+        timeout=60,
+    )
+    same, other = pair(a, b).json(), pair(a, c).json()
+    assert same["domain"] == "shop" and same["metric"] == "cosine" and same["threshold"] is not None
+    assert same["distance"] < other["distance"] and isinstance(same["same_label"], bool)
+    assert same["same_label"] == (same["distance"] <= same["threshold"])
+    unknown = requests.post(
+        f"{shop.url}/similarity",
+        files={"image_a": ("a.png", a), "image_b": ("b.png", b)},
+        data={"domain": "nope"},
+        timeout=30,
+    )
+    assert_error(unknown, 404, "unknown domain")
+    evaluation = requests.get(f"{shop.url}/domains", timeout=10).json()[0]["evaluation"]
+    assert 0.5 < evaluation["pair"]["roc_auc"] <= 1 and evaluation["pair"]["accuracy"] > 0
+
+
 def test_cli_items_commands(shop, tmp_path):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -178,3 +203,35 @@ def test_cli_items_commands(shop, tmp_path):
     assert out.returncode == 0, out.stderr
     item = requests.get(f"{shop.url}/shop/items/SKU-9", timeout=10).json()
     assert item["metadata"] == {"brand": "acme"} and item["label"] == "tools"
+
+
+def test_training_with_catalog_merge(shop):
+    import time
+
+    before = requests.get(f"{shop.url}/shop/items", params={"limit": 1}, timeout=10).json()["total"]
+    archive = make_zip(
+        {
+            "tools/h1.webp": (TEST_DATA / "hammer1.webp").read_bytes(),
+            "tools/h2.webp": (TEST_DATA / "hammer2.webp").read_bytes(),
+        }
+    )
+    r = requests.post(
+        f"{shop.url}/shop/train/submit",
+        files={"archive": ("set.zip", archive)},
+        data={"mode": "pretrained", "catalog": "merge"},
+        headers=KEY,
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    task = r.json()["task_id"]
+    for _ in range(600):
+        status = requests.get(f"{shop.url}/shop/train/status", params={"task_id": task}, timeout=10).json()
+        if status["status"] != "in_progress":
+            break
+        time.sleep(0.5)
+    result = requests.get(f"{shop.url}/shop/train/get", params={"task_id": task}, timeout=10)
+    assert result.status_code == 200, result.text
+    assert result.json()["indexed"] == before + 2  # the archive upserted into the catalog, not replacing it
+    page = requests.get(f"{shop.url}/shop/items", params={"label": "tools", "limit": 100}, timeout=10).json()
+    assert {"tools/h1.webp", "tools/h2.webp"} <= {i["id"] for i in page["items"]}
+    assert requests.get(f"{shop.url}/shop/versions", timeout=10).json()[0]["kind"] == "train"
