@@ -347,9 +347,12 @@ class Repository:
         )
         started_from = None
         if expected_previous not in (False, None):
-            started_from = self.manifest(domain, str(expected_previous)).get(
-                "train_version", expected_previous
-            )
+            try:
+                started_from = self.manifest(domain, str(expected_previous)).get(
+                    "train_version", expected_previous
+                )
+            except KeyError:  # garbage-collected meanwhile: compare with the version itself
+                started_from = expected_previous
 
         def change(head: Catalog | None) -> tuple[dict[str, Any], Catalog]:
             if expected_previous is not False:
