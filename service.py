@@ -10,13 +10,13 @@ import logging
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import anyio
 import bentoml
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from starlette.responses import Response
 
 from runners import die_with_server
@@ -27,13 +27,20 @@ from simserver import metrics, request_ids
 from simserver.asgi import GatewayMiddleware, harden_multipart
 from simserver.domain_config import BUILTIN, DomainConfig, Limits, load_domains
 from simserver.errors import RequestRefused, UnknownDomain
+from simserver.filters import parse_filter
 from simserver.http_errors import Remote, json_refusals, quiet_refusals
 from simserver.jobs import JobRecords
 from simserver.repository import Repository
 from simserver.schemas import (
+    CatalogMode,
+    DeleteReply,
     DomainInfo,
     EncoderStats,
+    FilterText,
     ImageThreshold,
+    ItemPage,
+    ItemRecord,
+    ItemsReply,
     Mode,
     Nearest,
     RelevanceReply,
@@ -42,6 +49,7 @@ from simserver.schemas import (
     SiteThreshold,
     TopK,
     TrainReply,
+    VersionInfo,
 )
 from simserver.settings import get_settings
 from simserver.store import ArtifactStore, open_store
@@ -93,19 +101,61 @@ class ImageSimilarity:
         self,
         image: Path,
         top_k: TopK = None,
+        filter: FilterText = None,
         *,
         ctx: bentoml.Context,
     ) -> SearchReply:
-        """Most similar indexed images to the uploaded one, best first."""
+        """Most similar indexed images to the uploaded one, best first; with ``filter``, the exact
+        top-k among the items that match it."""
         cfg = domain_of(ctx)
+        filt = parse_filter(filter)  # a malformed filter is a 400 before the image is decoded
         pixels = await image_pixels(image, cfg.limits, "image")
-        return await self.indexes[cfg.name].to_async.search(image=pixels, top_k=top_k or cfg.top_k)
+        return await self.indexes[cfg.name].to_async.search(
+            image=pixels, top_k=top_k or cfg.top_k, filter=filt.to_json() if filt else None
+        )
+
+    @bentoml.api(route="/{domain}/items")
+    async def add_items(
+        self,
+        archive: Path = None,  # type: ignore[assignment]
+        images: list[Path] = None,  # type: ignore[assignment]
+        label: str | None = None,
+        ids: list[str] | None = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> ItemsReply:
+        """Add or replace items by id, without a training: a zip (``archive``, the training layout,
+        optional ``metadata.csv`` with an ``id`` column) and/or ``images`` files with one ``label``
+        (and optional ``ids``, one per file). Encoded with the encoder the domain serves."""
+        cfg = domain_of(ctx)
+        if archive is None and not images:
+            raise RequestRefused(
+                "send items as a zip in 'archive' and/or as files in 'images' (with a 'label')"
+            )
+        data = await read_upload_async(archive, cfg.limits, "archive") if archive is not None else None
+        files = [await read_upload_async(p, cfg.limits, "images") for p in images or []]
+        return await self.indexes[cfg.name].to_async.upsert(
+            archive=data, images=files, names=[upload_name(p) for p in images or []], label=label, ids=ids
+        )
+
+    @bentoml.api(route="/{domain}/items/delete")
+    async def delete_items(
+        self, ids: list[str] | None = None, filter: dict | None = None, *, ctx: bentoml.Context
+    ) -> DeleteReply:
+        """Delete items: JSON ``{"ids": [...]}`` or ``{"filter": {...}}`` (as on ``/search``)."""
+        cfg = domain_of(ctx)
+        if (ids is None) == (filter is None):
+            raise RequestRefused('send exactly one of {"ids": [...]} or {"filter": {...}}')
+        if filter is not None:
+            filter = parse_filter(filter).to_json()
+        return await self.indexes[cfg.name].to_async.delete(ids=ids, filter=filter)
 
     @bentoml.task(route="/{domain}/train")
     async def train(
         self,
         archive: Path,
         mode: Mode = None,
+        catalog: CatalogMode = None,
         *,
         ctx: bentoml.Context,
     ) -> TrainReply:
@@ -115,7 +165,9 @@ class ImageSimilarity:
 
         async def work() -> TrainReply:
             data = await read_upload_async(archive, cfg.limits, "archive")
-            reply = await self.training.to_async.train(domain=cfg.name, archive=data, mode=mode)
+            reply = await self.training.to_async.train(
+                domain=cfg.name, archive=data, mode=mode, catalog=catalog
+            )
             try:  # published already; the index service's poller would pick it up in seconds
                 await self.indexes[cfg.name].to_async.reload()
             except Exception:
@@ -161,14 +213,32 @@ class ImageSimilarity:
 
     @bentoml.api(route="/similarity")
     async def similarity(
-        self, image_a: Path, image_b: Path, metric: Literal["cosine", "l1", "l2"] = "cosine"
+        self,
+        image_a: Path,
+        image_b: Path,
+        metric: Literal["cosine", "l1", "l2"] | None = None,
+        domain: str | None = None,
     ) -> SimilarityReply:
-        """Distance and score between two images with the built-in encoder."""
-        limits = Limits()
+        """Distance and score between two images: with the built-in encoder (``metric``, default
+        cosine), or with a ``domain``'s served (fine-tuned) encoder and metric, answering also
+        ``same_label`` from the pair threshold calibrated on its hold-out."""
+        cfg = None
+        if domain is not None:
+            if domain not in DOMAINS:
+                raise UnknownDomain(f"unknown domain {domain!r} (known: {', '.join(DOMAINS)})")
+            cfg = DOMAINS[domain]
+            if metric is not None and metric != cfg.metric:
+                raise RequestRefused(
+                    f"metric: domain {domain!r} compares with {cfg.metric}; leave metric out"
+                )
+        limits = cfg.limits if cfg else Limits()
         pixels = [
             await image_pixels(image_a, limits, "image_a"),
             await image_pixels(image_b, limits, "image_b"),
         ]
+        if cfg is not None:
+            return await self.indexes[cfg.name].to_async.pair(images=np.stack(pixels))
+        metric = metric or "cosine"
         a, b = await self.encoding.to_async.encode(images=np.stack(pixels), encoder=BUILTIN)
         d = metrics.pairwise_distance(metric, a, b)
         return SimilarityReply(metric=metric, distance=d, score=float(metrics.distance_to_score(metric, d)))
@@ -221,17 +291,103 @@ async def stats() -> EncoderStats:
     return await bentoml.get_current_service().encoding.to_async.stats()
 
 
-@http_app.get(
-    "/{domain}/images/{item_id}",
-    summary="The stored image of a search result",
-    responses={200: {"content": {"image/*": {}}}, 404: {"description": "unknown domain or id"}},
-)
-async def get_image(domain: str, item_id: int, version: str | None = None) -> Response:
-    """Ids belong to a version: pass the search's ``version`` to be sure the id still means that image."""
-    svc = bentoml.get_current_service()
+def _index(domain: str) -> Remote:
     if domain not in DOMAINS:
         raise UnknownDomain(f"unknown domain {domain!r}")
-    item = await svc.indexes[domain].to_async.item(item_id=item_id)
+    return bentoml.get_current_service().indexes[domain]
+
+
+_Doc = dict[int | str, dict[str, Any]]
+_E400: _Doc = {400: {"description": "malformed parameter or filter"}}
+_E404: _Doc = {404: {"description": "unknown domain, item or version"}}
+_E409: _Doc = {409: {"description": "the domain has no version yet"}}
+_EKEY: _Doc = {401: {"description": "API key missing"}, 403: {"description": "API key not accepted"}}
+
+
+@http_app.get(
+    "/{domain}/similar",
+    response_model=SearchReply,
+    summary="More like this: neighbours of a stored item",
+    responses={**_E400, **_E404, **_E409},
+)
+async def similar(
+    domain: str,
+    id: str = Query(..., min_length=1, description="a stored item's id"),
+    top_k: int | None = Query(None, ge=1, le=100, description="default: the domain's top_k"),
+    filter: str | None = Query(None, description="JSON filter, as on /search"),
+) -> SearchReply:
+    """Neighbours of a stored item from its stored vector (no re-encoding), excluding the item itself."""
+    filt = parse_filter(filter)
+    return await _index(domain).to_async.similar(
+        item_id=id, top_k=top_k or DOMAINS[domain].top_k, filter=filt.to_json() if filt else None
+    )
+
+
+@http_app.get(
+    "/{domain}/items",
+    response_model=ItemPage,
+    summary="The catalog's items, a page at a time",
+    responses={**_E400, **_E404, **_E409},
+)
+async def list_items(
+    domain: str,
+    label: str | None = None,
+    offset: int = Query(0, ge=0),
+    limit: int = Query(100, ge=1, le=1000),
+) -> ItemPage:
+    return await _index(domain).to_async.list_items(label=label, offset=offset, limit=limit)
+
+
+@http_app.get(
+    "/{domain}/items/{item_id:path}",
+    response_model=ItemRecord,
+    summary="One item: id, name, label, metadata, created_at",
+    responses={**_E404, **_E409},
+)
+async def get_item(domain: str, item_id: str) -> ItemRecord:
+    return await _index(domain).to_async.get_item(item_id=item_id)
+
+
+@http_app.delete(
+    "/{domain}/items/{item_id:path}",
+    response_model=DeleteReply,
+    summary="Delete one item (404 if unknown)",
+    responses={**_E404, **_E409, **_EKEY},
+)
+async def delete_item(domain: str, item_id: str) -> DeleteReply:
+    return await _index(domain).to_async.delete(ids=[item_id], must_exist=True)
+
+
+@http_app.get(
+    "/{domain}/versions",
+    response_model=list[VersionInfo],
+    summary="The domain's versions, newest first",
+    responses={**_E404},
+)
+async def list_versions(domain: str) -> list[VersionInfo]:
+    return await _index(domain).to_async.versions()
+
+
+@http_app.post(
+    "/{domain}/versions/{version}/activate",
+    response_model=VersionInfo,
+    summary="Serve what an earlier (or later) version served: a rollback in one call",
+    responses={**_E404, **_EKEY},
+)
+async def activate_version(domain: str, version: str) -> VersionInfo:
+    return await _index(domain).to_async.activate(version=version)
+
+
+@http_app.get(
+    "/{domain}/images/{item_id:path}",
+    summary="The stored image of an item",
+    responses={200: {"content": {"image/*": {}}}, 404: {"description": "unknown domain or id"}},
+)
+async def get_image(domain: str, item_id: str, version: str | None = None) -> Response:
+    """Pass the search's ``version`` to be sure the item still has the image it had then
+    (409 if that version is no longer served)."""
+    svc = bentoml.get_current_service()
+    item = await _index(domain).to_async.item(item_id=item_id)
     if version is not None and version != item.version:
         raise RequestRefused(
             f"version {version} of {domain!r} is no longer served (now {item.version}); search again", 409
@@ -239,7 +395,7 @@ async def get_image(domain: str, item_id: int, version: str | None = None) -> Re
     try:
         data = await anyio.to_thread.run_sync(svc.repo.image, item.image_key)
     except KeyError:
-        raise RequestRefused(f"image of item {item_id} is missing from the store", 404) from None
+        raise RequestRefused(f"image of item {item_id!r} is missing from the store", 404) from None
     return Response(
         data,
         media_type=item.content_type,

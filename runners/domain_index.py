@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import anyio
@@ -19,13 +20,27 @@ import numpy as np
 
 from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, die_with_server, exit_after_sigterm
 from runners.encoder import EncoderService
+from simserver import items as catalog_ops
+from simserver.catalog import Catalog
 from simserver.domain_config import DomainConfig
 from simserver.encoder import IMAGE_SIZE
-from simserver.index import DomainIndex
-from simserver.ingest import read_site
+from simserver.errors import UnknownItem
+from simserver.filters import parse_filter
+from simserver.ingest import read_items, read_site
 from simserver.live import LiveIndex
 from simserver.repository import Repository
-from simserver.schemas import IndexStatus, ItemInfo, RelevanceReply, SearchReply
+from simserver.schemas import (
+    DeleteReply,
+    IndexStatus,
+    ItemInfo,
+    ItemPage,
+    ItemRecord,
+    ItemsReply,
+    RelevanceReply,
+    SearchReply,
+    SimilarityReply,
+    VersionInfo,
+)
 from simserver.searcher import Searcher, served_encoder
 from simserver.settings import get_settings
 from simserver.store import open_store
@@ -34,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 # The longest an index service waits for its encoder before it says ready anyway.
 WARM_UP_LIMIT_S = 300.0
+GC_EVERY_S = 60.0
 
 
 def service_name(domain: str) -> str:
@@ -48,7 +64,11 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             die_with_server()
             exit_after_sigterm()
             settings = get_settings()
-            repo = Repository(open_store(settings.store_uri, settings.store_cache_dir))
+            repo = Repository(open_store(settings.store_uri, settings.store_cache_dir), cfg.catalog)
+            self.repo = repo
+            self.settings = settings
+            self._maintaining = threading.Lock()  # one compaction / GC at a time in this process
+            self._last_gc = 0.0
             self._loop = asyncio.get_event_loop()
             self.live = LiveIndex(repo, cfg.name, settings.pointer_poll_seconds, warm=self._warm_version)
             self.live.start()
@@ -72,7 +92,7 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
                     await asyncio.sleep(0.5)
             self._warm = True
 
-        def _warm_version(self, index: DomainIndex) -> None:
+        def _warm_version(self, index: Catalog) -> None:
             """Before a new version replaces the served one (in the poll thread, or the thread of a
             ``reload`` call; never the event loop's): its encoder loaded and run once."""
             probe = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -86,10 +106,95 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
         async def _encode(self, images: np.ndarray, encoder: str) -> np.ndarray:
             return await self.encoder.to_async.encode(images=images, encoder=encoder)
 
+        def _changed(self) -> None:
+            """After a commit: serve it at once, then compact and collect garbage in the background."""
+            self.live.refresh()
+            threading.Thread(target=self._maintain, name=f"maintain-{cfg.name}", daemon=True).start()
+
+        def _maintain(self) -> None:
+            if not self._maintaining.acquire(blocking=False):
+                return
+            try:
+                while catalog_ops.compact(self.repo, cfg) is not None:
+                    self.live.refresh()
+                # GC lists the domain's blobs (every image): at most once a minute, not per change.
+                if time.monotonic() - self._last_gc > GC_EVERY_S:
+                    self._last_gc = time.monotonic()
+                    self.repo.collect_garbage(cfg.name, cfg.versions.keep, cfg.versions.gc_grace_seconds)
+            except Exception:
+                logger.exception("domain %s: compaction / garbage collection failed", cfg.name)
+            finally:
+                self._maintaining.release()
+
         @bentoml.api
-        async def search(self, image: np.ndarray, top_k: int) -> SearchReply:
+        async def search(self, image: np.ndarray, top_k: int, filter: dict | None = None) -> SearchReply:
             """Nearest items to one ``uint8 [S, S, 3]`` image in the version served now."""
-            return await self.searcher.search(image, top_k)
+            return await self.searcher.search(image, top_k, parse_filter(filter))
+
+        @bentoml.api
+        async def pair(self, images: np.ndarray) -> SimilarityReply:
+            """Two images compared with this domain's served encoder and metric."""
+            return await self.searcher.pair(images)
+
+        @bentoml.api
+        def similar(self, item_id: str, top_k: int, filter: dict | None = None) -> SearchReply:
+            """Neighbours of a stored item from its stored vector (no encoding), itself excluded."""
+            return self.searcher.similar(item_id, top_k, parse_filter(filter))
+
+        @bentoml.api
+        async def upsert(
+            self,
+            archive: bytes | None = None,
+            images: list[bytes] | None = None,
+            names: list[str] | None = None,
+            label: str | None = None,
+            ids: list[str] | None = None,
+        ) -> ItemsReply:
+            """Add or replace items by id: a zip (training layout) and/or files with one label."""
+            files = list(zip(names or [], images or [], strict=True))
+            dataset = await anyio.to_thread.run_sync(
+                read_items, archive, files, label, ids, cfg.limits, IMAGE_SIZE
+            )
+            reply, _ = await catalog_ops.upsert(
+                self.repo, cfg, dataset, self._encode, self.settings.encode_batch_size
+            )
+            await anyio.to_thread.run_sync(self._changed)
+            return reply
+
+        @bentoml.api
+        def delete(
+            self, ids: list[str] | None = None, filter: dict | None = None, must_exist: bool = False
+        ) -> DeleteReply:
+            filt = parse_filter(filter) if filter is not None else None
+            reply, _ = catalog_ops.delete(self.repo, cfg.name, ids, filt, must_exist)
+            self._changed()
+            return reply
+
+        @bentoml.api
+        def list_items(self, label: str | None = None, offset: int = 0, limit: int = 100) -> ItemPage:
+            index = self.searcher._serving()
+            filt = parse_filter({"label": label}) if label is not None else None
+            return catalog_ops.page(cfg.name, index, filt, offset, limit)
+
+        @bentoml.api
+        def get_item(self, item_id: str) -> ItemRecord:
+            index = self.searcher._serving()
+            it = index.get(item_id)
+            if it is None:
+                raise UnknownItem(f"domain {cfg.name!r} has no item {item_id!r}")
+            return catalog_ops.record(it)
+
+        @bentoml.api
+        def versions(self) -> list[VersionInfo]:
+            return catalog_ops.version_infos(self.repo, cfg.name)
+
+        @bentoml.api
+        def activate(self, version: str) -> VersionInfo:
+            catalog = self.repo.activate(cfg.name, version)
+            self._changed()
+            return next(
+                v for v in catalog_ops.version_infos(self.repo, cfg.name) if v.version == catalog.version
+            )
 
         @bentoml.api
         async def relevance(
@@ -110,7 +215,7 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             )
 
         @bentoml.api
-        def item(self, item_id: int) -> ItemInfo:
+        def item(self, item_id: str) -> ItemInfo:
             return self.searcher.item(item_id)
 
         @bentoml.api

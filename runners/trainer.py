@@ -18,7 +18,7 @@ from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, die_with_server, exit_a
 from runners.encoder import EncoderService
 from simserver.domain_config import DomainConfig, load_domains
 from simserver.encoder import IMAGE_SIZE
-from simserver.errors import Conflict, UnknownDomain
+from simserver.errors import Conflict, RequestRefused, UnknownDomain
 from simserver.finetune import Head, TrainingConfig, TrainingMode
 from simserver.ingest import read_zip
 from simserver.repository import Repository
@@ -26,7 +26,7 @@ from simserver.schemas import TrainReply
 from simserver.settings import get_settings
 from simserver.store import LocalStore, open_store
 from simserver.sweep import sweep
-from simserver.training import FeatureCache, train_domain
+from simserver.training import FeatureCache, merge_catalog, train_domain
 
 logger = logging.getLogger(__name__)
 
@@ -91,19 +91,29 @@ class TrainerService:
         return cfg
 
     @bentoml.api
-    async def train(self, domain: str, archive: bytes, mode: TrainingMode | None = None) -> TrainReply:
+    async def train(
+        self, domain: str, archive: bytes, mode: TrainingMode | None = None, catalog: str | None = None
+    ) -> TrainReply:
         """Fine-tune, evaluate, calibrate and publish a zip of ``<category>/<image>`` as the
         domain's new version; the previous one serves until the pointer moves."""
         # The pipeline is sync code whose encoder calls go back through this event loop; in a
         # worker thread that is abandoned on cancel, a shutdown mid-training is not deadlocked by
         # it. An abandoned training may still publish (the pointer is written last, so a version
         # is whole or absent) before the process exits.
-        return await anyio.to_thread.run_sync(self._train, domain, archive, mode, abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(
+            self._train, domain, archive, mode, catalog, abandon_on_cancel=True
+        )
 
-    def _train(self, domain: str, archive: bytes, mode: TrainingMode | None) -> TrainReply:
+    def _train(
+        self, domain: str, archive: bytes, mode: TrainingMode | None, catalog: str | None = None
+    ) -> TrainReply:
         cfg = self._claim(domain)
         try:
             dataset = read_zip(archive, cfg.limits, IMAGE_SIZE)
+            if catalog == "merge":
+                dataset = merge_catalog(self.repo, cfg, dataset, IMAGE_SIZE)
+            elif catalog not in (None, "replace"):
+                raise RequestRefused(f"catalog: {catalog!r} is not one of replace, merge")
             encoder_id = self.encoder.describe(encoder=cfg.encoder).id
             report = train_domain(
                 self.repo,

@@ -23,7 +23,8 @@ class GatewayMiddleware:
     """In front of every gateway route, before BentoML reads a body:
 
     * ``/{unknown}/search|train|images`` -> 404;
-    * API keys: training (and, with ``search_requires_key``, every read) needs ``Bearer <key>``;
+    * API keys: every change (training, items, versions: POST/PUT/DELETE) and, with
+      ``search_requires_key``, every read needs ``Bearer <key>``;
     * body limits: ``Content-Length`` over the limit -> 413, a POST without one -> 411 (BentoML
       reads and, for tasks, stores the whole body before any handler could count it);
     * 4xx bodies rewritten to ``{"error": "..."}``; a task ``/status`` or ``/get`` unknown to this
@@ -35,6 +36,11 @@ class GatewayMiddleware:
       log lines of the request.
     """
 
+    MUTABLE = (
+        "train",
+        "items",
+        "versions",
+    )  # /{domain}/<these> change the domain: POST/PUT/DELETE need the key
     OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs", "/docs.json", "/schema.json", "/")
 
     def __init__(
@@ -83,10 +89,11 @@ class GatewayMiddleware:
         uploads = [c.limits.max_upload_bytes for c in domains.values()] + [Limits().max_upload_bytes]
         return {
             "domains": set(domains),
-            "domain_routes": ("search", "train", "images", "relevance"),
-            "heavy_routes": ("relevance",),
+            "domain_routes": ("search", "train", "images", "relevance", "items", "similar", "versions"),
+            # Multi-image requests: a site's images, a catalog upload.
+            "heavy_routes": ("relevance", "items"),
             "relevance_domains": {n for n, c in domains.items() if c.target_label},
-            "task_choices": {"mode": get_args(TrainingMode)},
+            "task_choices": {"mode": get_args(TrainingMode), "catalog": ("replace", "merge")},
             "task_files": ("archive",),
             "max_heavy_requests": settings.max_heavy_requests,
             "api_keys": api_keys(settings),
@@ -119,7 +126,7 @@ class GatewayMiddleware:
     def _needs_key(self, method: str, path: str, parts: list[str]) -> bool:
         if not self.api_keys or path in self.OPEN_PATHS or path.startswith(("/assets/", "/static_content/")):
             return False
-        mutating = len(parts) >= 2 and parts[1] == "train" and method in ("POST", "PUT", "DELETE")
+        mutating = len(parts) >= 2 and parts[1] in self.MUTABLE and method in ("POST", "PUT", "DELETE")
         return mutating or self.search_requires_key
 
     def _auth_error(self, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
@@ -185,6 +192,8 @@ class GatewayMiddleware:
             return
         if method in ("POST", "PUT"):
             length_header = headers.get(b"content-length")
+            if length_header is None and path.endswith("/activate"):
+                length_header = b"0"  # a POST without a body (curl -X POST sends no Content-Length)
             if length_header is None:
                 await self._refuse(send, 411, "send the body with a Content-Length header")
                 return
@@ -408,6 +417,23 @@ def _takes_a_list(annotation: Any) -> bool:
     return bool(is_list_type(annotation))
 
 
+def _is_text(annotation: Any) -> bool:
+    """``str``, ``list[str]``, optionally ``| None``: a field whose text must stay text (BentoML
+    json-decodes every multipart text value, so a label "123" became the int 123 and failed)."""
+    from typing import get_args, get_origin
+
+    from _bentoml_sdk.typing_utils import is_union_type
+
+    if annotation is str:
+        return True
+    if is_union_type(annotation):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return len(args) == 1 and _is_text(args[0])
+    if get_origin(annotation) is list:
+        return get_args(annotation) == (str,)
+    return False
+
+
 def harden_multipart() -> None:
     """Make BentoML's multipart parsing answer client mistakes with 400 instead of 500.
 
@@ -444,7 +470,33 @@ def harden_multipart() -> None:
             many = len(form.getlist(name))
             if many > 1 and field is not None and not _takes_a_list(field.annotation):
                 raise BadInput(f"{name}: sent {many} times; this field takes one value")
-        return await original_parse(self, request, cls)
+        text = {
+            name: field
+            for name, field in cls.model_fields.items()
+            if name in form and name not in cls.multipart_fields and _is_text(field.annotation)
+        }
+        if not text:
+            return await original_parse(self, request, cls)
+        # Text fields as sent (a repeated one as a list); the rest as BentoML parses them.
+        parsed = await original_parse(self, request, _without(cls, set(text)))
+        values: dict[str, Any] = {name: list(form.getlist(name)) for name in text}
+        for name, field in text.items():
+            got = [v for v in values[name] if isinstance(v, str)]
+            values[name] = got if _takes_a_list(field.annotation) else got[-1]
+        return cls.model_validate({**dict(parsed), **values})
+
+    def _without(cls: Any, names: set[str]) -> Any:
+        """``cls`` as BentoML's parser needs it, minus ``names`` (they are parsed above)."""
+
+        class Rest:
+            multipart_fields = [f for f in cls.multipart_fields if f not in names]
+            model_fields = {k: v for k, v in cls.model_fields.items() if k not in names}
+
+            @staticmethod
+            def model_validate(data: dict) -> dict:
+                return {k: v for k, v in data.items() if k not in names}
+
+        return Rest
 
     MultipartSerde.ensure_file = staticmethod(ensure_file)
     MultipartSerde.parse_request = parse_request

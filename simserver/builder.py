@@ -18,7 +18,7 @@ import numpy as np
 from simserver.index import DomainIndex, Item
 from simserver.index_choice import IndexPolicy
 from simserver.ingest import Dataset, Sample, iter_chunks
-from simserver.repository import Repository, image_key, new_version_id
+from simserver.repository import Repository, image_key, new_version_id, now_iso
 from simserver.schemas import Skipped, TrainReply
 
 logger = logging.getLogger(__name__)
@@ -105,11 +105,12 @@ def publish_version(
 ) -> BuildReport:
     """Store the images, build the index of ``vectors`` and point ``domain`` at it (last)."""
     t0 = started if started is not None else time.perf_counter()
+    created = now_iso()
     items = []
     for s in dataset.samples:
         key = image_key(domain, s.data, s.media_type)
         repo.put_image(key, s.data)
-        items.append(Item(s.name, s.label, key, s.media_type, s.metadata))
+        items.append(Item(s.name, s.label, key, s.media_type, s.metadata, s.id, created))
     index = DomainIndex.build(
         vectors,
         items,

@@ -99,7 +99,75 @@ class RelevanceCalibrator:
         return {"target": cfg.target_label, "top_k": rc.top_k, **out, **site}
 
 
-CALIBRATORS: tuple[Calibrator, ...] = (RelevanceCalibrator(),)
+class PairCalibrator:
+    """``POST /similarity`` with a ``domain``: the distance under which two images are judged to
+    show the same label, fitted on hold-out x training pairs (as a Siamese network is judged):
+    the threshold maximising balanced accuracy, with the pairs' ROC AUC and accuracy there."""
+
+    name = "pair"
+    max_pairs = 200_000
+
+    def applies(self, cfg: DomainConfig) -> bool:
+        return True
+
+    def calibrate(self, data: CalibrationData) -> dict[str, Any]:
+        from simserver import metrics
+
+        split, lab = data.split, data.labels
+        if not split.evaluable:
+            return {"threshold": None, "reason": "no hold-out: every category has one image"}
+        q, g = data.vectors[split.holdout], data.vectors[split.train]
+        if len(q) * len(g) > self.max_pairs:  # a deterministic sample of hold-out queries
+            keep = np.random.default_rng(0).choice(len(q), self.max_pairs // len(g) or 1, replace=False)
+            q, ql = q[keep], lab[split.holdout][keep]
+        else:
+            ql = lab[split.holdout]
+        d = pair_distances(data.cfg.metric, q, g).ravel()
+        same = (ql[:, None] == lab[split.train][None, :]).ravel()
+        if same.all() or not same.any():
+            return {"threshold": None, "reason": "the hold-out pairs are all of one kind"}
+        order = np.argsort(d, kind="stable")
+        ds, ss = d[order], same[order]
+        tp = np.cumsum(ss)  # predicted "same" = the first i+1 pairs by distance
+        fp = np.cumsum(~ss)
+        pos, neg = int(ss.sum()), int((~ss).sum())
+        balanced = 0.5 * (tp / pos + (neg - fp) / neg)
+        best = int(np.argmax(balanced))
+        threshold = float(ds[best])
+        predicted = d <= threshold
+        # ROC AUC = P(distance of a same-label pair < that of a different-label pair), ties half.
+        ranks = np.empty(len(d))
+        ranks[order] = np.arange(1, len(d) + 1)
+        auc = 1.0 - (ranks[same].sum() - pos * (pos + 1) / 2) / (pos * neg)
+        return {
+            "threshold": round(threshold, 6),
+            "metric": data.cfg.metric,
+            "roc_auc": round(float(auc), 4),
+            "accuracy": round(float((predicted == same).mean()), 4),
+            "balanced_accuracy": round(float(balanced[best]), 4),
+            "pairs": len(d),
+            "same_label_pairs": pos,
+            "score_threshold": round(float(metrics.distance_to_score(data.cfg.metric, threshold)), 6),
+        }
+
+
+def pair_distances(metric: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[len(a), len(b)] distances in ``metric`` (as :func:`simserver.metrics.pairwise_distance`)."""
+    from simserver import metrics
+
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    if metric == "cosine":
+        an, bn = metrics.l2_normalize(a64).astype(np.float64), metrics.l2_normalize(b64).astype(np.float64)
+        return 1.0 - an @ bn.T
+    if metric == "ip":
+        return 1.0 - a64 @ b64.T
+    if metric == "l2":
+        sq = (a64**2).sum(1)[:, None] + (b64**2).sum(1)[None, :] - 2 * a64 @ b64.T
+        return np.sqrt(np.maximum(sq, 0.0))
+    return np.stack([np.abs(b64 - row).sum(1) for row in a64]) if len(a64) else np.zeros((0, len(b64)))
+
+
+CALIBRATORS: tuple[Calibrator, ...] = (RelevanceCalibrator(), PairCalibrator())
 
 
 def calibrate_all(

@@ -30,6 +30,7 @@ Why not ``bentoml.SyncHTTPClient``: it has no path parameters, so it posts to th
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import tempfile
@@ -48,12 +49,17 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from simserver.finetune import TrainingMode
 from simserver.schemas import (
+    DeleteReply,
     DomainInfo,
     EncoderStats,
+    ItemPage,
+    ItemRecord,
+    ItemsReply,
     RelevanceReply,
     SearchReply,
     SimilarityReply,
     TrainReply,
+    VersionInfo,
 )
 
 __all__ = [
@@ -221,6 +227,16 @@ class StoredImage:
 
 
 _DOMAIN_LIST = TypeAdapter(list[DomainInfo])
+_VERSION_LIST = TypeAdapter(list[VersionInfo])
+
+
+def _filter_text(filter: dict | None) -> str | None:
+    return None if filter is None else json.dumps(filter)
+
+
+def _id_path(item_id: str) -> str:
+    """An item id in a URL path: ids may hold '/', kept; everything else unsafe is quoted."""
+    return quote(str(item_id), safe="/")
 
 
 # -- uploads -------------------------------------------------------------------------------------------
@@ -455,11 +471,68 @@ class DomainClient:
                 return d
         raise NotFound(404, f"unknown domain {self.name!r}", method="GET", url=f"{self.client.url}/domains")
 
-    def search(self, image: FileInput, top_k: int | None = None) -> SearchReply:
+    def search(self, image: FileInput, top_k: int | None = None, filter: dict | None = None) -> SearchReply:
         """``POST /{domain}/search``: the most similar indexed images, best first
-        (``top_k``: 1..100, default the domain's)."""
+        (``top_k``: 1..100, default the domain's; ``filter``: e.g. ``{"label": "dress"}``)."""
         return self.client._upload(
-            SearchReply, f"{self._prefix}/search", [("image", image, "image", False)], _form(top_k=top_k)
+            SearchReply,
+            f"{self._prefix}/search",
+            [("image", image, "image", False)],
+            _form(top_k=top_k, filter=_filter_text(filter)),
+        )
+
+    def similar(self, item_id: str, top_k: int | None = None, filter: dict | None = None) -> SearchReply:
+        """``GET /{domain}/similar``: more like a stored item (its stored vector), itself excluded."""
+        params = _form(id=item_id, top_k=top_k, filter=_filter_text(filter))
+        return self.client._model(SearchReply, "GET", f"{self._prefix}/similar", params=params)
+
+    # -- the catalog ------------------------------------------------------------------------------
+    def add_items(
+        self,
+        archive: FileInput | None = None,
+        images: Iterable[FileInput] = (),
+        label: str | None = None,
+        ids: Iterable[str] | None = None,
+    ) -> ItemsReply:
+        """``POST /{domain}/items``: add or replace items by id, without a training: a zip in the
+        training layout (or a folder, zipped here) and/or ``images`` files that all take ``label``
+        (``ids``: one per file; default ``<label>/<file name>``)."""
+        files: list[tuple[str, FileInput, str, bool]] = []
+        if archive is not None:
+            files.append(("archive", archive, "items.zip", True))
+        files += [("images", img, f"image-{i}", False) for i, img in enumerate(images)]
+        data: dict[str, Any] = _form(label=label)
+        if ids is not None:
+            data["ids"] = [str(i) for i in ids]
+        return self.client._upload(ItemsReply, f"{self._prefix}/items", files, data)
+
+    def list_items(self, label: str | None = None, offset: int = 0, limit: int = 100) -> ItemPage:
+        """``GET /{domain}/items``: one page of the catalog."""
+        params = _form(label=label, offset=offset, limit=limit)
+        return self.client._model(ItemPage, "GET", f"{self._prefix}/items", params=params)
+
+    def item(self, item_id: str) -> ItemRecord:
+        """``GET /{domain}/items/{id}``; :class:`NotFound` if unknown."""
+        return self.client._model(ItemRecord, "GET", f"{self._prefix}/items/{_id_path(item_id)}")
+
+    def delete_item(self, item_id: str) -> DeleteReply:
+        """``DELETE /{domain}/items/{id}``; :class:`NotFound` if unknown."""
+        return self.client._model(DeleteReply, "DELETE", f"{self._prefix}/items/{_id_path(item_id)}")
+
+    def delete_items(self, ids: Iterable[str] | None = None, filter: dict | None = None) -> DeleteReply:
+        """``POST /{domain}/items/delete``: by ``ids`` or by ``filter`` (one of them)."""
+        body: dict[str, Any] = {"ids": list(ids)} if ids is not None else {"filter": filter}
+        return self.client._model(DeleteReply, "POST", f"{self._prefix}/items/delete", json=body)
+
+    def versions(self) -> list[VersionInfo]:
+        """``GET /{domain}/versions``, newest first."""
+        body = self.client._json("GET", f"{self._prefix}/versions")
+        return _VERSION_LIST.validate_python(body)
+
+    def activate(self, version: str) -> VersionInfo:
+        """``POST /{domain}/versions/{version}/activate``: serve that version's catalog again."""
+        return self.client._model(
+            VersionInfo, "POST", f"{self._prefix}/versions/{quote(version, safe='')}/activate"
         )
 
     def relevance(
@@ -484,11 +557,11 @@ class DomainClient:
             _form(image_threshold=image_threshold, site_threshold=site_threshold, nearest=nearest),
         )
 
-    def image(self, item_id: int, version: str | None = None) -> StoredImage:
-        """``GET /{domain}/images/{id}``: a search result's stored image. With ``version`` (the
-        search's), :class:`Conflict` if that version is no longer served (ids belong to a version)."""
+    def image(self, item_id: str, version: str | None = None) -> StoredImage:
+        """``GET /{domain}/images/{id}``: an item's stored image. With ``version`` (the search's),
+        :class:`Conflict` if that version is no longer served."""
         params = _form(version=version)
-        r = self.client._send("GET", f"{self._prefix}/images/{int(item_id)}", params=params)
+        r = self.client._send("GET", f"{self._prefix}/images/{_id_path(item_id)}", params=params)
         headers = r.headers
         return StoredImage(
             data=r.content,
@@ -499,14 +572,19 @@ class DomainClient:
         )
 
     # -- training (a BentoML task) ----------------------------------------------------------------
-    def submit_training(self, archive: FileInput, mode: TrainingMode | None = None) -> str:
+    def submit_training(
+        self, archive: FileInput, mode: TrainingMode | None = None, catalog: str | None = None
+    ) -> str:
         """``POST /{domain}/train/submit``: start training on a zip of ``<category>/<image>``
         (+ optional ``metadata.csv``), or a folder of them (zipped here); returns the task id at once.
         ``mode``: auto, finetune or pretrained (default: the domain's)."""
         with ExitStack() as stack:
             part = _file_part(archive, "archive.zip", stack, zip_dirs=True)
             body = self.client._json(
-                "POST", f"{self._prefix}/train/submit", files=[("archive", part)], data=_form(mode=mode)
+                "POST",
+                f"{self._prefix}/train/submit",
+                files=[("archive", part)],
+                data=_form(mode=mode, catalog=catalog),
             )
         if not isinstance(body, dict) or not isinstance(body.get("task_id"), str):
             raise ProtocolError(200, f"submit reply has no task_id: {str(body)[:200]}", url=self.client.url)
@@ -540,12 +618,13 @@ class DomainClient:
         progress: Callable[[TaskStatus], object] | None = None,
         poll: float = 0.5,
         timeout: float | None = 3600.0,
+        catalog: str | None = None,
     ) -> TrainReply:
         """Submit a training, wait for it and return its result (the domain then serves the new
         version). ``progress(status)`` is called after every status poll (every ``poll`` s). A
         failed training raises its error (with ``task_id`` set); after ``timeout`` s (None: no
         limit) :class:`TrainingTimeout`, while the task goes on on the server."""
-        task_id = self.submit_training(archive, mode)
+        task_id = self.submit_training(archive, mode, catalog)
         start = time.monotonic()
         while True:
             status = self.training_status(task_id)

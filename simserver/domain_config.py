@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from simserver.catalog import CatalogPolicy
 from simserver.finetune import TrainingConfig
 from simserver.index_choice import IndexPolicy
 from simserver.metrics import Metric
@@ -41,6 +42,17 @@ class Limits(BaseModel):
     )
 
 
+class VersionsConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    keep: int = Field(10, ge=1, description="versions kept; older ones and blobs only they use are deleted")
+    gc_grace_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="blobs younger than this are never deleted (another replica may be using them)",
+    )
+
+
 class DomainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -59,6 +71,8 @@ class DomainConfig(BaseModel):
     index: IndexPolicy = IndexPolicy()
     training: TrainingConfig = TrainingConfig()
     relevance: RelevanceConfig = RelevanceConfig()
+    catalog: CatalogPolicy = CatalogPolicy()
+    versions: VersionsConfig = VersionsConfig()
 
     @field_validator("name")
     @classmethod

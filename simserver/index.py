@@ -28,20 +28,51 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Item:
+    """One catalog item. ``id`` is stable across versions (``metadata.csv``'s ``id`` column, else
+    the archive path ``<label>/<file>``); FAISS row numbers are internal."""
+
     name: str
     label: str
     image_key: str
     media_type: str
     metadata: dict[str, str] = field(default_factory=dict)
+    id: str = ""
+    created_at: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class DomainIndex:
-    def __init__(self, index: faiss.Index, items: list[Item], meta: dict[str, Any]) -> None:
+    """A FAISS index built over items: a training's base segment (see :mod:`simserver.catalog`)."""
+
+    def __init__(
+        self, index: faiss.Index, items: list[Item], meta: dict[str, Any], vectors: np.ndarray | None = None
+    ) -> None:
         if index.ntotal != len(items):
             raise ValueError(f"index holds {index.ntotal} vectors but {len(items)} items")
         self.faiss = index
         self.items = items
         self.meta = meta
+        self._vectors = vectors
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """The indexed float32 vectors (L2-normalised for cosine); reconstructed from the FAISS
+        index for an index read from files (exact for Flat and HNSW, approximate otherwise)."""
+        if self._vectors is None:
+            n, d = self.faiss.ntotal, self.faiss.d
+            try:
+                self._vectors = self.faiss.reconstruct_n(0, n) if n else np.zeros((0, d), np.float32)
+            except RuntimeError:
+                ivf = faiss.extract_index_ivf(self.faiss)
+                ivf.make_direct_map()
+                self._vectors = self.faiss.reconstruct_n(0, n)
+        return self._vectors
 
     @property
     def metric(self) -> str:
@@ -94,7 +125,7 @@ class DomainIndex:
             "bytes_per_vector": round(bytes_per_vector(index), 1),
             **(extra_meta or {}),
         }
-        return cls(index, items, meta)
+        return cls(index, items, meta, vectors)
 
     @property
     def encoder(self) -> str | None:
@@ -124,7 +155,7 @@ class DomainIndex:
                 item = self.items[int(i)]
                 hits.append(
                     Hit(
-                        id=int(i),
+                        id=item.id,
                         name=item.name,
                         label=item.label,
                         score=float(s),

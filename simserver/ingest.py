@@ -50,6 +50,11 @@ class Sample:
     image_size: int = 224
     max_pixels: int = 40_000_000
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    id: str = ""  # stable item id: metadata.csv's "id" column, else the archive path (name)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = self.name
 
     @property
     def pixels(self) -> np.ndarray:
@@ -65,6 +70,7 @@ def _sample(
     limits: Limits,
     image_size: int,
     metadata: dict[str, str] | None = None,
+    item_id: str = "",
 ) -> Sample:
     return Sample(
         name,
@@ -75,6 +81,7 @@ def _sample(
         image_size,
         limits.max_image_pixels,
         limits.max_decoded_bytes,
+        item_id,
     )
 
 
@@ -132,6 +139,31 @@ def _strip_wrapper(paths: list[tuple[str, ...]]) -> int:
         if len(firsts) != 1 or any(len(p) <= depth + 2 for p in paths):
             return depth
         depth += 1
+
+
+MAX_ID_CHARS = 512
+
+
+def check_item_id(item_id: str, where: str = "id") -> str:
+    """A stable item id as given (``metadata.csv``'s ``id`` column, an ``ids`` form field):
+    1..512 characters, no control characters, not only spaces."""
+    if not item_id.strip():
+        raise BadArchive(f"{where}: an item id must not be empty")
+    if len(item_id) > MAX_ID_CHARS:
+        raise BadArchive(f"{where}: item id of {len(item_id)} characters; at most {MAX_ID_CHARS}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in item_id):
+        raise BadArchive(f"{where}: item id {item_id!r} holds control characters")
+    return item_id
+
+
+def check_unique_ids(samples: list[Sample]) -> None:
+    seen: dict[str, str] = {}
+    for s in samples:
+        if s.id in seen:
+            raise BadArchive(
+                f"item id {s.id!r} is given twice ({seen[s.id]} and {s.name}); ids must be unique"
+            )
+        seen[s.id] = s.name
 
 
 def _parse_metadata(data: bytes) -> dict[str, dict[str, str]]:
@@ -215,12 +247,17 @@ def _build(
         meta = metadata.get(name)
         if meta is None and len(by_basename[rel[-1]]) == 1:
             meta = metadata.get(rel[-1])
-        samples.append(_sample(name, rel[0], data, limits, image_size, meta))
+        meta = dict(meta or {})
+        item_id = meta.pop("id", "") or ""
+        if item_id:
+            check_item_id(item_id, f"{METADATA_FILE}: {name}")
+        samples.append(_sample(name, rel[0], data, limits, image_size, meta, item_id))
     if not samples:
         raise BadArchive(
             f"no usable image: expected <category>/<image> entries; {len(skipped)} skipped"
             + (f" (first: {skipped[0].name}: {skipped[0].reason})" if skipped else "")
         )
+    check_unique_ids(samples)
     return Dataset(samples, skipped)
 
 
@@ -338,6 +375,58 @@ def read_site(
             "no usable image in the site's upload"
             + (f" ({len(skipped)} skipped; first: {skipped[0].name}: {skipped[0].reason})" if skipped else "")
         )
+    return Dataset(samples, skipped)
+
+
+LABEL_CHARS = 256
+
+
+def read_items(
+    archive: bytes | None,
+    files: list[tuple[str, bytes]],
+    label: str | None,
+    ids: list[str] | None,
+    limits: Limits,
+    image_size: int = 224,
+) -> Dataset:
+    """An upload of catalog items: a zip in the training layout (``<label>/<image>``, optional
+    ``metadata.csv`` with an optional ``id`` column) and/or files (name, bytes) that all take
+    ``label``, with optional ``ids`` (one per file; default ``<label>/<file name>``)."""
+    if archive is None and not files:
+        raise BadArchive("send items as a zip in 'archive' and/or as files in 'images' (with a 'label')")
+    if files and not (label or "").strip():
+        raise BadArchive("label: files in 'images' need a 'label' (the category they all belong to)")
+    if label is not None and (len(label) > LABEL_CHARS or "/" in label or any(ord(c) < 32 for c in label)):
+        raise BadArchive(
+            f"label: {label!r} is not a valid label (no '/', control characters; <= {LABEL_CHARS})"
+        )
+    if ids and len(ids) != len(files):
+        raise BadArchive(
+            f"ids: {len(ids)} ids for {len(files)} files in 'images'; send one id per file, or none"
+        )
+    budget = PixelBudget(limits.max_request_pixels)
+    for name, data in files:  # every file's header before any is decoded
+        budget.charge(name, data)
+    samples: list[Sample] = []
+    skipped: list[Skipped] = []
+    if archive is not None:
+        got = read_zip(archive, limits, image_size)
+        samples += got.samples
+        skipped += got.skipped
+    if len(samples) + len(skipped) + len(files) > limits.max_entries:
+        total = len(samples) + len(skipped) + len(files)
+        raise TooLarge(f"{total} items in one upload; the limit is {limits.max_entries}")
+    for i, (name, data) in enumerate(files):
+        base = PurePosixPath(name.replace("\\", "/")).name or f"image-{i}"
+        item_id = check_item_id(ids[i], f"ids[{i}]") if ids else f"{label}/{base}"
+        if _checked_image(base, partial(_given, data), limits, image_size, skipped, None) is not None:
+            samples.append(_sample(f"{label}/{base}", str(label), data, limits, image_size, None, item_id))
+    if not samples:
+        raise BadArchive(
+            "no usable image in the upload"
+            + (f" ({len(skipped)} skipped; first: {skipped[0].name}: {skipped[0].reason})" if skipped else "")
+        )
+    check_unique_ids(samples)
     return Dataset(samples, skipped)
 
 

@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from simserver.index import DomainIndex
+from simserver.catalog import Catalog
 from simserver.repository import Repository
 
 logger = logging.getLogger(__name__)
@@ -28,13 +28,13 @@ class LiveIndex:
         repo: Repository,
         domain: str,
         poll_seconds: float = 2.0,
-        warm: Callable[[DomainIndex], None] | None = None,
+        warm: Callable[[Catalog], None] | None = None,
     ) -> None:
         self.repo = repo
         self.warm = warm
         self.domain = domain
         self.poll_seconds = poll_seconds
-        self.current: DomainIndex | None = None
+        self.current: Catalog | None = None
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()

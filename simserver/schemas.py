@@ -3,7 +3,7 @@ services give the gateway, and what :mod:`simserver.client` returns. One model p
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field
 
@@ -31,6 +31,13 @@ Mode = Annotated[
         "pretrained: never. Default: the domain's training.mode"
     ),
 ]
+CatalogMode = Annotated[
+    Literal["replace", "merge"] | None,
+    Field(
+        description="replace (default): the archive becomes the catalog; merge: the archive is upserted "
+        "into the current catalog, and fine-tuning, evaluation and index cover the merged catalog"
+    ),
+]
 ImageThreshold = Annotated[
     Annotated[float, Field(ge=-1, le=1)] | None,
     _NUMBER,
@@ -42,12 +49,25 @@ SiteThreshold = Annotated[
     Field(description="default: the domain's relevance.site_threshold"),
 ]
 Nearest = Annotated[int, _NUMBER, Field(ge=0, le=20, description="neighbours listed per image")]
+# Any: BentoML json-decodes a multipart text field itself; simserver.filters.parse_filter checks
+# whatever arrives (text or decoded JSON) and says what is wrong.
+FilterText = Annotated[
+    Any,
+    Field(
+        description='JSON object, e.g. {"label": {"in": ["dress", "coat"]}, "metadata.price": {"lt": 50}} '
+        "(several keys = AND; fields label, id, name, metadata.<column>; "
+        "operators eq, ne, in, nin, gt, gte, lt, lte)"
+    ),
+]
 
 
 class Hit(BaseModel):
     """One indexed item found near a query (a search result, or a site image's neighbour)."""
 
-    id: int = Field(description="item id in this version; GET /{domain}/images/{id} returns its image")
+    id: str = Field(
+        description="the item's stable id (metadata.csv's id column, else <label>/<file>); "
+        "GET /{domain}/images/{id} returns its image"
+    )
     name: str = Field(description="path of the image in the training set, <category>/<file>")
     label: str = Field(description="category folder the image came from")
     score: float = Field(ge=0, le=1, description="1 = identical image, 0 = unrelated")
@@ -110,6 +130,10 @@ class Evaluation(BaseModel):
     gain: Gain | None = Field(None, description="closed-set (stratified hold-out) Recall@1 gain")
     open_set: OpenSetEvaluation | None = Field(None, description="whole categories held out")
     promotion: dict | None = Field(None, description="the auto rule applied (training.promotion)")
+    pair: dict | None = Field(
+        None,
+        description="hold-out x training pairs: same-label threshold, ROC AUC, accuracy (POST /similarity)",
+    )
 
 
 class TrainReply(BaseModel):
@@ -180,6 +204,14 @@ class SimilarityReply(BaseModel):
     metric: str
     distance: float
     score: float = Field(ge=0, le=1)
+    domain: str | None = Field(None, description="with a domain: compared with its served encoder and metric")
+    version: str | None = None
+    same_label: bool | None = Field(
+        None,
+        description="distance <= the pair threshold calibrated on the domain's hold-out "
+        "(None: none calibrated)",
+    )
+    threshold: float | None = Field(None, description="that pair threshold (a distance)")
 
 
 class IndexStatus(BaseModel):
@@ -207,7 +239,7 @@ class ItemInfo(BaseModel):
     """An indexed item of the version being served (its image is fetched from the store)."""
 
     version: str
-    id: int
+    id: str
     name: str
     label: str
     image_key: str
@@ -232,3 +264,55 @@ class BatchingStats(BaseModel):
 class EncoderStats(BaseModel):
     batching: dict[str, BatchingStats] = Field(description="per base encoder (fine-tuned ones share it)")
     export_templates_ready: bool
+
+
+# -- the living catalog: items, versions ------------------------------------------------------------
+class ItemsReply(BaseModel):
+    """What an upload of items changed (``POST /{domain}/items``)."""
+
+    version: str = Field(description="the version now served, with these items")
+    added: int = Field(description="items whose id was new")
+    replaced: int = Field(description="items whose id existed: their image, label and metadata replaced")
+    skipped: list[Skipped]
+    count: int = Field(description="items in the catalog now")
+
+
+class ItemRecord(BaseModel):
+    id: str
+    name: str
+    label: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+    created_at: str | None = Field(None, description="when this id's current image was added")
+
+
+class ItemPage(BaseModel):
+    domain: str
+    version: str
+    total: int = Field(description="items matching the query (all pages)")
+    offset: int
+    limit: int
+    items: list[ItemRecord]
+
+
+class DeleteRequest(BaseModel):
+    """``POST /{domain}/items/delete``: ``ids``, or a ``filter`` (see ``/search``), not both."""
+
+    ids: list[str] | None = Field(None, max_length=100_000)
+    filter: dict | None = None
+
+
+class DeleteReply(BaseModel):
+    version: str
+    deleted: int
+    count: int = Field(description="items in the catalog now")
+
+
+class VersionInfo(BaseModel):
+    version: str
+    created_at: str | None
+    count: int
+    kind: str = Field(description="train | items | delete | activate | compact")
+    active: bool = Field(description="the version served now")
+    evaluation: Evaluation | None = None
+    parent: str | None = None
+    activated_from: str | None = None

@@ -17,13 +17,15 @@ from collections.abc import Awaitable, Callable
 import anyio
 import numpy as np
 
+from simserver import metrics
 from simserver.builder import decode_batch
+from simserver.catalog import Catalog
 from simserver.domain_config import DomainConfig
 from simserver.errors import Conflict, RequestRefused, UnknownItem
-from simserver.index import DomainIndex
+from simserver.filters import Filter
 from simserver.ingest import Dataset, iter_chunks
 from simserver.relevance import judge_site
-from simserver.schemas import Evaluation, IndexStatus, ItemInfo, RelevanceReply, SearchReply
+from simserver.schemas import Evaluation, IndexStatus, ItemInfo, RelevanceReply, SearchReply, SimilarityReply
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ logger = logging.getLogger(__name__)
 EncodeFn = Callable[[np.ndarray, str], Awaitable[np.ndarray]]
 
 
-def served_encoder(index: DomainIndex, cfg: DomainConfig) -> str:
+def served_encoder(index: Catalog, cfg: DomainConfig) -> str:
     """The encoder a version's vectors came from: a fine-tuned version names its own; versions
     written before the encoder was recorded used the domain's configured one."""
     return index.encoder or cfg.encoder
@@ -41,7 +43,7 @@ class Searcher:
     def __init__(
         self,
         cfg: DomainConfig,
-        current: Callable[[], DomainIndex | None],
+        current: Callable[[], Catalog | None],
         encode: EncodeFn,
         batch_size: int = 32,
     ) -> None:
@@ -51,13 +53,13 @@ class Searcher:
         self.encode = encode
         self.batch_size = batch_size
 
-    def _serving(self) -> DomainIndex:
+    def _serving(self) -> Catalog:
         index = self.current()
         if index is None:
             raise Conflict(f"domain {self.cfg.name!r} has no index yet: train it first")
         return index
 
-    async def _vectors(self, index: DomainIndex, images: np.ndarray) -> np.ndarray:
+    async def _vectors(self, index: Catalog, images: np.ndarray) -> np.ndarray:
         vectors = np.asarray(await self.encode(images, served_encoder(index, self.cfg)), dtype=np.float32)
         if vectors.shape[-1] != index.dim:
             raise Conflict(
@@ -67,12 +69,42 @@ class Searcher:
             )
         return vectors
 
-    async def search(self, image: np.ndarray, top_k: int) -> SearchReply:
-        """Nearest items to one image (``uint8 [S, S, 3]`` or ``[1, S, S, 3]``), best first."""
+    async def search(self, image: np.ndarray, top_k: int, filt: Filter | None = None) -> SearchReply:
+        """Nearest items to one image (``uint8 [S, S, 3]`` or ``[1, S, S, 3]``) among those
+        matching ``filt``, best first."""
         index = self._serving()
         pixels = np.asarray(image, dtype=np.uint8).reshape((1, *np.shape(image)[-3:]))
-        # One query: FAISS takes a millisecond or so, less than a hop to a worker thread.
-        results = index.search(await self._vectors(index, pixels), top_k)[0]
+        vectors = await self._vectors(index, pixels)
+        if filt:  # evaluating a filter over a large catalog takes milliseconds: off the event loop
+            results = (await anyio.to_thread.run_sync(index.search, vectors, top_k, filt))[0]
+        else:  # one query: FAISS takes a millisecond or so, less than a hop to a worker thread
+            results = index.search(vectors, top_k)[0]
+        return SearchReply(domain=self.cfg.name, version=index.version, results=results)
+
+    async def pair(self, images: np.ndarray) -> SimilarityReply:
+        """Two images (``uint8 [2, S, S, 3]``) compared with the served encoder and the domain's
+        metric; ``same_label`` from the pair threshold calibrated at training, if any."""
+        index = self._serving()
+        a, b = await self._vectors(index, np.asarray(images, dtype=np.uint8))
+        d = metrics.pairwise_distance(self.cfg.metric, a, b)
+        threshold = (index.meta.get("pair") or {}).get("threshold")
+        return SimilarityReply(
+            metric=self.cfg.metric,
+            distance=d,
+            score=float(metrics.distance_to_score(self.cfg.metric, d)),
+            domain=self.cfg.name,
+            version=index.version,
+            same_label=None if threshold is None else bool(d <= threshold),
+            threshold=threshold,
+        )
+
+    def similar(self, item_id: str, top_k: int, filt: Filter | None = None) -> SearchReply:
+        """ "More like this": neighbours of a stored item from its stored vector, itself excluded."""
+        index = self._serving()
+        vector = index.vector(item_id)
+        if vector is None:
+            raise UnknownItem(f"domain {self.cfg.name!r} has no item {item_id!r}")
+        results = index.search(vector[None], top_k, filt, exclude=item_id)[0]
         return SearchReply(domain=self.cfg.name, version=index.version, results=results)
 
     async def relevance(
@@ -117,11 +149,11 @@ class Searcher:
             domain=self.cfg.name, version=index.version, skipped=site.skipped, **verdict.model_dump()
         )
 
-    def item(self, item_id: int) -> ItemInfo:
+    def item(self, item_id: str) -> ItemInfo:
         index = self.current()
-        if index is None or not 0 <= item_id < len(index):
-            raise UnknownItem(f"domain {self.cfg.name!r} has no item {item_id} in its current version")
-        it = index.items[item_id]
+        it = index.get(item_id) if index is not None else None
+        if index is None or it is None:
+            raise UnknownItem(f"domain {self.cfg.name!r} has no item {item_id!r} in its current version")
         return ItemInfo(
             version=index.version,
             id=item_id,
@@ -139,8 +171,8 @@ class Searcher:
         evaluation = meta.get("evaluation")
         return IndexStatus(
             version=index.version,
-            count=meta.get("count", len(index)),
-            labels=meta.get("labels", {}),
+            count=len(index),
+            labels=meta.get("labels") or index.labels(),
             encoder_id=meta.get("encoder_id"),
             serving_encoder=served_encoder(index, self.cfg),
             evaluation=Evaluation.model_validate(evaluation) if evaluation else None,

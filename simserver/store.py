@@ -7,10 +7,15 @@ last, so a crash mid-publish leaves the previous version serving.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
 import os
 import tempfile
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 logger = logging.getLogger(__name__)
@@ -54,6 +59,23 @@ class ArtifactStore(ABC):
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (recursive), sorted."""
+
+    @abstractmethod
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """Bytes at ``key`` and a tag that changes whenever they do (S3: the ETag); None if absent."""
+
+    @abstractmethod
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Compare-and-set: write ``data`` only if ``key`` still has ``tag`` (``None``: only if
+        ``key`` does not exist). False, writing nothing, if another writer got there first."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (no error if absent)."""
+
+    @abstractmethod
+    def ages(self, prefix: str) -> dict[str, float]:
+        """Seconds since each key under ``prefix`` was last written."""
 
 
 class LocalStore(ArtifactStore):
@@ -102,8 +124,49 @@ class LocalStore(ArtifactStore):
         return sorted(
             str(p.relative_to(self.root).as_posix())
             for p in base.rglob("*")
-            if p.is_file() and not p.name.endswith(".tmp")
+            if p.is_file() and not p.name.endswith((".tmp", ".lock"))
         )
+
+    @contextlib.contextmanager
+    def _locked(self, key: str) -> Iterator[None]:
+        """An exclusive ``flock`` on ``.<name>.lock`` beside ``key``: compare-and-set between the
+        processes (and replicas) sharing this folder on one machine."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self.get(key)
+        except KeyError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        with self._locked(key):
+            now = self.get_tagged(key)
+            if (now[1] if now else None) != tag:
+                return False
+            self.put(key, data)
+            return True
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def ages(self, prefix: str) -> dict[str, float]:
+        now = time.time()
+        out = {}
+        for key in self.list(prefix):
+            try:
+                out[key] = now - self._path(key).stat().st_mtime
+            except FileNotFoundError:
+                pass
+        return out
 
 
 class S3Store(ArtifactStore):
@@ -159,20 +222,58 @@ class S3Store(ArtifactStore):
                 return False
             raise
 
-    def list(self, prefix: str) -> list[str]:
+    def _objects(self, prefix: str) -> Iterator[dict]:
         full = self._key(prefix) if prefix else self.prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-            keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
-        return sorted(keys)
+            for obj in page.get("Contents", []):
+                yield {**obj, "Key": obj["Key"][strip:]}
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(obj["Key"] for obj in self._objects(prefix))
+
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if self._missing(exc):
+                return None
+            raise
+        return obj["Body"].read(), obj["ETag"]
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        """S3 conditional writes (``If-Match`` / ``If-None-Match: *``, S3 since 2024): the store
+        itself refuses the loser with 412 (or 409 when two conditional writes overlap)."""
+        from botocore.exceptions import ClientError
+
+        condition = {"IfMatch": tag} if tag is not None else {"IfNoneMatch": "*"}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **condition)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return False
+            if tag is not None and self._missing(exc):  # deleted meanwhile: not ours to recreate
+                return False
+            raise
+        return True
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def ages(self, prefix: str) -> dict[str, float]:
+        now = time.time()
+        return {obj["Key"]: now - obj["LastModified"].timestamp() for obj in self._objects(prefix)}
 
 
 class CachedStore(ArtifactStore):
     """Keeps local copies of immutable objects (index versions, content-addressed images), so a
     replica re-reads nothing it has seen and image downloads do not each cost an S3 GET."""
 
-    IMMUTABLE = ("/versions/", "/images/")
+    IMMUTABLE = ("/versions/", "/images/", "/segments/", "/tombstones/")
 
     def __init__(self, inner: ArtifactStore, cache_dir: str | Path) -> None:
         self.inner = inner
@@ -202,6 +303,20 @@ class CachedStore(ArtifactStore):
 
     def list(self, prefix: str) -> list[str]:
         return self.inner.list(prefix)
+
+    def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        return self.inner.get_tagged(key)
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> bool:
+        return self.inner.put_if(key, data, tag)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+        if self._immutable(key):
+            self.cache.delete(key)
+
+    def ages(self, prefix: str) -> dict[str, float]:
+        return self.inner.ages(prefix)
 
 
 def open_store(uri: str, cache_dir: str | Path | None = None) -> ArtifactStore:

@@ -47,7 +47,7 @@ from simserver.evaluation import (
     stratified_split,
 )
 from simserver.finetune import Head, TrainingConfig
-from simserver.ingest import Dataset, Sample
+from simserver.ingest import Dataset, Sample, check_unique_ids
 from simserver.repository import Repository, new_version_id
 from simserver.store import LocalStore
 
@@ -428,6 +428,36 @@ def _open_set(
     return split, Comparison.of(fine, pre, rule.bootstrap_samples, rule.confidence, config.seed)
 
 
+def merge_catalog(repo: Repository, cfg: DomainConfig, dataset: Dataset, image_size: int = 224) -> Dataset:
+    """``catalog=merge``: the current catalog's items (their stored images) with ``dataset``
+    upserted into it by id, as one dataset to fine-tune, evaluate and index. Items added to the
+    catalog while the training runs are not in it (the published version replaces them)."""
+    version = repo.current_version(cfg.name)
+    if version is None:
+        return dataset
+    current = repo.load(cfg.name, version)
+    new = {s.id for s in dataset.samples}
+    kept = [
+        Sample(
+            it.name,
+            it.label,
+            repo.image(it.image_key),
+            it.media_type,
+            dict(it.metadata),
+            image_size,
+            cfg.limits.max_image_pixels,
+            cfg.limits.max_decoded_bytes,
+            it.id,
+        )
+        for it in current.iter_items()
+        if it.id not in new
+    ]
+    logger.info("domain %s: merging %d new items into %d catalog items", cfg.name, len(new), len(kept))
+    merged = Dataset(kept + dataset.samples, dataset.skipped)
+    check_unique_ids(merged.samples)
+    return merged
+
+
 def check_dataset(cfg: DomainConfig, dataset: Dataset) -> None:
     """Refuse a dataset this domain cannot be trained on (before anything is encoded)."""
     if not dataset.samples:
@@ -527,6 +557,6 @@ def train_domain(
         policy=cfg.index,
         version=version,
         previous=previous,
-        extra_meta={"evaluation": outcome.evaluation(), **calibrations},
+        extra_meta={"evaluation": {**outcome.evaluation(), "pair": calibrations.get("pair")}, **calibrations},
         started=t0,
     )

@@ -72,6 +72,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clients", type=int, default=4)
 
     p = bench(
+        "catalog",
+        "the living catalog at 100k items: upsert cost, search during changes, filtered recall",
+        run_catalog,
+    )
+    p.add_argument("-n", type=int, default=None, help="catalog items (default 100,000; 20,000 with --quick)")
+    p.add_argument(
+        "--seconds", type=float, default=None, help="stream of changes (default 20; 6 with --quick)"
+    )
+    p.add_argument("--quick", action="store_true", help="N = 20,000, a shorter stream")
+
+    p = bench(
         "http",
         "a real server: latency, req/s, batching, CPU per search; ratios against the encoder alone",
         run_http,
@@ -200,6 +211,15 @@ def run_soak(args: argparse.Namespace) -> int:
         return fail(str(exc), status=1)
     print_json(result, compact=args.json)
     return 0 if result["errors"] == 0 else 1
+
+
+def run_catalog(args: argparse.Namespace) -> int:
+    from simserver.bench.catalog import catalog_figures
+
+    n = args.n or (20_000 if args.quick else 100_000)
+    seconds = args.seconds or (6.0 if args.quick else 20.0)
+    print_json(catalog_figures(n, stream_seconds=seconds), compact=args.json)
+    return 0
 
 
 def run_http(args: argparse.Namespace) -> int:

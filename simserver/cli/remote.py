@@ -5,9 +5,10 @@ Every command takes ``--url`` (default: ``$SIMSERVER_URL``, else http://127.0.0.
 ``--api-key`` (default: ``$SIMSERVER_API_KEY``). A refusal or an unreachable server prints
 ``{"error": ..., "status": ...}`` on stderr and exits 1; a missing local file or argument exits 2.
 
-Commands: ``domains``, ``stats``, ``ready``, ``search``, ``similarity``, ``image``, ``relevance``,
-``train``, ``train-status``, ``train-result``. :func:`add_parsers` adds them to the CLI's
-sub-commands; each sets ``func`` (``args.func(args)`` returns the exit code).
+Commands: ``domains``, ``stats``, ``ready``, ``search``, ``similar``, ``items add|delete|list``,
+``similarity``, ``image``, ``relevance``, ``train``, ``train-status``, ``train-result``.
+:func:`add_parsers` adds them to the CLI's sub-commands; each sets ``func``
+(``args.func(args)`` returns the exit code).
 """
 
 from __future__ import annotations
@@ -81,8 +82,78 @@ def _ready(client: Client, args: argparse.Namespace) -> Any:
     return {"ready": client.ready()}
 
 
+def _json_filter(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--filter: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UsageError('--filter: a JSON object, e.g. \'{"label": "dress"}\'')
+    return value
+
+
 def _search(client: Client, args: argparse.Namespace) -> Any:
-    return client.domain(args.domain).search(args.image, top_k=args.top_k)
+    return client.domain(args.domain).search(args.image, top_k=args.top_k, filter=_json_filter(args.filter))
+
+
+def _similar(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).similar(args.id, top_k=args.top_k, filter=_json_filter(args.filter))
+
+
+def _items_add(client: Client, args: argparse.Namespace) -> Any:
+    """Upload in batches of ``--batch`` files (one request each), a progress line per batch."""
+    domain = client.domain(args.domain)
+    ids = args.ids.split(",") if args.ids else None
+    if ids is not None and len(ids) != len(args.images):
+        raise UsageError(f"--ids: {len(ids)} ids for {len(args.images)} files")
+    if args.images and not args.label:
+        raise UsageError("--label: image files need the label they all take")
+    if not args.images and not args.archive:
+        raise UsageError("give image files (with --label) and/or --archive")
+    for f in [*args.images, *([args.archive] if args.archive else [])]:
+        if not Path(f).exists():
+            raise UsageError(f"{f}: no such file or folder")
+    replies = []
+    if args.archive:
+        replies.append(domain.add_items(archive=args.archive))
+    total = len(args.images)
+    for start in range(0, total, args.batch):
+        chunk = args.images[start : start + args.batch]
+        replies.append(
+            domain.add_items(
+                images=chunk, label=args.label, ids=ids[start : start + args.batch] if ids else None
+            )
+        )
+        if not args.quiet:
+            done = min(start + args.batch, total)
+            bar = "#" * int(30 * done / total)
+            sys.stderr.write(f"\ritems [{bar:<30}] {done}/{total}")
+            sys.stderr.flush()
+    if total and not args.quiet:
+        sys.stderr.write("\n")
+    last = replies[-1]
+    return {
+        "version": last.version,
+        "added": sum(r.added for r in replies),
+        "replaced": sum(r.replaced for r in replies),
+        "skipped": [s.model_dump() for r in replies for s in r.skipped],
+        "count": last.count,
+    }
+
+
+def _items_delete(client: Client, args: argparse.Namespace) -> Any:
+    if bool(args.ids) == bool(args.filter):
+        raise UsageError("give item ids or --filter (one of them)")
+    domain = client.domain(args.domain)
+    if args.filter:
+        return domain.delete_items(filter=_json_filter(args.filter))
+    return domain.delete_items(ids=args.ids)
+
+
+def _items_list(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).list_items(label=args.label, offset=args.offset, limit=args.limit)
 
 
 def _similarity(client: Client, args: argparse.Namespace) -> Any:
@@ -118,7 +189,7 @@ def _relevance(client: Client, args: argparse.Namespace) -> Any:
 def _train(client: Client, args: argparse.Namespace) -> Any:
     domain = client.domain(args.domain)
     if args.no_wait:
-        return {"task_id": domain.submit_training(args.archive, mode=args.mode)}
+        return {"task_id": domain.submit_training(args.archive, mode=args.mode, catalog=args.catalog)}
     last: list[str] = []
 
     def progress(status: TaskStatus) -> None:
@@ -127,7 +198,14 @@ def _train(client: Client, args: argparse.Namespace) -> Any:
             sys.stderr.flush()
             last[:] = [status.status]
 
-    return domain.train(args.archive, mode=args.mode, progress=progress, poll=args.poll, timeout=args.timeout)
+    return domain.train(
+        args.archive,
+        mode=args.mode,
+        progress=progress,
+        poll=args.poll,
+        timeout=args.timeout,
+        catalog=args.catalog,
+    )
 
 
 def _train_status(client: Client, args: argparse.Namespace) -> Any:
@@ -183,6 +261,37 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("domain")
     p.add_argument("image", help="image file")
     p.add_argument("--top-k", type=int, default=None, help="results, 1..100 (default: the domain's)")
+    p.add_argument("--filter", default=None, help='JSON filter, e.g. \'{"label": "dress"}\'')
+
+    p = command("similar", _similar, "more like a stored item (GET /{domain}/similar)")
+    p.add_argument("domain")
+    p.add_argument("id", help="the stored item's id")
+    p.add_argument("--top-k", type=int, default=None, help="results, 1..100 (default: the domain's)")
+    p.add_argument("--filter", default=None, help="JSON filter")
+
+    items = subparsers.add_parser("items", help="add, delete or list a domain's items (no training)")
+    actions = items.add_subparsers(dest="items_command", metavar="ACTION", required=True)
+
+    def action(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        p = actions.add_parser(name, parents=common, help=help, description=help)
+        p.set_defaults(func=_run(handler))
+        p.add_argument("domain")
+        return p
+
+    p = action("add", _items_add, "add or replace items by id (POST /{domain}/items)")
+    p.add_argument("images", nargs="*", help="image files, all of --label")
+    p.add_argument("--label", default=None, help="the label of the image files")
+    p.add_argument("--ids", default=None, help="comma-separated ids, one per file (default: <label>/<file>)")
+    p.add_argument("--archive", default=None, help="zip or folder in the training layout (+ metadata.csv)")
+    p.add_argument("--batch", type=int, default=100, help="files per request (default: %(default)s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
+    p = action("delete", _items_delete, "delete items by id or filter (POST /{domain}/items/delete)")
+    p.add_argument("ids", nargs="*", help="item ids")
+    p.add_argument("--filter", default=None, help="JSON filter instead of ids")
+    p = action("list", _items_list, "one page of the catalog (GET /{domain}/items)")
+    p.add_argument("--label", default=None)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--limit", type=int, default=100)
 
     p = command("similarity", _similarity, "distance and score of two images (POST /similarity)")
     p.add_argument("image_a")
@@ -191,7 +300,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     p = command("image", _image, "download a result's stored image (GET /{domain}/images/{id})")
     p.add_argument("domain")
-    p.add_argument("id", type=int)
+    p.add_argument("id", help="the item's id (as in a search result)")
     p.add_argument("--version", default=None, help="the search's version (409 if no longer served)")
     p.add_argument("-o", "--output", default=None, help="file to write (default: the item's file name)")
 
@@ -209,6 +318,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("domain")
     p.add_argument("archive", help="zip, or folder (zipped on the fly)")
     p.add_argument("--mode", choices=get_args(TrainingMode), default=None)
+    p.add_argument(
+        "--catalog",
+        choices=("replace", "merge"),
+        default=None,
+        help="merge: upsert the archive into the current catalog and train on the merged catalog",
+    )
     p.add_argument("--no-wait", action="store_true", help="print the task id and return at once")
     p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="status poll interval")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up waiting after")

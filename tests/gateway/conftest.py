@@ -24,13 +24,19 @@ from starlette.testclient import TestClient
 
 from simserver.errors import RequestRefused
 from simserver.schemas import (
+    DeleteReply,
     EncoderStats,
     Hit,
     IndexStatus,
     ItemInfo,
+    ItemPage,
+    ItemRecord,
+    ItemsReply,
     RelevanceReply,
     SearchReply,
+    SimilarityReply,
     TrainReply,
+    VersionInfo,
 )
 
 DOMAINS = {
@@ -73,10 +79,55 @@ class FakeIndex(Fake):
         super().__init__()
         self.domain = domain
 
-    async def search(self, image: np.ndarray, top_k: int) -> SearchReply:
-        self._call("search", image=image, top_k=top_k)
-        hit = Hit(id=0, name="a/0.png", label="a", score=1.0, distance=0.0)
+    async def search(self, image: np.ndarray, top_k: int, filter: dict | None = None) -> SearchReply:
+        self._call("search", image=image, top_k=top_k, filter=filter)
+        hit = Hit(id="a/0.png", name="a/0.png", label="a", score=1.0, distance=0.0)
         return SearchReply(domain=self.domain, version="v1", results=[hit] * min(top_k, 3))
+
+    async def pair(self, images: np.ndarray) -> SimilarityReply:
+        self._call("pair", images=images)
+        return SimilarityReply(
+            metric="cosine",
+            distance=0.2,
+            score=0.8,
+            domain=self.domain,
+            version="v1",
+            same_label=True,
+            threshold=0.3,
+        )
+
+    async def similar(self, item_id: str, top_k: int, filter: dict | None = None) -> SearchReply:
+        self._call("similar", item_id=item_id, top_k=top_k, filter=filter)
+        hit = Hit(id="a/1.png", name="a/1.png", label="a", score=0.9, distance=0.1)
+        return SearchReply(domain=self.domain, version="v1", results=[hit] * min(top_k, 2))
+
+    async def upsert(self, **kwargs: Any) -> ItemsReply:
+        self._call("upsert", **kwargs)
+        return ItemsReply(
+            version="v2", added=len(kwargs.get("images") or []), replaced=0, skipped=[], count=4
+        )
+
+    async def delete(self, ids=None, filter=None, must_exist: bool = False) -> DeleteReply:
+        self._call("delete", ids=ids, filter=filter, must_exist=must_exist)
+        return DeleteReply(version="v3", deleted=len(ids or []), count=2)
+
+    async def list_items(self, label=None, offset: int = 0, limit: int = 100) -> ItemPage:
+        self._call("list_items", label=label, offset=offset, limit=limit)
+        return ItemPage(domain=self.domain, version="v1", total=1, offset=offset, limit=limit, items=[])
+
+    async def get_item(self, item_id: str) -> ItemRecord:
+        self._call("get_item", item_id=item_id)
+        return ItemRecord(id=item_id, name="a/0.png", label="a")
+
+    async def versions(self) -> list[VersionInfo]:
+        self._call("versions")
+        return [VersionInfo(version="v1", created_at=None, count=3, kind="train", active=True)]
+
+    async def activate(self, version: str) -> VersionInfo:
+        self._call("activate", version=version)
+        return VersionInfo(
+            version="v9", created_at=None, count=3, kind="activate", active=True, activated_from=version
+        )
 
     async def relevance(self, **kwargs: Any) -> RelevanceReply:
         self._call("relevance", **kwargs)
@@ -93,7 +144,7 @@ class FakeIndex(Fake):
             skipped=[],
         )
 
-    async def item(self, item_id: int) -> ItemInfo:
+    async def item(self, item_id: str) -> ItemInfo:
         self._call("item", item_id=item_id)
         return ItemInfo(
             version="v1", id=item_id, name="a/0.png", label="a", image_key="missing", content_type="image/png"
@@ -109,8 +160,10 @@ class FakeIndex(Fake):
 
 
 class FakeTrainer(Fake):
-    async def train(self, domain: str, archive: bytes, mode: str | None = None) -> TrainReply:
-        self._call("train", domain=domain, archive=archive, mode=mode)
+    async def train(
+        self, domain: str, archive: bytes, mode: str | None = None, catalog: str | None = None
+    ) -> TrainReply:
+        self._call("train", domain=domain, archive=archive, mode=mode, catalog=catalog)
         return TrainReply(version="v2", indexed=3, skipped=[], labels={"a": 3}, seconds=0.1)
 
 

@@ -213,7 +213,21 @@ def test_training_upload_limits_and_fields(gw):
         if gw.trainer.calls:
             break
         time.sleep(0.05)
-    assert gw.trainer.calls == [("train", {"domain": "shop", "archive": b"", "mode": "finetune"})]
+    assert gw.trainer.calls == [
+        ("train", {"domain": "shop", "archive": b"", "mode": "finetune", "catalog": None})
+    ]
+
+
+def test_training_catalog_field(gw):
+    r = gw.client.post(
+        "/shop/train/submit",
+        files={"archive": ("set.zip", zip_of({"a/1.png": png()}))},
+        data={"catalog": "both"},
+    )
+    error_of(r, 400, "catalog", "replace, merge")  # at submit, before BentoML stores a task
+    assert gw.trainer.calls == []
+    status, r = run_task(gw, "shop", zip_of({"a/1.png": png()}), catalog="merge")
+    assert status == "completed" and gw.trainer.calls[-1][1]["catalog"] == "merge"
 
 
 def test_training_status_of_unknown_tasks(gw):
@@ -277,5 +291,105 @@ def test_image_refusals(gw):
     error_of(gw.client.get("/shop/images/7"), 404, "no item 7")
     gw.index["shop"].refuse.clear()
     error_of(gw.client.get("/shop/images/0", params={"version": "v0"}), 409, "no longer served", "v1")
-    error_of(gw.client.get("/shop/images/0"), 404, "missing from the store")
-    error_of(gw.client.get("/shop/images/zero"), 400, "item_id")
+    error_of(gw.client.get("/shop/images/a/0.png"), 404, "missing from the store")
+    assert gw.index["shop"].calls[-1] == ("item", {"item_id": "a/0.png"})  # an id may hold '/'
+
+
+# -- the living catalog ----------------------------------------------------------------------------------
+def test_search_filter_is_parsed_and_forwarded(gw):
+    r = search(gw, filter='{"label": {"in": ["a", "b"]}, "metadata.price": {"lt": 50}}')
+    assert r.status_code == 200, r.text
+    assert gw.index["shop"].calls[-1][1]["filter"] == {
+        "label": {"in": ["a", "b"]},
+        "metadata.price": {"lt": 50.0},
+    }
+    error_of(search(gw, filter="{nope"), 400, "filter", "JSON")
+    error_of(search(gw, filter='{"colour": "red"}'), 400, "unknown field")
+    error_of(search(gw, filter='{"metadata.price": {"gte": "x"}}'), 400, "number")
+    assert len(gw.index["shop"].calls) == 1  # refused before the image is decoded or sent
+
+
+def test_similar(gw):
+    r = gw.client.get("/shop/similar", params={"id": "a/0.png", "top_k": 2, "filter": '{"label": "a"}'})
+    assert r.status_code == 200, r.text
+    assert gw.index["shop"].calls[-1] == (
+        "similar",
+        {"item_id": "a/0.png", "top_k": 2, "filter": {"label": {"eq": "a"}}},
+    )
+    error_of(gw.client.get("/shop/similar"), 400, "id")
+    error_of(gw.client.get("/shop/similar", params={"id": "x", "top_k": 0}), 400, "top_k")
+    error_of(gw.client.get("/shop/similar", params={"id": "x", "filter": "[]"}), 400, "JSON object")
+    error_of(gw.client.get("/nope/similar", params={"id": "x"}), 404, "unknown domain")
+    gw.index["shop"].refuse["similar"] = UnknownItem("domain 'shop' has no item 'x'")
+    error_of(gw.client.get("/shop/similar", params={"id": "x"}), 404, "no item")
+
+
+def test_add_items(gw):
+    r = multipart(
+        gw,
+        "/shop/items",
+        [
+            ("images", ("a.png", png(), "image/png")),
+            ("images", ("b.png", png(), "image/png")),
+            ("label", "coat"),
+            ("ids", "sku-1"),
+            ("ids", "sku/2"),
+        ],
+    )
+    assert r.status_code == 200, r.text
+    assert r.json() == {"version": "v2", "added": 2, "replaced": 0, "skipped": [], "count": 4}
+    method, kwargs = gw.index["shop"].calls[-1]
+    assert method == "upsert" and kwargs["label"] == "coat" and kwargs["ids"] == ["sku-1", "sku/2"]
+    assert kwargs["names"] == ["a.png", "b.png"] and kwargs["archive"] is None
+    r = gw.client.post("/shop/items", files={"archive": ("a.zip", zip_of({"a/x.png": png()}))})
+    assert r.status_code == 200, r.text and gw.index["shop"].calls[-1][1]["archive"]
+    error_of(gw.client.post("/shop/items", data={"label": "x"}), 400, "archive")
+    gw.index["shop"].refuse["upsert"] = BadArchive("ids: 1 ids for 2 files")
+    error_of(multipart(gw, "/shop/items", [("images", ("a.png", png(), "image/png"))]), 400, "ids")
+
+
+def test_item_routes(gw):
+    r = gw.client.get("/shop/items", params={"label": "a", "offset": 5, "limit": 10})
+    assert r.status_code == 200 and r.json()["total"] == 1
+    assert gw.index["shop"].calls[-1] == ("list_items", {"label": "a", "offset": 5, "limit": 10})
+    error_of(gw.client.get("/shop/items", params={"limit": 0}), 400, "limit")
+    error_of(gw.client.get("/shop/items", params={"offset": -1}), 400, "offset")
+    assert gw.client.get("/shop/items/a/0.png").json()["id"] == "a/0.png"
+    r = gw.client.delete("/shop/items/a/0.png")
+    assert r.status_code == 200 and r.json()["deleted"] == 1
+    assert gw.index["shop"].calls[-1] == ("delete", {"ids": ["a/0.png"], "filter": None, "must_exist": True})
+    gw.index["shop"].refuse["delete"] = UnknownItem("domain 'shop' has no item 'zz'")
+    error_of(gw.client.delete("/shop/items/zz"), 404, "no item")
+    gw.index["shop"].refuse.clear()
+    r = gw.client.post("/shop/items/delete", json={"ids": ["a", "b/c"]})
+    assert r.status_code == 200 and r.json()["deleted"] == 2
+    r = gw.client.post("/shop/items/delete", json={"filter": {"label": "a"}})
+    assert r.status_code == 200 and gw.index["shop"].calls[-1][1]["filter"] == {"label": {"eq": "a"}}
+    error_of(gw.client.post("/shop/items/delete", json={}), 400, "exactly one")
+    error_of(gw.client.post("/shop/items/delete", json={"ids": ["a"], "filter": {}}), 400, "exactly one")
+    error_of(gw.client.post("/shop/items/delete", json={"filter": {"x": 1}}), 400, "unknown field")
+    error_of(gw.client.get("/nope/items"), 404, "unknown domain")
+
+
+def test_versions_routes(gw):
+    assert gw.client.get("/shop/versions").json()[0]["kind"] == "train"
+    r = gw.client.post("/shop/versions/v1/activate")
+    assert r.status_code == 200 and r.json()["activated_from"] == "v1"
+    gw.index["shop"].refuse["activate"] = UnknownItem("domain 'shop' has no version 'v0'")
+    error_of(gw.client.post("/shop/versions/v0/activate"), 404, "no version")
+
+
+def test_similarity_with_a_domain_uses_its_index_service(gw):
+    files = {"image_a": ("a.png", png()), "image_b": ("b.png", png(color="blue"))}
+    r = gw.client.post("/similarity", files=files, data={"domain": "shop"})
+    assert r.status_code == 200, r.text
+    assert r.json()["same_label"] is True and r.json()["domain"] == "shop"
+    ((method, kwargs),) = gw.index["shop"].calls
+    assert method == "pair" and kwargs["images"].shape == (2, 224, 224, 3)
+    assert gw.encoder.calls == []  # the domain's service encodes, with its served encoder
+    error_of(gw.client.post("/similarity", files=files, data={"domain": "nope"}), 404, "unknown domain")
+    error_of(
+        gw.client.post("/similarity", files=files, data={"domain": "shop", "metric": "l1"}), 400, "metric"
+    )
+    r = gw.client.post("/similarity", files=files)
+    assert r.status_code == 200 and r.json()["metric"] == "cosine" and r.json()["same_label"] is None

@@ -116,9 +116,9 @@ def test_errors_carry_the_servers_message(client, server):
         client.domain("fashion").search(DRESS, top_k=0)
     assert "top_k" in exc.value.error
     with pytest.raises(NotFound):
-        client.domain("fashion").image(10**6)
+        client.domain("fashion").image("no/such item")
     with pytest.raises(Conflict) as exc:
-        client.domain("fashion").image(0, version="19990101T000000-000000")
+        client.domain("fashion").image("dress/google.png", version="19990101T000000-000000")
     assert "no longer served" in exc.value.error
     with pytest.raises(ConnectionFailed) as exc, Client(f"http://127.0.0.1:{free_port()}") as down:
         down.domains()

@@ -175,6 +175,54 @@ def test_train_on_one_replica_other_serves_and_answers_status(pair):
     )
 
 
+def test_two_replicas_upserting_at_once_lose_nothing(pair):
+    """Both replicas take uploads at the same time into one bucket: compare-and-set on the pointer
+    (S3 conditional writes), the loser re-applying on the new head; every item survives."""
+    import threading
+
+    a, b = pair
+    photo = (DEMO / "fashion/boot/google.png").read_bytes()
+    before = requests.get(f"{b.url}/scratch/items", params={"limit": 1}, timeout=10).json()["total"]
+    r = requests.post(
+        f"{a.url}/scratch/items", files={"images": ("x.png", photo)}, data={"label": "boot"}, timeout=60
+    )
+    assert r.status_code == 401  # items change the domain: the API key is needed on A
+    errors: list[str] = []
+
+    def upload(server, key: str | None, tag: str) -> None:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        for i in range(8):
+            r = requests.post(
+                f"{server.url}/scratch/items",
+                files={"images": (f"{tag}{i}.png", photo)},
+                data={"label": "boot", "ids": f"{tag}/{i}"},
+                headers=headers,
+                timeout=120,
+            )
+            if r.status_code != 200:
+                errors.append(r.text)
+
+    threads = [
+        threading.Thread(target=upload, args=(a, "key-a", "a")),
+        threading.Thread(target=upload, args=(b, None, "b")),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    want = {f"{tag}/{i}" for tag in "ab" for i in range(8)}
+    for server in (a, b):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            page = requests.get(f"{server.url}/scratch/items", params={"limit": 1000}, timeout=10).json()
+            if want <= {it["id"] for it in page["items"]}:
+                break
+            time.sleep(0.5)
+        assert want <= {it["id"] for it in page["items"]}
+        assert page["total"] == before + 16
+
+
 def test_s3_down_keeps_serving_cached_version(pair, moto):
     _, b = pair
     before = search(b, "scratch", (DEMO / "fashion/boot/google.png").read_bytes()).json()["version"]

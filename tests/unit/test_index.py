@@ -35,6 +35,7 @@ def make_items(n: int) -> list[Item]:
             f"domains/d/images/{i:064x}.png",
             "image/png",
             {"sku": str(i)},
+            str(i),  # the stable id; FAISS's row number is internal
         )
         for i in range(n)
     ]
@@ -62,14 +63,14 @@ def test_search_matches_exact_numpy_search(metric, data):
         hits = index.search(q[None], 10)[0]
         expected = numpy_distances(metric, x, q)
         order = np.argsort(expected, kind="stable")[:10]
-        assert [h.id for h in hits] == order.tolist()
+        assert [int(h.id) for h in hits] == order.tolist()
         np.testing.assert_allclose([h.distance for h in hits], expected[order], rtol=1e-4, atol=1e-4)
         scores = [h.score for h in hits]
         np.testing.assert_allclose(scores, metrics.distance_to_score(metric, expected[order]), atol=1e-4)
         assert all(0.0 <= s <= 1.0 for s in scores)
         assert scores == sorted(scores, reverse=True)
         for h in hits:
-            item = index.items[h.id]
+            item = index.items[int(h.id)]
             assert (h.name, h.label, h.metadata) == (item.name, item.label, item.metadata)
 
 
@@ -80,7 +81,7 @@ def test_search_distance_equals_pairwise_distance(metric, data):
     index = make_index(metric, x)
     for q in queries[:3]:
         for h in index.search(q[None], 5)[0]:
-            expected = metrics.pairwise_distance(metric, q, x[h.id])
+            expected = metrics.pairwise_distance(metric, q, x[int(h.id)])
             assert h.distance == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
@@ -92,7 +93,7 @@ def test_identical_vector_scores_one(metric, data):
     index = make_index(metric, x)
     for i in (0, 7, N - 1):
         top = index.search(x[i][None], 3)[0][0]
-        assert top.id == i
+        assert top.id == str(i)
         assert top.distance == pytest.approx(0.0, abs=1e-5)
         assert top.score == pytest.approx(1.0, abs=1e-5)
 
@@ -110,7 +111,7 @@ def test_top_k_larger_than_count():
     index = make_index("l2", x)
     hits = index.search(x[0][None], 50)[0]
     assert len(hits) == 4
-    assert sorted(h.id for h in hits) == [0, 1, 2, 3]
+    assert sorted(int(h.id) for h in hits) == [0, 1, 2, 3]
     assert index.search(x[0][None], 0)[0] == []
 
 

@@ -205,7 +205,9 @@ def test_judge_site_thresholds_come_from_request_then_calibration_then_config():
     from simserver.schemas import Hit
 
     def hit(i: int, label: str, score: float) -> Hit:
-        return Hit(id=i, name=f"{label}/{i}.png", label=label, score=score, distance=1 - score)
+        return Hit(
+            id=f"{label}/{i}.png", name=f"{label}/{i}.png", label=label, score=score, distance=1 - score
+        )
 
     hits = [
         [hit(1, "nut", 0.9), hit(2, "random", 0.7)],  # +0.2

@@ -6,6 +6,7 @@ import anyio
 import numpy as np
 import pytest
 
+from simserver.catalog import Catalog
 from simserver.domain_config import DomainConfig
 from simserver.errors import Conflict, RequestRefused, UnknownItem
 from simserver.index import DomainIndex, Item
@@ -15,11 +16,13 @@ from tests.unit.conftest import BLUE, GREEN, RED, fake_encode, make_zip, solid
 CFG = DomainConfig(name="shop", encoder="base")
 
 
-def version(name: str, encoder: str, seed: int, labels=("warm", "cool")) -> DomainIndex:
+def version(name: str, encoder: str, seed: int, labels=("warm", "cool")) -> Catalog:
     vectors = np.random.default_rng(seed).standard_normal((4, 32)).astype(np.float32)
     items = [Item(f"{labels[i % 2]}/{i}.png", labels[i % 2], f"k{i}", "image/png") for i in range(4)]
-    return DomainIndex.build(
-        vectors, items, metric="cosine", encoder_id=encoder, version=name, extra_meta={"encoder": encoder}
+    return Catalog.of(
+        DomainIndex.build(
+            vectors, items, metric="cosine", encoder_id=encoder, version=name, extra_meta={"encoder": encoder}
+        )
     )
 
 
@@ -52,14 +55,14 @@ def test_refusals():
     with pytest.raises(Conflict, match="no index yet"):
         anyio.run(empty.search, np.zeros((224, 224, 3), np.uint8), 3)
     with pytest.raises(UnknownItem):
-        empty.item(0)
+        empty.item("warm/0.png")
     assert empty.status().version is None
     mismatched = Searcher(CFG, lambda: version("v1", "base", 1), encode)
     with pytest.raises(Conflict, match="retrain"):
         anyio.run(mismatched.search, np.zeros((224, 224, 3), np.uint8), 3)
-    with pytest.raises(UnknownItem, match="no item 4"):
-        mismatched.item(4)
-    assert mismatched.item(3).image_key == "k3"
+    with pytest.raises(UnknownItem, match="no item 'cool/4.png'"):
+        mismatched.item("cool/4.png")
+    assert mismatched.item("cool/3.png").image_key == "k3"
     site = read_zip(make_zip({"a.png": solid(RED), "b.png": solid(GREEN)}), CFG.limits, labelled=False)
     with pytest.raises(RequestRefused, match="target_label"):
         anyio.run(mismatched.relevance, site)

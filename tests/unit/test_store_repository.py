@@ -121,7 +121,7 @@ def test_open_store(tmp_path, monkeypatch):
 def test_new_version_ids_are_sortable_and_unique():
     ids = [new_version_id() for _ in range(20)]
     assert len(set(ids)) == 20
-    assert all(re.fullmatch(r"\d{8}T\d{6}-[0-9a-f]{6}", v) for v in ids)
+    assert all(re.fullmatch(r"\d{8}T\d{9}-[0-9a-f]{6}", v) for v in ids)  # to the millisecond
 
 
 def test_image_key_is_content_addressed():
@@ -139,21 +139,38 @@ def test_publish_then_load_round_trip(repo):
     repo.publish("d", index)
     assert repo.current_version("d") == "v1"
     loaded = repo.load("d", "v1")
-    assert loaded.meta == index.meta and loaded.items == index.items
+    assert {k: loaded.meta[k] for k in index.meta if k != "format"} == {
+        k: v for k, v in index.meta.items() if k != "format"
+    }
+    assert loaded.meta["kind"] == "train" and loaded.items == index.items
     q = np.ones(8, dtype=np.float32)
     assert loaded.search(q[None], 3)[0] == index.search(q[None], 3)[0]
     assert repo.current_version("other") is None
 
 
-def test_publish_writes_meta_last_and_pointer_after_everything(repo, monkeypatch):
+def test_publish_writes_segment_then_manifest_then_pointer(repo, monkeypatch):
     keys = []
     real_put = repo.store.put
     monkeypatch.setattr(repo.store, "put", lambda k, d: (keys.append(k), real_put(k, d)))
     repo.publish("d", tiny_index("v1"))
     assert keys[-1] == "domains/d/CURRENT"
     assert keys[-2] == "domains/d/versions/v1/meta.json"
-    assert set(keys[:-2]) == {"domains/d/versions/v1/index.faiss", "domains/d/versions/v1/items.json"}
+    seg = keys[0].split("/")[3]
+    # a Flat base: items and vectors (exact scan, no FAISS file), the segment's meta.json last
+    assert keys[:-2] == [f"domains/d/segments/{seg}/{n}" for n in ("items.json", "vectors.npy", "meta.json")]
     assert json.loads(repo.store.get("domains/d/CURRENT"))["version"] == "v1"
+
+
+def test_format_1_versions_still_load(repo):
+    """A version written before segments (index.faiss + items.json in the version folder)."""
+    index = tiny_index("old")
+    for name, data in index.to_files().items():
+        repo.store.put(f"domains/d/versions/old/{name}", data)
+    repo.store.put("domains/d/CURRENT", json.dumps({"version": "old"}).encode())
+    loaded = repo.load("d", "old")
+    assert loaded.count == 3 and [i.id for i in loaded.items] == [i.name for i in index.items]
+    q = np.ones(8, dtype=np.float32)
+    assert loaded.search(q[None], 3)[0] == index.search(q[None], 3)[0]
 
 
 def test_failed_pointer_write_keeps_the_old_version(repo, monkeypatch):
@@ -180,7 +197,7 @@ def test_failed_version_write_never_moves_the_pointer(repo, monkeypatch):
 
     def failing_put(key, data):
         written.append(key)
-        if key.endswith("items.json"):
+        if key.endswith("vectors.npy"):
             raise OSError("boom")
         real_put(key, data)
 
@@ -228,7 +245,8 @@ def test_live_index_keeps_serving_when_load_fails(repo):
     live.refresh()
     served = live.current
     repo.publish("d", tiny_index("v2"))
-    repo.store.put("domains/d/versions/v2/index.faiss", b"garbage")  # corrupt the new version
+    seg = json.loads(repo.store.get("domains/d/versions/v2/meta.json"))["segments"][0]["id"]
+    repo.store.put(f"domains/d/segments/{seg}/vectors.npy", b"garbage")  # corrupt the new version
     assert live.refresh() is False
     assert live.current is served and live.current.version == "v1"
     assert live.last_error
