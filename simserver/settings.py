@@ -31,7 +31,10 @@ class Settings(BaseSettings):
         "auto", description="auto: TFLite/XNNPACK when it reproduces the SavedModel, else TF"
     )
     max_heavy_requests: int = Field(
-        2, ge=1, le=64, description="/relevance calls at once per gateway; 429 + Retry-After beyond"
+        2,
+        ge=1,
+        le=64,
+        description="/relevance and item uploads at once per gateway; 429 + Retry-After beyond",
     )
     max_concurrent_decodes: int = Field(
         4, ge=1, le=64, description="uploaded images the gateway decodes at once (each up to ~200 MB)"

@@ -7,8 +7,10 @@ Measured after a ``kill -9`` during a training: a 15 MB ``.encoder.tar.*.tmp`` i
 with no ``meta.json``, and a 25 MB temporary folder in the cache.
 
 Only what is older than ``older_than_s`` goes: another process on the same folder may be writing
-right now, and no single write takes minutes. On S3 a put is atomic (no temporary object), and a
-version without ``meta.json`` is ignored by every reader.
+right now, and no single write takes minutes. A version folder without ``meta.json`` waits longer,
+``version_older_than_s``: another server's training on the same folder may have exported its encoder
+there hours before it publishes (a training may run for the trainer's whole 24 h timeout). On S3 a
+put is atomic (no temporary object), and a version without ``meta.json`` is ignored by every reader.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 OLDER_THAN_S = 600.0
+VERSION_OLDER_THAN_S = 25 * 3600.0
 
 
 @dataclass
@@ -65,13 +68,15 @@ def sweep(
     cache_dir: Path | None,
     older_than_s: float = OLDER_THAN_S,
     now: float | None = None,
+    version_older_than_s: float = VERSION_OLDER_THAN_S,
 ) -> Swept:
     """Remove crash leftovers under a local store root and a cache folder (either may be None)."""
     now = time.time() if now is None else now
     swept = Swept()
     if store_root is not None:  # first: removing a temp file inside would make the folder look new
         for folder in store_root.glob("domains/*/versions/*"):
-            if folder.is_dir() and not (folder / "meta.json").exists() and _age(folder, now) > older_than_s:
+            aborted = folder.is_dir() and not (folder / "meta.json").exists()
+            if aborted and _age(folder, now) > version_older_than_s:
                 _remove(folder, swept)
     for root in (r for r in (store_root, cache_dir) if r is not None and r.is_dir()):
         for tmp in [p for p in root.rglob(".*.tmp") if p.is_file()]:

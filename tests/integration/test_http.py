@@ -399,7 +399,7 @@ def test_a_killed_server_leaves_no_worker_and_restarts_on_its_port(
     for p in leftovers:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"partial")
-        os.utime(p, (hour_ago, hour_ago))
+        os.utime(p, (hour_ago - 24 * 3600, hour_ago - 24 * 3600))  # an aborted version waits a day
     srv = Server(server_env(store, domains_dir, tmp_path), tmp_path / "server.log")
     srv.wait_ready()
     workers = srv.processes()[1:]

@@ -23,8 +23,10 @@ def test_old_leftovers_go_and_everything_else_stays(tmp_path):
     store, cache = tmp_path / "store", tmp_path / "cache"
     complete = touch(store / "domains/food/versions/v1/meta.json")
     touch(store / "domains/food/versions/v1/index.faiss")
-    aborted = touch(store / "domains/food/versions/v2/.encoder.tar.abc123.tmp", b"y" * 1000)
-    touch(store / "domains/food/versions/v2/index.faiss")
+    aborted = touch(store / "domains/food/versions/v2/.encoder.tar.abc123.tmp", b"y" * 1000, age=26 * HOUR)
+    touch(store / "domains/food/versions/v2/encoder.tar", age=26 * HOUR)
+    # Another server's training on this folder exported its encoder an hour ago: not swept yet.
+    exporting = touch(store / "domains/food/versions/v4/encoder.tar")
     old_tmp = touch(store / "domains/food/.CURRENT.k2j3.tmp")
     young_tmp = touch(store / "domains/food/.CURRENT.zz99.tmp", age=5)
     publishing = touch(store / "domains/food/versions/v3/index.faiss", age=5)  # meta.json comes next
@@ -38,7 +40,7 @@ def test_old_leftovers_go_and_everything_else_stays(tmp_path):
 
     assert not aborted.parent.exists() and not old_tmp.exists() and not cache_tmp.parent.parent.exists()
     assert swept.bytes >= 1500
-    for kept in (complete, young_tmp, publishing, image, pointer, cache_young, cached):
+    for kept in (complete, young_tmp, publishing, exporting, image, pointer, cache_young, cached):
         assert kept.exists(), kept
 
 
