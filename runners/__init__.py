@@ -1,5 +1,10 @@
 """BentoML 1.4 dependency services: one shared TF encoder, one light FAISS service per domain."""
 
+from simserver.timeouts import release_request_timers
+
+# Every service module imports this package first: each process gets the patch before it serves.
+release_request_timers()
+
 # BentoML's dependency client recycles its HTTP session every 100 requests by default and drops
 # the calls in flight when it does (measured: 7-11% HTTP 500s at 16 concurrent clients). Services
 # that others depend on set this so the session lives as long as the process.
