@@ -16,7 +16,7 @@ from urllib.parse import quote
 import anyio
 import bentoml
 import numpy as np
-from fastapi import FastAPI, Query
+from fastapi import Depends, FastAPI, Query
 from starlette.responses import Response
 
 from runners import die_with_server
@@ -28,7 +28,7 @@ from simserver.asgi import GatewayMiddleware, harden_multipart
 from simserver.domain_config import BUILTIN, DomainConfig, Limits, load_domains
 from simserver.errors import RequestRefused, UnknownDomain
 from simserver.filters import parse_filter
-from simserver.http_errors import Remote, json_refusals, quiet_refusals
+from simserver.http_errors import Remote, json_refusals, known_query_only, quiet_refusals
 from simserver.jobs import JobRecords
 from simserver.repository import Repository
 from simserver.schemas import (
@@ -248,7 +248,7 @@ class ImageSimilarity:
 for _name, _attr in _DEP_ATTR.items():
     setattr(ImageSimilarity, _attr, bentoml.depends(INDEX_SERVICES[_name]))
 
-http_app = FastAPI(title="image-similarity: read-only routes")
+http_app = FastAPI(title="image-similarity: read-only routes", dependencies=[Depends(known_query_only)])
 json_refusals(http_app)
 
 

@@ -238,7 +238,8 @@ class GatewayMiddleware:
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 hdrs = dict(message.get("headers") or [])
-                if message["status"] >= 400 and b"json" in hdrs.get(b"content-type", b""):
+                ctype = hdrs.get(b"content-type", b"")
+                if message["status"] >= 400 and (b"json" in ctype or ctype.startswith(b"text/plain")):
                     held["start"] = message  # error bodies are small: hold and rewrite
                     return
                 await send(message)
@@ -257,12 +258,17 @@ class GatewayMiddleware:
                 raw = b"".join(chunks)
                 try:
                     body = error_body(json.loads(raw))
-                    if isinstance(body, dict):
-                        body = {**body, "request_id": request_ids.current.get()}
-                    raw = json.dumps(body).encode()
-                except ValueError:
-                    pass
-                out_headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                except ValueError:  # Starlette's plain-text answers ("Not Found"): the same shape
+                    body = {"error": raw.decode(errors="replace").strip() or "error"}
+                if isinstance(body, dict):
+                    body = {**body, "request_id": request_ids.current.get()}
+                raw = json.dumps(body).encode()
+                out_headers = [
+                    (k, v)
+                    for k, v in start.get("headers", [])
+                    if k.lower() not in (b"content-length", b"content-type")
+                ]
+                out_headers.append((b"content-type", b"application/json"))
                 out_headers.append((b"content-length", str(len(raw)).encode()))
                 await send({**start, "headers": out_headers})
                 await send({"type": "http.response.body", "body": raw})

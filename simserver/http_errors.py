@@ -146,6 +146,25 @@ def quiet_refusals() -> None:
         log.addFilter(_RefusalsAreNotErrors())
 
 
+async def known_query_only(request: Request) -> None:
+    """A FastAPI dependency: a query parameter the route does not take is a 400 (FastAPI would
+    ignore it, so a misspelt ``?lable=`` silently lists everything)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    allowed: set[str] = set()
+    stack = [dependant]
+    while stack:  # the route's own parameters and those of its dependencies
+        d = stack.pop()
+        allowed |= {p.alias for p in d.query_params}
+        stack.extend(d.dependencies)
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        takes = ", ".join(sorted(allowed)) or "none"
+        raise RequestRefused(f"unknown query parameter {', '.join(unknown)} (this route takes: {takes})")
+
+
 def json_refusals(app: FastAPI) -> None:
     """The same ``{"error"}`` answers on the gateway's FastAPI routes: a refusal from an internal
     service keeps its status and message, and a malformed path or query parameter is a 400, as on

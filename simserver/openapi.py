@@ -53,7 +53,7 @@ def _statuses(method: str, path: str) -> list[int]:
     if path == "/readyz":
         return [503]
     codes = [400, 401, 403, 500]
-    if "{domain}" in path:
+    if "{domain}" in path or path == "/similarity":  # /similarity takes an optional domain
         codes += [404, 409]  # 409: a domain with no index yet
     if method in ("post", "put"):
         codes += [411, 413]
