@@ -118,25 +118,6 @@ def _rank_metrics(
     )
 
 
-def is_better(finetuned: RetrievalResult, pretrained: RetrievalResult) -> tuple[bool, str]:
-    """``auto`` promotion rule: strictly higher Recall@1, or equal Recall@1 and higher mAP@R."""
-    f, p = finetuned, pretrained
-    if f.recall_at_1 > p.recall_at_1:
-        return (
-            True,
-            f"fine-tuned Recall@1 {f.recall_at_1:.3f} > pretrained {p.recall_at_1:.3f} on the hold-out",
-        )
-    if f.recall_at_1 == p.recall_at_1 and f.map_at_r > p.map_at_r:
-        return True, (
-            f"Recall@1 tied at {f.recall_at_1:.3f}; "
-            f"fine-tuned mAP@R {f.map_at_r:.3f} > pretrained {p.map_at_r:.3f}"
-        )
-    return False, (
-        f"fine-tuned (Recall@1 {f.recall_at_1:.3f}, mAP@R {f.map_at_r:.3f}) does not beat pretrained "
-        f"(Recall@1 {p.recall_at_1:.3f}, mAP@R {p.map_at_r:.3f}) on the hold-out"
-    )
-
-
 # -- small-set statistics and open-set evaluation ---------------------------------------------------
 def hits_at_1(result: RetrievalResult) -> np.ndarray:
     """Per query: 1.0 if its nearest gallery item has its label."""

@@ -6,6 +6,10 @@ optional metric-learning loss on the same embedding (contrastive, triplet with s
 or multi-similarity). The backbone is frozen, so its features are computed once per image and the
 head trains on them in seconds; the served encoder is backbone + head saved as one SavedModel
 (:func:`export_finetuned`), loadable by the same ``tensorflow_hub`` loader as any encoder.
+
+With ``blend`` (default) the trained head is widened into one linear layer whose output is the
+pretrained features beside the head's embedding (:func:`blended`), which keeps new categories
+searchable; the export and the serving path are the same for it.
 """
 
 from __future__ import annotations

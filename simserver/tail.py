@@ -12,9 +12,14 @@ which weighs the strongest locations of the map more. Feature-level augmentation
 maps (horizontal flip of the map, random erasing of a rectangle of cells) stands in for pixel
 augmentation, which would cost one encoding per view.
 
-The same tail runs in NumPy (:meth:`Tail.apply`, serving: trunk on TFLite + tail in NumPy) and in
-TensorFlow (:func:`tail_forward`: training and the exported SavedModel), and both are checked to
-agree (cosine >= 0.999) before a fine-tuned encoder serves.
+The same tail runs in NumPy (:meth:`Tail.apply`) and in TensorFlow (:func:`tail_forward`, the
+training), tested to agree with each other and, pretrained, with the whole backbone.
+
+**An experiment, not served**: measured by ``simserver bench quality --methods tail`` (README,
+"Retrieval quality on real photos"), it was no better than the head on pooled features on any of
+the three real-photo sets, worse on the open set, and its fit cost 8-34x the encoding pass on 2 CPU
+cores, so training keeps the head (:mod:`simserver.finetune`). Serving it would need the trunk as
+its own TFLite model and the tail + head in NumPy behind the same >= 0.999 self-check.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 ``mode`` (form field or ``training.mode`` in the domain's yaml):
 
-* ``auto``: fine-tune on the training split and promote the result only if it beats the
-  pretrained embedding on the stratified hold-out (:func:`simserver.evaluation.is_better`);
+* ``auto``: fine-tune on the training split and promote the result only if the bootstrap interval
+  of its Recall@1 gain on the stratified hold-out is above 0 and, with whole categories held out
+  (open set), it is not more than 1 point below pretrained (:func:`simserver.evaluation.decide`,
+  ``training.promotion``);
 * ``finetune``: always promote the fine-tuned encoder (still evaluated when a hold-out exists);
 * ``pretrained``: index with the domain's configured encoder; the pretrained embedding is still
   evaluated.

@@ -12,7 +12,9 @@
    separate what the algorithm saves from what the runtime saves.
 4. Ours (the endpoint's code): every site image decoded and encoded once, in batches, with the same
    encoder the domain serves; kNN margins against the domain's index; the calibrated image threshold
-   and the 0.25 site threshold.
+   and the site threshold derived from it (``site_rule``).
+5. Site by site, each algorithm in turn, so that on a shared machine load changes hit all alike;
+   wall and CPU seconds (this process) are summed per algorithm.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from simserver.bench.common import BenchError, bench_environment
+from simserver.schemas import SiteVerdict
 
 logger = logging.getLogger(__name__)
 
@@ -87,61 +90,62 @@ def make_sites(pool: list, target: str, n_sites: int, seed: int) -> list[Site]:
     return sites
 
 
-def reference(
-    sites: list[Site], catalogue_targets: list[Path], encode: Encode, seed: int
-) -> tuple[list[bool], float]:
-    """The notebook: 16 single-image encoder calls per site image, random target draws."""
+class Clock:
+    """Wall and CPU seconds (this process, every thread) spent inside ``with clock:`` blocks."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> Clock:
+        self._t = (time.perf_counter(), time.process_time())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall += time.perf_counter() - self._t[0]
+        self.cpu += time.process_time() - self._t[1]
+
+
+def reference_site(
+    images: list[tuple[str, bytes]], catalogue_targets: list[Path], encode: Encode, rng: np.random.Generator
+) -> bool:
+    """The notebook on one site: 16 single-image encoder calls per site image, random target draws."""
     from simserver.preprocess import prepare
 
-    rng = np.random.default_rng(seed)
-    decisions = []
-    t0 = time.perf_counter()
-    for _, images in sites:
-        similar = 0
-        for _, data in images:
-            v = encode(prepare(data, 224, 10**8)[None])[0]
-            draws = rng.choice(len(catalogue_targets), VAL_NUM, replace=len(catalogue_targets) < VAL_NUM)
-            distances = []
-            for j in draws:
-                w = encode(prepare(catalogue_targets[int(j)].read_bytes(), 224, 10**8)[None])[0]
-                distances.append(1.0 - float(np.dot(v, w)))
-            similar += int(np.mean(distances) <= REFERENCE_IMAGE_DISTANCE)
-        decisions.append(similar / len(images) >= REFERENCE_SITE_FRACTION)
-    return decisions, time.perf_counter() - t0
+    similar = 0
+    for _, data in images:
+        v = encode(prepare(data, 224, 10**8)[None])[0]
+        draws = rng.choice(len(catalogue_targets), VAL_NUM, replace=len(catalogue_targets) < VAL_NUM)
+        distances = []
+        for j in draws:
+            w = encode(prepare(catalogue_targets[int(j)].read_bytes(), 224, 10**8)[None])[0]
+            distances.append(1.0 - float(np.dot(v, w)))
+        similar += int(np.mean(distances) <= REFERENCE_IMAGE_DISTANCE)
+    return similar / len(images) >= REFERENCE_SITE_FRACTION
 
 
-def ours(
-    sites: list[Site], index, encode: Encode, target: str, config, calibration: dict
-) -> tuple[list[bool], float, dict]:
-    """The endpoint's algorithm (simserver.relevance), in process: one batched encoding per site.
-    Also the image-level recall and false-positive rate on the site images (to set beside the
-    calibration's estimates)."""
+def ours_site(
+    images: list[tuple[str, bytes]], index, encode: Encode, target: str, config, calibration: dict
+) -> SiteVerdict:
+    """The endpoint's algorithm (simserver.relevance) on one site, in process: the site's images
+    decoded, one encoder call for all of them, kNN margins, the calibrated thresholds."""
     from simserver.preprocess import prepare
     from simserver.relevance import judge_site
 
-    decisions = []
-    similar: list[bool] = []
-    is_target: list[bool] = []
-    t0 = time.perf_counter()
-    for _, images in sites:
-        # As the endpoint does: decode the site's images, one encoder call for all of them.
-        vectors = encode(np.stack([prepare(data, 224, 10**8) for _, data in images]))
-        names = [name for name, _ in images]
-        verdict = judge_site(
-            names, index.search(vectors, config.top_k), target, config, calibration=calibration
-        )
-        decisions.append(verdict.relevant)
-        similar += [i.similar for i in verdict.images]
-        is_target += [name.split("/")[1] == target for name in names]
-    seconds = time.perf_counter() - t0
-    sim, tgt = np.asarray(similar), np.asarray(is_target)
-    image_figures = {
+    vectors = encode(np.stack([prepare(data, 224, 10**8) for _, data in images]))
+    names = [name for name, _ in images]
+    return judge_site(names, index.search(vectors, config.top_k), target, config, calibration=calibration)
+
+
+def image_figures(verdicts: list[SiteVerdict], target: str) -> dict:
+    """Image-level recall and false-positive rate on the site images (beside the calibration's)."""
+    sim = np.asarray([i.similar for v in verdicts for i in v.images])
+    tgt = np.asarray([i.name.split("/")[1] == target for v in verdicts for i in v.images])
+    return {
         "recall": round(float(sim[tgt].mean()), 4) if tgt.any() else None,
         "false_positive_rate": round(float(sim[~tgt].mean()), 4) if (~tgt).any() else None,
         "target_images": int(tgt.sum()),
         "other_images": int((~tgt).sum()),
     }
-    return decisions, seconds, image_figures
 
 
 def verdict_figures(decisions: list[bool], truth: list[bool], seconds: float) -> dict:
@@ -214,23 +218,38 @@ def relevance_figures(
         # The reference reads its target images from their files each time, as the notebook did.
         targets = [data / s.name for s in catalogue if s.label == target]
 
-        ours_decisions, ours_s, ours_images = ours(
-            sites, index, served.encode, target, cfg.relevance, calibration
-        )
-        result = {"ours": {**verdict_figures(ours_decisions, truth, ours_s), "site_images": ours_images}}
-        logger.info("ours: %s", result["ours"])
-        runtimes = {"savedmodel": "reference", "serving": "reference_on_serving_runtime"}
+        encoders = {"ours": served}
         for runtime in reference_runtimes:
-            enc = served
             if runtime == "savedmodel":
                 tf_pool = EncoderPool(cache_dir=settings.store_cache_dir, store=store, runtime="savedmodel")
-                enc = tf_pool.get(encoder)
-            decisions, seconds = reference(sites, targets, enc.encode, seed)
-            figures = verdict_figures(decisions, truth, seconds)
-            figures["speedup"] = round(seconds / ours_s, 1)
-            figures["runtime"] = enc.runtime
-            result[runtimes[runtime]] = figures
-            logger.info("%s: %s", runtimes[runtime], figures)
+                encoders["reference"] = tf_pool.get(encoder)
+            else:
+                encoders["reference_on_serving_runtime"] = served
+        # Site by site, each algorithm in turn: on a shared machine both see the same load.
+        clocks = {name: Clock() for name in encoders}
+        decisions: dict[str, list[bool]] = {name: [] for name in encoders}
+        rngs = {name: np.random.default_rng(seed) for name in encoders}
+        verdicts = []
+        for i, (_, images) in enumerate(sites):
+            with clocks["ours"]:
+                verdicts.append(ours_site(images, index, served.encode, target, cfg.relevance, calibration))
+            decisions["ours"].append(verdicts[-1].relevant)
+            for name in list(encoders)[1:]:
+                with clocks[name]:
+                    decisions[name].append(reference_site(images, targets, encoders[name].encode, rngs[name]))
+            logger.info("site %d/%d done", i + 1, len(sites))
+        result: dict = {}
+        for name, clock in clocks.items():
+            figures = verdict_figures(decisions[name], truth, clock.wall)
+            figures["cpu_seconds"] = round(clock.cpu, 2)
+            if name == "ours":
+                figures["site_images"] = image_figures(verdicts, target)
+            else:
+                figures["speedup"] = round(clock.wall / clocks["ours"].wall, 1)
+                figures["cpu_speedup"] = round(clock.cpu / max(clocks["ours"].cpu, 1e-9), 1)
+                figures["runtime"] = encoders[name].runtime
+            result[name] = figures
+            logger.info("%s: %s", name, figures)
 
     return {
         **result,

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from simserver.evaluation import evaluate_retrieval, is_better, stratified_split
+from simserver.evaluation import evaluate_retrieval, stratified_split
 
 
 def oracle(q, ql, g, gl):
@@ -75,12 +75,19 @@ def test_split_is_stratified_deterministic_and_keeps_a_gallery_per_class():
     assert not stratified_split(["a", "b", "c"]).evaluable
 
 
-def test_promotion_rule():
+def test_point_estimate_promotion_rule():
+    """``require_interval: false``: a higher Recall@1 (or a tie with a higher mAP@R) is enough."""
+    from simserver.evaluation import Comparison, decide
+
     g = np.eye(3, dtype=np.float32)
     good = evaluate_retrieval(g, list("abc"), g, list("abc"))
     bad = evaluate_retrieval(g, list("abc"), g, list("bca"))
-    assert is_better(good, bad)[0] and not is_better(bad, good)[0]
-    promoted, reason = is_better(good, good)
+
+    def better(f, p):
+        return decide(Comparison.of(f, p), None, require_interval=False)
+
+    assert better(good, bad)[0] and not better(bad, good)[0]
+    promoted, reason = better(good, good)
     assert not promoted and "does not beat" in reason
 
 
