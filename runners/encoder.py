@@ -15,6 +15,7 @@ import bentoml
 import numpy as np
 
 from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, die_with_server
+from simserver import request_ids
 from simserver.domain_config import BUILTIN, load_domains
 from simserver.encoder_pool import EncoderPool
 from simserver.finetune import Head, TrainingConfig, train_head
@@ -41,6 +42,7 @@ class EncoderService:
 
     def __init__(self) -> None:
         die_with_server()
+        request_ids.install_log_filter()  # the gateway's request ids, as baggage
         settings = get_settings()
         self.pool = EncoderPool.from_settings(
             settings, store=open_store(settings.store_uri, settings.store_cache_dir)
@@ -48,17 +50,34 @@ class EncoderService:
         domains = load_domains(settings.domains_dir).values()
         for encoder in sorted({BUILTIN} | {c.encoder for c in domains}):
             self.pool.get(encoder)
-        # Trace the fine-tuned-encoder export templates in the background (seconds each), so the
-        # first training does not pay for them; a training that comes first simply waits its turn.
-        wanted = sorted(
+        # The fine-tuned-encoder export templates (seconds of tracing each) are traced in the
+        # background when a training starts (prepare_exports), not here: traced at start-up, they
+        # held the GIL for ~20 s after /readyz, and the first searches took 2-4x the warm p50.
+        self._wanted = sorted(
             {
                 (c.encoder, c.training.output_dim(self.pool.get(c.encoder).dim))
                 for c in domains
                 if c.training.mode != "pretrained"
             }
         )
-        self._templates_ready = threading.Event()
-        threading.Thread(target=self._prepare, args=(wanted,), name="export-templates", daemon=True).start()
+        self._templates_ready = threading.Event()  # set: no template being traced now
+        self._templates_ready.set()
+        self._templates_started = False
+        self._templates_lock = threading.Lock()
+
+    @bentoml.api
+    def prepare_exports(self) -> bool:
+        """Start tracing the export templates in the background, once; a training calls it when it
+        starts, minutes before its export needs them. True if this call started it."""
+        with self._templates_lock:
+            if self._templates_started:
+                return False
+            self._templates_started = True
+            self._templates_ready.clear()
+        threading.Thread(
+            target=self._prepare, args=(self._wanted,), name="export-templates", daemon=True
+        ).start()
+        return True
 
     def _prepare(self, wanted: list[tuple[str, int]]) -> None:
         # Lowest CPU priority for this thread only (Linux niceness is per thread): searches served

@@ -16,6 +16,7 @@ import numpy as np
 
 from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, die_with_server, exit_after_sigterm
 from runners.encoder import EncoderService
+from simserver import request_ids
 from simserver.domain_config import DomainConfig, load_domains
 from simserver.encoder import IMAGE_SIZE
 from simserver.errors import Conflict, RequestRefused, UnknownDomain
@@ -70,6 +71,7 @@ class TrainerService:
 
     def __init__(self) -> None:
         die_with_server()
+        request_ids.install_log_filter()  # the gateway's request ids, as baggage
         exit_after_sigterm()
         self.settings = get_settings()
         self.domains: dict[str, DomainConfig] = load_domains(self.settings.domains_dir)
@@ -109,6 +111,7 @@ class TrainerService:
     ) -> TrainReply:
         cfg = self._claim(domain)
         try:
+            self.encoder.prepare_exports()  # traced while this training reads and encodes
             dataset = read_zip(archive, cfg.limits, IMAGE_SIZE)
             if catalog == "merge":
                 dataset = merge_catalog(self.repo, cfg, dataset, IMAGE_SIZE)

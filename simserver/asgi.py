@@ -59,8 +59,12 @@ class GatewayMiddleware:
         task_files: Collection[str] = (),
         max_heavy_requests: int = 2,
         retry_after_s: int = 5,
+        api_operations: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None,
     ) -> None:
         self.app = app
+        self.api_operations = api_operations
+        self._document: dict[str, Any] | None = None  # the completed OpenAPI document, once made
+        self._allowed: Callable[[str], str | None] | None = None
         self.heavy_routes = heavy_routes
         self.relevance_domains = relevance_domains
         self.task_choices = task_choices or {}
@@ -143,18 +147,26 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         rid = request_ids.from_header(dict(scope.get("headers") or []).get(request_ids.HEADER))
-        token = request_ids.current.set(rid)
+        tokens = request_ids.bind(rid)
+        # Also as a header: BentoML's OpenTelemetry middleware, behind this one, makes the request's
+        # context from its headers alone, and that context is what calls to other services carry.
+        scope = {**scope, "headers": request_ids.with_baggage(scope.get("headers") or [], rid)}
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
-                hdrs = [(k, v) for k, v in message.get("headers", []) if k.lower() != request_ids.HEADER]
-                message = {**message, "headers": [*hdrs, (request_ids.HEADER, rid.encode())]}
+                drop = {request_ids.HEADER}
+                extra = [(request_ids.HEADER, rid.encode())]
+                if message["status"] == 405 and (allow := await self._allow(scope)) is not None:
+                    drop.add(b"allow")
+                    extra.append((b"allow", allow.encode()))
+                hdrs = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
+                message = {**message, "headers": [*hdrs, *extra]}
             await send(message)
 
         try:
             await self._handle(scope, receive, send_with_id)
         finally:
-            request_ids.current.reset(token)
+            request_ids.unbind(tokens)
 
     async def _handle(self, scope: Scope, receive: Callable, send: Callable) -> None:
         path, method = scope["path"], scope["method"]
@@ -340,6 +352,17 @@ class GatewayMiddleware:
 
     async def _openapi(self, scope: Scope, receive: Callable, send: Callable) -> None:
         """BentoML's OpenAPI document, completed (:mod:`simserver.openapi`)."""
+        document = await self._completed_document(scope)
+        if document is None:
+            await self._refuse(send, 500, "cannot generate the OpenAPI document")
+            return
+        await self._respond(send, 200, document)
+
+    async def _completed_document(self, scope: Scope) -> dict[str, Any] | None:
+        """The document, made once: BentoML's (asked of the app behind), completed. The domains
+        and routes are fixed for the life of the process."""
+        if self._document is not None:
+            return self._document
         from simserver.openapi import complete
 
         got: dict[str, Any] = {"status": 500, "body": b""}
@@ -350,15 +373,30 @@ class GatewayMiddleware:
             elif message["type"] == "http.response.body":
                 got["body"] += message.get("body", b"")
 
-        await self.app(scope, receive, capture)
+        async def no_body() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        ask = {**scope, "method": "GET", "path": "/docs.json", "raw_path": b"/docs.json", "query_string": b""}
+        await self.app(ask, no_body, capture)
         try:
             spec = json.loads(got["body"])
         except ValueError:
             spec = None
         if got["status"] != 200 or not isinstance(spec, dict):
-            await self._refuse(send, 500, "cannot generate the OpenAPI document")
-            return
-        await self._respond(send, 200, complete(spec, self.domains, self.relevance_domains))
+            return None
+        operations = self.api_operations() if self.api_operations else None
+        self._document = complete(spec, self.domains, self.relevance_domains, operations)
+        return self._document
+
+    async def _allow(self, scope: Scope) -> str | None:
+        """The ``Allow`` header of a 405: the methods the document declares for the path."""
+        if self._allowed is None:
+            from simserver.openapi import AllowedMethods
+
+            if (document := await self._completed_document(scope)) is None:
+                return None
+            self._allowed = AllowedMethods(document)
+        return self._allowed(scope["path"])
 
     async def _readyz(self, scope: Scope, receive: Callable, send: Callable) -> None:
         """BentoML's /readyz, answered within ``ready_timeout`` seconds: a probe that arrives while

@@ -58,6 +58,9 @@ def error_body(body: Any) -> Any:
                 parts.append(f"{loc}: {d['msg']}" if loc else d["msg"])
         if parts:  # the list said in one line; the schema's error shape has no `detail`
             body = {k: v for k, v in body.items() if k != "detail"} | {"error": "; ".join(parts)}
+    if isinstance(body, dict) and isinstance(body.get("detail"), str) and "error" not in body:
+        # Starlette's own refusals (405 "Method Not Allowed", 404 "Not Found") say it in `detail`.
+        body = {k: v for k, v in body.items() if k != "detail"} | {"error": body["detail"]}
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         body = {**body, "error": _unwrap(body["error"])}
     return body

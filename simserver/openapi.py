@@ -11,7 +11,9 @@ fixes each in the served ``/docs.json``, so the document matches every reply (er
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection
+import json
+import re
+from collections.abc import Collection, Mapping
 from typing import Any
 
 ERROR_SCHEMA: dict[str, Any] = {
@@ -38,6 +40,26 @@ _WHY = {
     429: "too many heavy requests at once; retry after Retry-After seconds",
     500: "server fault (no details; the request id leads to the log)",
     503: "not ready yet, or the training was interrupted",
+}
+
+_NULL = {"nullable": True, "enum": [None]}
+# Exactly one of the two (the route refuses both or neither), and a filter with a condition.
+_DELETE_BODY: dict[str, Any] = {
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["ids"],
+            "properties": {"ids": {"type": "array", "items": {"type": "string"}}, "filter": _NULL},
+        },
+        {
+            "type": "object",
+            "required": ["filter"],
+            "properties": {
+                "filter": {"type": "object", "minProperties": 1, "description": "as on /search"},
+                "ids": _NULL,
+            },
+        },
+    ]
 }
 
 # BentoML's ResultStatus values (its generated enum is outdated), which the job records share.
@@ -80,12 +102,32 @@ def _nullable_defaults(schema: Any) -> None:
             _nullable_defaults(value)
 
 
+def api_operations(svc: Any) -> dict[str, dict[str, Any]]:
+    """Every BentoML API's operations, by path, as BentoML documents them. Its document keeps one
+    entry per path, so an API that shares its path with a FastAPI route (``POST /{domain}/items``
+    beside ``GET``) is missing from it; :func:`complete` puts these back."""
+    # Private helpers of the pinned bentoml (1.4.39): the only place the per-API entries exist.
+    from _bentoml_sdk.service.openapi import _get_api_routes
+    from bentoml._internal.utils.cattr import bentoml_cattr
+
+    # Through JSON: status codes become the strings the served document has.
+    return json.loads(json.dumps({p: bentoml_cattr.unstructure(i) for p, i in _get_api_routes(svc).items()}))
+
+
 def complete(
-    spec: dict[str, Any], domains: Collection[str], relevance_domains: Collection[str] | None = None
+    spec: dict[str, Any],
+    domains: Collection[str],
+    relevance_domains: Collection[str] | None = None,
+    operations: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A copy of BentoML's ``spec`` with path parameters, error replies and task shapes declared.
-    ``relevance_domains``: the domains with a target label (the only ones ``/relevance`` serves)."""
+    ``relevance_domains``: the domains with a target label (the only ones ``/relevance`` serves);
+    ``operations``: :func:`api_operations`, added where the document lacks them."""
     spec = copy.deepcopy(spec)
+    for path, item in (operations or {}).items():
+        have = spec.setdefault("paths", {}).setdefault(path, {})
+        for method, op in item.items():
+            have.setdefault(method, copy.deepcopy(op))
     for path, method in UNSUPPORTED:
         spec.get("paths", {}).get(path, {}).pop(method, None)
     _nullable_defaults(spec.get("paths"))
@@ -131,8 +173,49 @@ def complete(
                 if code == 429:
                     reply["headers"]["Retry-After"] = {"schema": {"type": "integer"}}
                 responses[str(code)] = reply
+            if any(
+                (c.get("schema") or {}).get("required")
+                for c in op.get("requestBody", {}).get("content", {}).values()
+            ):
+                op["requestBody"]["required"] = (
+                    True  # BentoML leaves it out: a request without a body is a 400
+                )
+            if (path, method) == ("/{domain}/items/delete", "post"):
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": _DELETE_BODY}},
+                }
             if path.endswith(("/submit", "/retry")):
                 responses["200"]["content"] = {
                     "application/json": {"schema": {"$ref": "#/components/schemas/TaskSubmitted"}}
                 }
     return spec
+
+
+# Path parameters that hold slashes (item ids may: the routes declare them ``{item_id:path}``).
+_SLASHED = {"item_id"}
+
+
+class AllowedMethods:
+    """The methods the document declares for a request path, for the ``Allow`` header of a 405 or an
+    ``OPTIONS`` reply: Starlette's lists the first matching route only (``GET`` for
+    ``/{domain}/items/{id}``, which also takes ``DELETE``)."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self._templates: list[tuple[re.Pattern[str], int, str]] = []
+        for path, item in spec.get("paths", {}).items():
+            methods = sorted(m.upper() for m in item if m in ("get", "put", "post", "delete", "patch"))
+            if not methods:
+                continue
+            parts = re.split(r"(\{[^}]+\})", path)
+            regex = "".join(
+                ("(.+)" if p[1:-1] in _SLASHED else "([^/]+)") if p.startswith("{") else re.escape(p)
+                for p in parts
+            )
+            self._templates.append((re.compile(f"^{regex}$"), path.count("{"), ", ".join(methods)))
+
+    def __call__(self, path: str) -> str | None:
+        """``Allow`` for ``path``: the most specific matching template's methods (``/x/items/delete``
+        is the delete route, not an item called "delete"); None if no template matches."""
+        hits = [(params, allow) for regex, params, allow in self._templates if regex.match(path)]
+        return min(hits)[1] if hits else None

@@ -2,6 +2,10 @@
 (``{"error": ..., "request_id": ...}``) and in every log line written while the request runs, so
 a client's complaint leads to the server's log lines.
 
+The internal services (encoder, index, trainer) get the id as OpenTelemetry baggage: BentoML's
+client injects the current OpenTelemetry context into every call between services, and its
+server restores it, so their log lines carry the gateway's id too.
+
 A client may send its own ``X-Request-ID`` (a load balancer's, for one id end to end); anything
 that is not 1-64 characters of ``[A-Za-z0-9._-]`` is replaced, so a header cannot inject text
 into the logs.
@@ -12,13 +16,49 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
+from typing import Any
+
+from opentelemetry import baggage
+from opentelemetry import context as otel_context
 
 HEADER = b"x-request-id"
 _VALID = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
 # Set by the gateway's middleware for the duration of one request; worker threads started with
 # anyio.to_thread copy the context, so their log lines carry it too.
 current: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+BAGGAGE_KEY = "simserver.request_id"
+
+
+def bind(rid: str) -> tuple[Token[str | None], Any]:
+    """Make ``rid`` the current request's id, here and in the calls it makes to other services."""
+    return current.set(rid), otel_context.attach(baggage.set_baggage(BAGGAGE_KEY, rid))
+
+
+def unbind(tokens: tuple[Token[str | None], Any]) -> None:
+    otel_context.detach(tokens[1])
+    current.reset(tokens[0])
+
+
+def with_baggage(headers: list[tuple[bytes, bytes]], rid: str) -> list[tuple[bytes, bytes]]:
+    """``headers`` with ``rid`` in the W3C ``baggage`` header: merged into the client's first one
+    (the only one OpenTelemetry reads), any id of ours the client put there replaced."""
+    theirs = next((v for k, v in headers if k.lower() == b"baggage"), b"")
+    mine = BAGGAGE_KEY.encode() + b"="
+    entries = [e for e in theirs.split(b",") if e.strip() and not e.strip().startswith(mine)]
+    value = b",".join([*entries, mine + rid.encode()])
+    return [*((k, v) for k, v in headers if k.lower() != b"baggage"), (b"baggage", value)]
+
+
+def current_id() -> str | None:
+    """This request's id: set by the gateway, or received from it as baggage (checked again: a
+    caller of an internal service could send any baggage)."""
+    if (rid := current.get()) is not None:
+        return rid
+    got = baggage.get_baggage(BAGGAGE_KEY)
+    return got if isinstance(got, str) and _VALID.match(got.encode()) else None
 
 
 def from_header(value: bytes | None) -> str:
@@ -32,9 +72,10 @@ class RequestIdFilter(logging.Filter):
     """Prefixes each record written during a request with ``[req <id>]``."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        rid = current.get()
-        if rid is not None and not getattr(record, "request_id", None):
-            record.request_id = rid
+        rid = current_id()
+        # Not `request_id`: BentoML's own log filter sets that attribute (to a span id) first.
+        if rid is not None and not getattr(record, "simserver_request_id", None):
+            record.simserver_request_id = rid
             record.msg = f"[req {rid}] {record.msg}"
         return True
 

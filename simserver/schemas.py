@@ -263,7 +263,9 @@ class BatchingStats(BaseModel):
 
 class EncoderStats(BaseModel):
     batching: dict[str, BatchingStats] = Field(description="per base encoder (fine-tuned ones share it)")
-    export_templates_ready: bool
+    export_templates_ready: bool = Field(
+        description="false while export templates are traced in the background (when a training starts)"
+    )
 
 
 # -- the living catalog: items, versions ------------------------------------------------------------

@@ -131,8 +131,8 @@ class Server:
         return requests.get(f"{self.url}/stats", timeout=30).json()
 
     def wait_idle(self, timeout: float = 300) -> None:
-        """The encoder traces export templates in the background after start; measure after that,
-        or the tracing competes with what is measured."""
+        """The encoder traces export templates in the background when a training starts; measure
+        after that, or the tracing competes with what is measured."""
         deadline = time.monotonic() + timeout
         while not self.stats()["export_templates_ready"] and time.monotonic() < deadline:
             time.sleep(0.5)

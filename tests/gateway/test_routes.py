@@ -368,6 +368,8 @@ def test_item_routes(gw):
     error_of(gw.client.post("/shop/items/delete", json={}), 400, "exactly one")
     error_of(gw.client.post("/shop/items/delete", json={"ids": ["a"], "filter": {}}), 400, "exactly one")
     error_of(gw.client.post("/shop/items/delete", json={"filter": {"x": 1}}), 400, "unknown field")
+    # An empty filter matches every item: refused, the catalog untouched.
+    error_of(gw.client.post("/shop/items/delete", json={"filter": {}}), 400, "empty filter")
     error_of(gw.client.get("/nope/items"), 404, "unknown domain")
 
 

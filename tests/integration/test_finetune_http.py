@@ -129,7 +129,14 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
     # (it took ~9 s on the first search when it was loaded on demand).
     t0 = time.monotonic()
     after = search(train_server, "ft", query).json()
-    assert time.monotonic() - t0 < 3.0
+    first = time.monotonic() - t0
+    warm = []
+    for _ in range(9):
+        t0 = time.monotonic()
+        search(train_server, "ft", query)
+        warm.append(time.monotonic() - t0)
+    p50 = sorted(warm)[len(warm) // 2]
+    assert first <= 2 * p50, (first, warm)  # measured 1.5x under load (0.15 vs 0.10 s)
     assert after["version"] == last["version"]
     assert [h["id"] for h in after["results"]] == [h["id"] for h in before["results"]]
     for a, b in zip(after["results"], before["results"], strict=True):

@@ -195,6 +195,26 @@ def test_thin_image_and_odd_requests(server):
     assert_error(r, 400, "archive", "upload it as a file")
 
 
+def test_a_request_id_reaches_the_log_lines_of_the_internal_services(server):
+    rid = f"itest-{time.monotonic_ns()}"
+    r = requests.get(
+        f"{server.url}/fashion/similar",
+        params={"id": "no/such-item"},
+        headers={"X-Request-ID": rid},
+        timeout=30,
+    )
+    assert r.status_code == 404 and r.json()["request_id"] == rid and r.headers["x-request-id"] == rid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the index service logs the refusal; the log is flushed shortly
+        lines = [
+            line for line in server.log.read_text(errors="replace").splitlines() if f"[req {rid}]" in line
+        ]
+        if any("[service:index-fashion:" in line and "no/such-item" in line for line in lines):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no index-service log line with [req {rid}]: {lines}")
+
+
 def test_unknown_domain_everywhere(server):
     assert_error(requests.get(f"{server.url}/nope/images/0", timeout=10), 404, "unknown domain")
     assert_error(requests.get(f"{server.url}/fashion/images/99999", timeout=10), 404, "no item")

@@ -25,6 +25,7 @@ def test_error_body_unwraps_lists_validation_details_and_nested_service_bodies()
     nested = [{"error": json.dumps([{"error": "domain 'x' has no index yet"}])}]
     assert error_body(nested) == {"error": "domain 'x' has no index yet"}
     assert error_body({"ok": True}) == {"ok": True}
+    assert error_body({"detail": "Method Not Allowed"}) == {"error": "Method Not Allowed"}
 
 
 def test_refusal_accepts_only_refusals():

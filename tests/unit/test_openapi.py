@@ -66,3 +66,35 @@ def test_path_parameters_errors_and_task_shapes_are_declared():
     assert out["paths"]["/livez"]["get"]["responses"] == {"200": {}}
     assert "InvalidArgument" not in out["components"]["schemas"]
     assert SPEC["paths"]["/{domain}/search"]["post"]["responses"]["400"] is ERR  # the input is untouched
+
+
+def test_operations_the_document_dropped_are_added_and_kept_ones_win():
+    from simserver.openapi import complete
+
+    post = {"responses": {"200": {}}, "operationId": "add_items"}
+    spec = {"paths": {"/{domain}/items": {"get": {"responses": {"200": {}}, "operationId": "list"}}}}
+    ops = {"/{domain}/items": {"post": post, "get": {"responses": {}, "operationId": "bento"}}}
+    out = complete(spec, ["food"], operations=ops)
+    assert set(out["paths"]["/{domain}/items"]) == {"get", "post"}
+    assert out["paths"]["/{domain}/items"]["get"]["operationId"] == "list"
+    assert out["paths"]["/{domain}/items"]["post"]["operationId"] == "add_items"
+    assert "parameters" not in post  # the caller's operations are not modified
+
+
+def test_allowed_methods_lists_every_documented_method_of_the_most_specific_path():
+    from simserver.openapi import AllowedMethods
+
+    doc = {
+        "paths": {
+            "/{domain}/items": {"get": {}, "post": {}},
+            "/{domain}/items/delete": {"post": {}},
+            "/{domain}/items/{item_id}": {"get": {}, "delete": {}, "parameters": []},
+            "/{domain}/train/cancel": {},
+        }
+    }
+    allow = AllowedMethods(doc)
+    assert allow("/food/items") == "GET, POST"
+    assert allow("/food/items/delete") == "POST"
+    assert allow("/food/items/a/b.jpg") == "DELETE, GET"  # ids may hold slashes
+    assert allow("/food/train/cancel") is None
+    assert allow("/nowhere") is None
