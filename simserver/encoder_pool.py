@@ -66,7 +66,7 @@ class FinetunedEncoder:
             self.id, self.info = f"{info.get('id', encoder)}+int8", info
             self.dim, self.image_size = int(loaded[0].kernel.shape[1]), backbone.image_size
             self._head: Head | None = loaded[0]
-            self._backbone = backbone
+            self._backbone: Encoder | Int8Encoder | FinetunedEncoder | None = backbone
             self._truth: Encoder | None = None
             self.runtime = f"{backbone.runtime}+head"
             logger.info("loaded fine-tuned encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime)

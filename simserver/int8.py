@@ -171,4 +171,3 @@ class Int8Encoder:
         if len(images) == 0:
             return np.zeros((0, self.dim), np.float32)
         return metrics.l2_normalize(self._tflite(images.astype(np.float32) / 255.0))
-

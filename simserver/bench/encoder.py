@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import os
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
 from simserver.bench.common import DEMO_DOMAINS, bench_environment, rate
+from simserver.bench.int8 import runtime_row, trained_decisions
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +35,16 @@ def domain_runtimes(domains: tuple[str, ...] = DEMO_DOMAINS) -> dict[str, dict |
     for d in domains:
         version = repo.current_version(d)
         meta = repo.load(d, version).meta if version else {}
-        r = meta.get("runtime")
-        out[d] = r and {
-            "version": version,
-            "serving_encoder": meta.get("encoder"),
-            **{k: r.get(k) for k in ("runtime", "recall_at_1_loss", "recall_at_1_loss_ci", "map_at_r_loss")},
-            "holdout_queries": (r.get("int8") or {}).get("queries"),
-            "int8_max_loss": r.get("int8_max_loss"),
-        }
+        out[d] = {"version": version, **runtime_row(meta)} if meta.get("runtime") else None
     return out
 
 
-def encoder_figures(seconds: float = 8.0, domains: tuple[str, ...] = DEMO_DOMAINS) -> dict:
+def encoder_figures(
+    seconds: float = 8.0, domains: tuple[str, ...] = DEMO_DOMAINS, data: list[Path] | None = None
+) -> dict:
     """img/s per runtime and batch size (``{"savedmodel": {"batch_1": …, "batch_32": …}, …}``), the
-    served int8 over the raw float32 TFLite ratio, the load average and the domains' decisions."""
+    served int8 over the raw float32 TFLite ratio, the load average, the bundled domains' decisions
+    and, per ``data`` folder, the decision of a real training (:mod:`simserver.bench.int8`)."""
     bench_environment()
     from simserver.encoder import TFLITE_FILE, Encoder, TFLiteInterpreter, builtin_model_path
     from simserver.encoder_pool import EncoderPool
@@ -82,4 +80,6 @@ def encoder_figures(seconds: float = 8.0, domains: tuple[str, ...] = DEMO_DOMAIN
         "after": [round(v, 2) for v in os.getloadavg()],
     }
     out["domains"] = domain_runtimes(domains)
+    if data:
+        out["data"] = trained_decisions(data)
     return out

@@ -107,7 +107,10 @@ def test_training_serves_int8_only_within_the_limit_and_never_mixes(repo, levels
     rt = report.meta["runtime"]
     meta = json.loads(repo.store.get(f"domains/shop/versions/{report.version}/meta.json"))
     assert meta["runtime"] == rt == report.as_json()["runtime"]
-    assert rt["float32"]["queries"] == rt["int8"]["queries"] == 2 and set(rt["img_per_s"]) == {"float32", "int8"}
+    assert rt["float32"]["queries"] == rt["int8"]["queries"] == 2 and set(rt["img_per_s"]) == {
+        "float32",
+        "int8",
+    }
     items, vectors = repo.load("shop", report.version).live()
     samples = {s.name: s for s in _dataset().samples}
     images = np.stack([samples[it.name].pixels for it in items])
