@@ -52,3 +52,22 @@ def test_int8_self_check_refuses_a_model_that_does_not_match_its_reference(int8,
     np.save(tmp_path / REFERENCE_FILE, reference[::-1])  # another image's outputs
     with pytest.raises(ValueError, match="int8 TFLite output differs"):
         Int8Encoder("builtin", "x", tmp_path / "saved_model", builtin=True, threads=1)
+
+
+def test_a_fine_tuned_encoders_int8_runtime_is_its_int8_backbone_and_float32_head(builtin_tag, tmp_path):
+    from simserver.encoder_pool import EncoderPool
+    from simserver.finetune import Head
+    from simserver.metrics import l2_normalize
+    from simserver.store import LocalStore
+
+    pool = EncoderPool(cache_dir=tmp_path / "cache", store=LocalStore(tmp_path / "store"))
+    rng = np.random.default_rng(0)
+    head = Head(rng.normal(size=(1280, 16)).astype(np.float32), rng.normal(size=16).astype(np.float32))
+    encoder = pool.export("builtin", head, "domains/d/versions/v1/encoder.tar", {"id": "ft:d/v1"})
+    int8 = pool.get(f"int8:{encoder}")
+    assert int8.runtime == "tflite-int8+head" and int8.id == "ft:d/v1+int8" and int8.dim == 16
+    images = _demo_pixels(6)
+    expected = l2_normalize(head.apply(pool.get("int8:builtin").encode(images)))
+    assert np.allclose(int8.encode(images), expected, atol=1e-5)
+    # Not the float32 encoder's vectors: the version's runtime is part of the encoder's name.
+    assert not np.allclose(pool.get(encoder).encode(images), expected, atol=1e-3)
