@@ -123,7 +123,7 @@ def hit_flips(float32: RetrievalResult, int8: RetrievalResult) -> tuple[int, int
 
 
 # -- at a training: build, evaluate, decide ---------------------------------------------------------
-SPEED_BATCH = 16  # images each runtime encodes (twice) to report its speed in the training
+SPEED_BATCH = 8  # images each runtime encodes (twice) to report its speed in the training
 
 
 def _img_per_s(encode: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> float:
