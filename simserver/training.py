@@ -51,6 +51,7 @@ from simserver.evaluation import (
 from simserver.finetune import Head, TrainingConfig
 from simserver.ingest import Dataset, Sample, check_unique_ids
 from simserver.repository import Repository, new_version_id
+from simserver.runtime_choice import served_runtime
 from simserver.store import LocalStore
 
 logger = logging.getLogger(__name__)
@@ -536,8 +537,6 @@ def train_domain(
     )
     outcome.seconds = {"encode": encode_seconds, **outcome.seconds}
     served = promote(cfg, version, outcome, features, backend)
-    from simserver.runtime_choice import served_runtime  # it needs this module's types
-
     served, features, runtime = served_runtime(
         cfg, dataset.samples, outcome, served, features, backend, cache, batch_size
     )
