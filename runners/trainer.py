@@ -45,6 +45,10 @@ class EncoderServiceBackend:
     def encode(self, images: np.ndarray) -> np.ndarray:
         return self.client.encode(images=images, encoder=self.encoder)
 
+    def encode_with(self, images: np.ndarray, encoder: str) -> np.ndarray:
+        """Another encoder's vectors (the int8 runtime's, :mod:`simserver.runtime_choice`)."""
+        return self.client.encode(images=images, encoder=encoder)
+
     def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
         packed = self.client.train_head(features=features, labels=labels, config=config.model_dump())
         return Head.unpack(packed)

@@ -14,6 +14,7 @@ from simserver.index_choice import IndexPolicy
 from simserver.metrics import Metric
 from simserver.preprocess import DEFAULT_MAX_DECODED_BYTES
 from simserver.relevance import RelevanceConfig
+from simserver.runtime_choice import EncoderRuntimeConfig
 from simserver.settings import PROJECT_ROOT
 
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -73,6 +74,7 @@ class DomainConfig(BaseModel):
     relevance: RelevanceConfig = RelevanceConfig()
     catalog: CatalogPolicy = CatalogPolicy()
     versions: VersionsConfig = VersionsConfig()
+    encoder_runtime: EncoderRuntimeConfig = EncoderRuntimeConfig()
 
     @field_validator("name")
     @classmethod

@@ -75,6 +75,10 @@ def build_builtin(model_name: str, force: bool = False) -> str:
     ) as model:
         export_saved_model(model.path_of(SAVED_MODEL_DIR))
         Path(model.path_of(TFLITE_FILE)).write_bytes(convert_tflite(Path(model.path_of(SAVED_MODEL_DIR))))
+        from simserver.int8 import write_builtin_int8  # it imports this module
+
+        # Built once here and shared by every domain serving the built-in encoder in int8.
+        write_builtin_int8(Path(model.path), Path(model.path_of(SAVED_MODEL_DIR)))
     logger.info("built-in encoder saved as %s", model.tag)
     return str(model.tag)
 

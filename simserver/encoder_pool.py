@@ -29,6 +29,7 @@ import numpy as np
 
 from simserver.encoder import Encoder, check_reproduces, probe_images
 from simserver.finetune import Head, TrainingConfig, export_finetuned, load_head, train_head, write_head_files
+from simserver.int8 import Int8Encoder, float_name, int8_name, is_int8
 from simserver.store import ArtifactStore
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ ENCODER_KEY = re.compile(r"^domains/[a-z0-9][a-z0-9-]{0,62}/versions/[A-Za-z0-9-
 
 
 def is_store_encoder(encoder: str) -> bool:
-    return encoder.startswith(STORE_PREFIX)
+    return float_name(encoder).startswith(STORE_PREFIX)
 
 
 class FinetunedEncoder:
@@ -50,20 +51,34 @@ class FinetunedEncoder:
         self,
         folder: Path,
         encoder: str,
-        backbone: Encoder | FinetunedEncoder | None,
+        backbone: Encoder | Int8Encoder | FinetunedEncoder | None,
         loaded: tuple[Head, dict] | None,
     ) -> None:
         """``loaded``: :func:`load_head` of ``folder`` (None for a SavedModel without a head file)."""
         info = loaded[1] if loaded else {}
         self.name = encoder
+        if isinstance(backbone, Int8Encoder):
+            # The int8 runtime of a fine-tuned encoder: int8 backbone (checked against its own
+            # reference at its load) + the float32 head; it cannot reproduce the SavedModel to
+            # 0.999, which is why a training chose it on the hold-out instead.
+            if loaded is None:
+                raise ValueError(f"encoder {encoder}: no head file, so no int8 runtime")
+            self.id, self.info = f"{info.get('id', encoder)}+int8", info
+            self.dim, self.image_size = int(loaded[0].kernel.shape[1]), backbone.image_size
+            self._head: Head | None = loaded[0]
+            self._backbone: Encoder | Int8Encoder | FinetunedEncoder | None = backbone
+            self._truth: Encoder | None = None
+            self.runtime = f"{backbone.runtime}+head"
+            logger.info("loaded fine-tuned encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime)
+            return
         truth = Encoder(str(folder / "saved_model"), runtime="savedmodel", encoder_id=info.get("id", encoder))
         self.id = truth.id
         self.dim = truth.dim
         self.image_size = truth.image_size
         self.info = info
-        self._head: Head | None = None
+        self._head = None
         self._backbone = backbone
-        self._truth: Encoder | None = truth
+        self._truth = truth
         self.runtime = "savedmodel"
         if loaded and backbone is not None and backbone.runtime != "savedmodel":
             head = loaded[0]
@@ -115,7 +130,7 @@ class EncoderPool:
         self.store = store
         self.max_finetuned = max_finetuned
         self.threads = threads
-        self._base: dict[str, Encoder] = {}
+        self._base: dict[str, Encoder | Int8Encoder] = {}
         self._finetuned: OrderedDict[str, FinetunedEncoder] = OrderedDict()
         self._templates: dict[tuple, _Template] = {}
         self._lock = threading.Lock()  # guards the dicts only, never held while loading
@@ -134,7 +149,7 @@ class EncoderPool:
             threads=settings.encoder_threads,
         )
 
-    def get(self, encoder: str) -> Encoder | FinetunedEncoder:
+    def get(self, encoder: str) -> Encoder | Int8Encoder | FinetunedEncoder:
         """The loaded encoder for ``encoder``, loading it on first use. A load takes seconds; it
         holds only that encoder's lock, so encoding with the other encoders goes on meanwhile."""
         enc = self._cached(encoder)
@@ -148,6 +163,8 @@ class EncoderPool:
                 return enc
             if is_store_encoder(encoder):
                 enc = self._load_finetuned(encoder)
+            elif is_int8(encoder):
+                enc = self._load_int8(encoder)
             else:
                 enc = Encoder(
                     encoder,
@@ -173,7 +190,7 @@ class EncoderPool:
             base = dict(self._base)
         return {encoder: st for encoder, enc in base.items() if (st := enc.batch_stats()) is not None}
 
-    def _cached(self, encoder: str) -> Encoder | FinetunedEncoder | None:
+    def _cached(self, encoder: str) -> Encoder | Int8Encoder | FinetunedEncoder | None:
         with self._lock:
             if is_store_encoder(encoder):
                 enc = self._finetuned.get(encoder)
@@ -187,12 +204,35 @@ class EncoderPool:
         where = f"{self.store.uri if self.store else ''}|{encoder}"  # one cache may serve several stores
         return self.cache_dir / "encoders" / hashlib.sha256(where.encode()).hexdigest()[:24]
 
+    def _load_int8(self, encoder: str) -> Int8Encoder:
+        """``int8:<base encoder>`` (see :mod:`simserver.int8`)."""
+        from simserver.domain_config import BUILTIN
+        from simserver.encoder import builtin_model_path
+
+        base = float_name(encoder)
+        float32 = self.get(base)  # its id, and the SavedModel is loaded and checked
+        if base == BUILTIN:
+            local = builtin_model_path(self.builtin_model)[1]
+        else:
+            import tensorflow_hub as hub
+
+            local = Path(base) if Path(base).is_dir() else Path(hub.resolve(base))
+        return Int8Encoder(
+            base,
+            float32.id,
+            local,
+            builtin=base == BUILTIN,
+            cache_dir=self.cache_dir,
+            threads=self.threads or getattr(float32, "threads", 1),
+            image_size=float32.image_size,
+        )
+
     def _load_finetuned(self, encoder: str) -> FinetunedEncoder:
-        folder = self._local_folder(encoder)
+        folder = self._local_folder(float_name(encoder))  # its int8 runtime shares the download
         if not folder.is_dir():
             if self.store is None:
                 raise ValueError(f"encoder {encoder}: no artifact store to load it from")
-            data = self.store.get(encoder[len(STORE_PREFIX) :])
+            data = self.store.get(float_name(encoder)[len(STORE_PREFIX) :])
             folder.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
             try:
@@ -204,7 +244,12 @@ class EncoderPool:
                 if not folder.is_dir():  # another thread or process won the race: fine
                     raise
         loaded = load_head(folder)
-        backbone = self.get(loaded[1]["backbone"]) if loaded else None
+        backbone_name = loaded[1]["backbone"] if loaded else None
+        if backbone_name is not None and is_int8(encoder):
+            backbone_name = int8_name(backbone_name)
+        elif is_int8(encoder):
+            raise ValueError(f"encoder {encoder}: no head file, so no int8 runtime")
+        backbone = self.get(backbone_name) if backbone_name else None
         return FinetunedEncoder(folder, encoder, backbone, loaded)
 
     def export(self, backbone: str, head: Head, key: str, info: dict) -> str:
@@ -283,6 +328,9 @@ class LocalBackend:
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         return self.pool.get(self.encoder).encode(images)
+
+    def encode_with(self, images: np.ndarray, encoder: str) -> np.ndarray:
+        return self.pool.get(encoder).encode(images)
 
     def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
         return train_head(features, labels, config)

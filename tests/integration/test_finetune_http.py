@@ -51,6 +51,22 @@ def train_mode(server, archive: bytes, mode: str | None, domain: str = "ft") -> 
     return wait_task(server, r.json()["task_id"], domain=domain)
 
 
+def check_runtime(reply: dict, float32_encoder: str) -> str:
+    """The train result's runtime block is consistent with its evaluation and its encoder; returns
+    the runtime (float32 or int8: which one the hold-out picks is the data's business)."""
+    rt, ev = reply["runtime"], reply["evaluation"]
+    served = ev["finetuned"] if ev["promoted"] else ev["pretrained"]
+    assert rt["float32"]["recall_at_1"] == served["recall_at_1"]  # the same hold-out, the same vectors
+    assert rt["float32"]["queries"] == rt["int8"]["queries"] == ev["holdout_images"]
+    loss, (lo, hi) = rt["recall_at_1_loss"], rt["recall_at_1_loss_ci"]
+    assert abs(rt["float32"]["recall_at_1"] - rt["int8"]["recall_at_1"] - loss) < 1e-3 and lo <= loss <= hi
+    assert rt["img_per_s"]["float32"] > 0 and rt["img_per_s"]["int8"] > 0
+    within = hi <= rt["int8_max_loss"] + 1e-6 and rt["map_at_r_loss"] <= rt["int8_max_loss"] + 1e-6
+    assert rt["runtime"] == ("int8" if within else "float32"), rt
+    assert reply["encoder"] == (f"int8:{float32_encoder}" if within else float32_encoder)
+    return rt["runtime"]
+
+
 def test_bad_mode_and_degenerate_data(train_server):
     files = _fashion_zip()
     # A bad mode is refused by /submit itself (BentoML would store the task and fail it later).
@@ -64,13 +80,16 @@ def test_bad_mode_and_degenerate_data(train_server):
     status, r = train_mode(train_server, make_zip(one_class), "auto")
     assert status == "completed", r.text
     ev = r.json()["evaluation"]
-    assert ev["promoted"] is False and "one category" in ev["reason"] and r.json()["encoder"] == "builtin"
+    assert ev["promoted"] is False and "one category" in ev["reason"]
+    check_runtime(r.json(), "builtin")
 
     singles = {f"{c}/google.png": files[f"{c}/google.png"] for c in CLASSES[:4]}
     status, r = train_mode(train_server, make_zip(singles), "auto")
     assert status == "completed", r.text
     ev = r.json()["evaluation"]
     assert ev["promoted"] is False and "hold-out" in ev["reason"] and ev["pretrained"] is None
+    rt = r.json()["runtime"]  # nothing to evaluate int8 on
+    assert rt["runtime"] == "float32" and "no hold-out" in rt["reason"] and r.json()["encoder"] == "builtin"
 
 
 def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, tmp_path):
@@ -86,7 +105,7 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
     ev = pre["evaluation"]
     assert ev["mode"] == "pretrained" and ev["promoted"] is False and ev["finetuned"] is None
     assert 0 <= ev["pretrained"]["recall_at_1"] <= 1 and ev["pretrained"]["queries"] == len(CLASSES)
-    assert pre["encoder"] == "builtin"
+    check_runtime(pre, "builtin")
     hits = search(train_server, "ft", query).json()
     assert hits["version"] == pre["version"] and hits["results"][0]["name"] == query_name
 
@@ -96,13 +115,14 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
     ft = r.json()
     ev = ft["evaluation"]
     assert ev["promoted"] is True and ev["finetuned"] is not None and ev["augmented_views"] > 0
-    assert ft["encoder"].startswith("store:domains/ft/versions/" + ft["version"])
+    check_runtime(ft, f"store:domains/ft/versions/{ft['version']}/encoder.tar")
     assert ev["pretrained"]["recall_at_1"] == pre["evaluation"]["pretrained"]["recall_at_1"]
     hits = search(train_server, "ft", query).json()
     assert hits["version"] == ft["version"]
     assert hits["results"][0]["name"] == query_name and hits["results"][0]["score"] > 0.999
     listed = {d["name"]: d for d in requests.get(f"{train_server.url}/domains", timeout=10).json()}["ft"]
     assert listed["serving_encoder"] == ft["encoder"] and listed["evaluation"]["promoted"] is True
+    assert listed["runtime"] == ft["runtime"]
 
     # auto: the decision follows the numbers.
     status, r = train_mode(train_server, archive, None)
@@ -154,10 +174,12 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
     store = LocalStore(Path(train_server.env["STORE_URI"].removeprefix("file://")))
     version = new_version_id()
     key = f"domains/ft/versions/{version}/encoder.tar"
-    store.put(key, store.get(last["encoder"].removeprefix("store:")))
-    # The same segments under a new manifest that names the copied encoder, then the pointer.
+    old_key = f"domains/ft/versions/{last['version']}/encoder.tar"
+    store.put(key, store.get(old_key))
+    # The same segments under a new manifest that names the copied encoder (in the same runtime),
+    # then the pointer.
     manifest = json.loads(store.get(f"domains/ft/versions/{last['version']}/meta.json"))
-    manifest.update(version=version, encoder=f"store:{key}")
+    manifest.update(version=version, encoder=last["encoder"].replace(old_key, key))
     store.put(f"domains/ft/versions/{version}/meta.json", json.dumps(manifest).encode())
     store.put("domains/ft/CURRENT", json.dumps({"version": version}).encode())
     deadline = time.monotonic() + 120
@@ -166,7 +188,7 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
         if listed["ft"]["version"] == version:
             break
         time.sleep(0.2)
-    assert listed["ft"]["serving_encoder"] == f"store:{key}"
+    assert listed["ft"]["serving_encoder"] == last["encoder"].replace(old_key, key)
     t0 = time.monotonic()
     swapped = search(train_server, "ft", query).json()
     assert time.monotonic() - t0 < 3.0
