@@ -21,6 +21,7 @@ from simserver.encoder import IMAGE_SIZE
 from simserver.errors import Conflict, RequestRefused, UnknownDomain
 from simserver.finetune import Head, TrainingConfig, TrainingMode
 from simserver.ingest import read_zip
+from simserver.progress import tracker_for, zip_entries
 from simserver.repository import Repository
 from simserver.schemas import TrainReply
 from simserver.settings import get_settings
@@ -92,7 +93,12 @@ class TrainerService:
 
     @bentoml.api
     async def train(
-        self, domain: str, archive: bytes, mode: TrainingMode | None = None, catalog: str | None = None
+        self,
+        domain: str,
+        archive: bytes,
+        mode: TrainingMode | None = None,
+        catalog: str | None = None,
+        task_id: str | None = None,
     ) -> TrainReply:
         """Fine-tune, evaluate, calibrate and publish a zip of ``<category>/<image>`` as the
         domain's new version; the previous one serves until the pointer moves."""
@@ -101,15 +107,25 @@ class TrainerService:
         # it. An abandoned training may still publish (the pointer is written last, so a version
         # is whole or absent) before the process exits.
         return await anyio.to_thread.run_sync(
-            self._train, domain, archive, mode, catalog, abandon_on_cancel=True
+            self._train, domain, archive, mode, catalog, task_id, abandon_on_cancel=True
         )
 
     def _train(
-        self, domain: str, archive: bytes, mode: TrainingMode | None, catalog: str | None = None
+        self,
+        domain: str,
+        archive: bytes,
+        mode: TrainingMode | None,
+        catalog: str | None = None,
+        task_id: str | None = None,
     ) -> TrainReply:
         cfg = self._claim(domain)
+        # GET /{domain}/train/progress reads it from the store, on any replica.
+        tracker = tracker_for(self.repo.store, task_id)
+        advance, stage = (tracker.advance, tracker.stage) if tracker else (None, None)
         try:
-            dataset = read_zip(archive, cfg.limits, IMAGE_SIZE)
+            if stage:
+                stage("reading", zip_entries(archive))
+            dataset = read_zip(archive, cfg.limits, IMAGE_SIZE, progress=advance)
             if catalog == "merge":
                 dataset = merge_catalog(self.repo, cfg, dataset, IMAGE_SIZE)
             elif catalog not in (None, "replace"):
@@ -123,6 +139,8 @@ class TrainerService:
                 mode=mode,
                 cache=FeatureCache(self.settings.store_cache_dir, encoder_id),
                 batch_size=self.settings.encode_batch_size,
+                progress=advance,
+                stage=stage,
             )
             return report.reply()
         finally:

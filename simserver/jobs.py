@@ -39,6 +39,13 @@ HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
 
 
+def checked_task_id(task_id: str) -> str:
+    """``task_id`` if it can name a store object (BentoML's ids can), else ValueError."""
+    if not _TASK_ID.match(task_id):
+        raise ValueError(f"invalid task id {task_id!r}")
+    return task_id
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -66,9 +73,7 @@ class JobRecords:
 
     @staticmethod
     def _key(task_id: str) -> str:
-        if not _TASK_ID.match(task_id):
-            raise ValueError(f"invalid task id {task_id!r}")
-        return f"jobs/{task_id}.json"
+        return f"jobs/{checked_task_id(task_id)}.json"
 
     def _write(self, task_id: str, record: dict[str, Any]) -> None:
         try:

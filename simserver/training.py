@@ -56,6 +56,8 @@ from simserver.store import LocalStore
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+# stage(name, total): a training entering a stage (simserver.progress.STAGES) of ``total`` images.
+Stage = Callable[[str, int], None]
 
 
 class Backend(Protocol):
@@ -238,6 +240,7 @@ def fit_and_evaluate(
     batch_size: int = 32,
     progress: Progress | None = None,
     pretrained_vectors: np.ndarray | None = None,
+    stage: Stage | None = None,
 ) -> Outcome:
     """Split, evaluate the pretrained embedding, fine-tune (unless told not to), decide.
 
@@ -296,6 +299,8 @@ def fit_and_evaluate(
     t0 = time.perf_counter()
     head = backend.train_head(x, y.tolist(), config)
     out.seconds["head"] = time.perf_counter() - t0
+    if stage:
+        stage("evaluating", 0)
     out.head = head
     out.finetuned = evaluate(head.apply(features))
     rule = config.promotion
@@ -508,6 +513,7 @@ def train_domain(
     batch_size: int = 32,
     progress: Progress | None = None,
     started: float | None = None,
+    stage: Stage | None = None,
 ) -> BuildReport:
     """Publish a new version of ``cfg.name`` from ``dataset`` (already read); see the module
     docstring. The stages, in order: check, features, split + fit + evaluate (one decision),
@@ -516,9 +522,12 @@ def train_domain(
     check_dataset(cfg, dataset)
     previous = repo.current_version(cfg.name)
     version = new_version_id()
+    at = stage or (lambda name, total: None)
+    at("encoding", len(dataset.samples))
     t = time.perf_counter()
     features = backbone_features(dataset.samples, backend, cache, batch_size, progress)
     encode_seconds = time.perf_counter() - t
+    at("training", 0)
     outcome = fit_and_evaluate(
         dataset.samples,
         features,
@@ -528,7 +537,9 @@ def train_domain(
         cache,
         batch_size,
         progress,
+        stage=stage,
     )
+    at("evaluating", 0)
     outcome.seconds = {"encode": encode_seconds, **outcome.seconds}
     served = promote(cfg, version, outcome, features, backend)
     labels = np.asarray([s.label for s in dataset.samples])
@@ -548,6 +559,7 @@ def train_domain(
         )
     calibrations = calibrate_all(CalibrationData(cfg, outcome.split, served.vectors, labels, parts))
     logger.info("domain %s: %s", cfg.name, outcome.reason)
+    at("indexing", 0)
     return publish_version(
         repo,
         cfg.name,
@@ -561,4 +573,5 @@ def train_domain(
         previous=previous,
         extra_meta={"evaluation": {**outcome.evaluation(), "pair": calibrations.get("pair")}, **calibrations},
         started=t0,
+        stage=stage,
     )

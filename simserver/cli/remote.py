@@ -23,6 +23,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
+from simserver.cli.progress import StageBars
 from simserver.client import DEFAULT_URL, Client, SimserverError, StoredImage, TaskStatus
 from simserver.finetune import TrainingMode
 
@@ -198,14 +199,16 @@ def _train(client: Client, args: argparse.Namespace) -> Any:
             sys.stderr.flush()
             last[:] = [status.status]
 
-    return domain.train(
-        args.archive,
-        mode=args.mode,
-        progress=progress,
-        poll=args.poll,
-        timeout=args.timeout,
-        catalog=args.catalog,
-    )
+    with StageBars(args.domain, enabled=not args.quiet) as bars:
+        return domain.train(
+            args.archive,
+            mode=args.mode,
+            progress=progress,
+            poll=args.poll,
+            timeout=args.timeout,
+            catalog=args.catalog,
+            stages=bars.update,
+        )
 
 
 def _train_status(client: Client, args: argparse.Namespace) -> Any:
