@@ -9,8 +9,11 @@ tests skip, saying how to install it; with ``SIMSERVER_REQUIRE_BROWSER=1`` (CI) 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -137,6 +140,10 @@ def test_corrupt_upload_shows_the_servers_message(page, server):
     box = page.wait_for_selector("form .error:not([hidden])")
     assert r.json()["error"] in box.text_content() and box.text_content().startswith("400")
     shot(page, "search-error")
+    # Readable on a phone: at 390 px nothing is wider than the window (no sideways scrolling).
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert page.is_visible("#search-button") and page.is_visible("form .error")
 
 
 def test_supplier_check(page, server):
@@ -205,6 +212,39 @@ def test_train_progress_route(server):
     refused("/nowhere/train/progress", {"task_id": task_id}, 404, "unknown domain")
     refused("/scratch/train/progress", {"task_id": "../../etc"}, 400, "not a task id")
     refused("/scratch/train/progress", {}, 400, "task_id")
+    cli = subprocess.run(
+        [sys.executable, "-m", "simserver.cli", "train-progress", "scratch", task_id, "--url", server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0 and json.loads(cli.stdout)["stage"] == "done", cli.stderr
+
+
+def test_client_and_cli_follow_the_progress(server, tmp_path):
+    from simserver.client import Client, NotFound
+
+    polled: list[str] = []
+    with Client(server.url) as client:
+        scratch = client.domain("scratch")
+        reply = scratch.train(
+            tiny_zip(), mode="pretrained", poll=0.2, stages=lambda p: polled.append(p.stage)
+        )
+        assert polled[-1] == "done" and reply.indexed == len(TINY_SET)
+        with pytest.raises(NotFound, match="unknown task"):
+            scratch.training_progress("no-such-task")
+    archive = tmp_path / "tiny.zip"
+    archive.write_bytes(tiny_zip())
+    cli = subprocess.run(
+        [sys.executable, "-m", "simserver.cli", "train", "scratch", str(archive), "--mode", "pretrained"]
+        + ["--url", server.url, "--poll", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["indexed"] == len(TINY_SET)
+    assert "scratch: done" in cli.stderr  # the last stage's bar
 
 
 def test_training_with_live_progress_then_rollback(page, server):
@@ -250,3 +290,19 @@ def test_training_with_live_progress_then_rollback(page, server):
     page.wait_for_selector("#results .card")
     assert card_ids(page)[0] == first and "extra-drink" not in card_ids(page)
     shot(page, "rollback-search")
+
+
+def test_catalog_browse_and_delete(page, server):
+    open_page(page, "catalog", "scratch")
+    page.wait_for_selector("#catalog-grid .card")
+    listed = requests.get(f"{server.url}/scratch/items", params={"limit": 24}, timeout=10).json()
+    assert card_ids(page, "#catalog-grid .card") == [i["id"] for i in listed["items"]]
+    page.select_option("#catalog-label", "boot")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#catalog-grid .label')].every(e => e.textContent === 'boot')"
+    )
+    victim = card_ids(page, "#catalog-grid .card")[0]
+    page.click(f"#catalog-grid .card[data-id='{victim}'] button.danger")  # confirmed by the dialog handler
+    page.wait_for_function(f"!document.querySelector(\"#catalog-grid .card[data-id='{victim}']\")")
+    assert requests.get(f"{server.url}/scratch/items/{victim}", timeout=10).status_code == 404
+    shot(page, "catalog")
