@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import anyio
 import bentoml
@@ -30,6 +32,20 @@ from simserver.sweep import sweep
 from simserver.training import FeatureCache, merge_catalog, train_domain
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def once_more_if_reset(call: Callable[[], T]) -> T:
+    """``call()``, and once more if its connection was reset: the encoder's server closes a
+    keep-alive connection idle for 5 s, and a call that picks it up at that moment gets a reset
+    (seen when a training starts ~5 s after the previous one). Idempotent calls only."""
+    import aiohttp
+
+    try:
+        return call()
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        logger.info("encoder call: %r on a reused connection; once more", exc)
+        return call()
 
 
 class EncoderServiceBackend:
@@ -43,7 +59,7 @@ class EncoderServiceBackend:
         self.encoder_id = encoder_id
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        return self.client.encode(images=images, encoder=self.encoder)
+        return once_more_if_reset(lambda: self.client.encode(images=images, encoder=self.encoder))
 
     def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
         packed = self.client.train_head(features=features, labels=labels, config=config.model_dump())
@@ -130,7 +146,7 @@ class TrainerService:
                 dataset = merge_catalog(self.repo, cfg, dataset, IMAGE_SIZE)
             elif catalog not in (None, "replace"):
                 raise RequestRefused(f"catalog: {catalog!r} is not one of replace, merge")
-            encoder_id = self.encoder.describe(encoder=cfg.encoder).id
+            encoder_id = once_more_if_reset(lambda: self.encoder.describe(encoder=cfg.encoder)).id
             report = train_domain(
                 self.repo,
                 cfg,

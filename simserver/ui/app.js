@@ -255,6 +255,7 @@ const UI = (() => {
     key.addEventListener("change", () => {
       if (key.value) sessionStorage.setItem(KEY, key.value);
       else sessionStorage.removeItem(KEY);
+      show(); // a server whose searches need the key refused everything before it
     });
     const select = document.getElementById("domain");
     select.addEventListener("change", () => {
@@ -262,6 +263,12 @@ const UI = (() => {
       sessionStorage.setItem("simserver.domain", state.domain);
       render();
     });
+    window.addEventListener("hashchange", render);
+    await show();
+  }
+
+  /** The domains, then the page; an error (the server down, a key needed) shown instead. */
+  async function show() {
     try {
       await loadDomains();
     } catch (e) {
@@ -270,7 +277,6 @@ const UI = (() => {
       showError(box, e);
       return;
     }
-    window.addEventListener("hashchange", render);
     await render();
   }
 

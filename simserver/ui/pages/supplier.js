@@ -17,11 +17,15 @@ UI.page({
     async function check() {
       if (!files.length) throw new Error("choose the site's images first");
       const form = new FormData();
+      const sent = new Map(); // the name each file is sent under -> the file (the reply names them)
       for (const f of files) {
         const zip = f.name.toLowerCase().endsWith(".zip");
-        form.append(zip ? "archive" : "images", f, f.name);
+        let name = f.name;
+        for (let n = 2; sent.has(name); n++) name = f.name.replace(/(\.[^.]*)?$/, ` (${n})$1`);
+        sent.set(name, f);
+        form.append(zip ? "archive" : "images", f, name);
       }
-      show(await api("POST", path("relevance"), { form }), files);
+      show(await api("POST", path("relevance"), { form }), sent);
     }
     const form = UI.form(
       go,
@@ -31,8 +35,7 @@ UI.page({
     );
     main.append(form, verdict, images);
 
-    function show(r, sent) {
-      const local = new Map(sent.map((f) => [f.name, f]));
+    function show(r, local) {
       verdict.className = r.relevant ? "verdict yes" : "verdict no";
       verdict.replaceChildren(
         h("h3", {}, r.relevant ? `Relevant: this site sells ${r.target}` : `Not relevant: no sign of ${r.target}`),
