@@ -24,14 +24,15 @@ from runners import die_with_server
 from runners.domain_index import make_domain_service
 from runners.encoder import EncoderService
 from runners.trainer import TrainerService
-from simserver import metrics, request_ids
+from simserver import metrics, request_ids, ui
 from simserver.asgi import GatewayMiddleware, harden_multipart
 from simserver.domain_config import BUILTIN, DomainConfig, Limits, load_domains
 from simserver.errors import RequestRefused, UnknownDomain
 from simserver.filters import parse_filter
 from simserver.http_errors import Remote, json_refusals, known_query_only, quiet_refusals
-from simserver.jobs import JobRecords
+from simserver.jobs import TASK_ID_PATTERN, JobRecords
 from simserver.openapi import api_operations
+from simserver.progress import training_progress
 from simserver.repository import Repository
 from simserver.schemas import (
     CatalogMode,
@@ -50,6 +51,7 @@ from simserver.schemas import (
     SimilarityReply,
     SiteThreshold,
     TopK,
+    TrainProgress,
     TrainReply,
     VersionInfo,
 )
@@ -180,11 +182,12 @@ class ImageSimilarity:
         """Fine-tune, evaluate and index a zip of ``<category>/<image>`` (+ optional metadata.csv)
         as the domain's new version."""
         cfg = domain_of(ctx)
+        task_id = getattr(ctx.request.state, "task_id", None)
 
         async def work() -> TrainReply:
             data = await read_upload_async(archive, cfg.limits, "archive")
             reply = await self.training.to_async.train(
-                domain=cfg.name, archive=data, mode=mode, catalog=catalog
+                domain=cfg.name, archive=data, mode=mode, catalog=catalog, task_id=task_id
             )
             try:  # published already; the index service's poller would pick it up in seconds
                 await self.indexes[cfg.name].to_async.reload()
@@ -192,7 +195,7 @@ class ImageSimilarity:
                 logger.exception("domain %s: reload after publish failed", cfg.name)
             return reply
 
-        return await self.jobs.run(getattr(ctx.request.state, "task_id", None), cfg.name, work)
+        return await self.jobs.run(task_id, cfg.name, work)
 
     @bentoml.api(route="/{domain}/relevance")
     async def relevance(
@@ -425,3 +428,22 @@ async def get_image(domain: str, item_id: str, version: str | None = None) -> Re
             "X-Index-Version": item.version,
         },
     )
+
+
+# -- a training's progress, and the web interface (/ui) ------------------------------------------------
+@http_app.get(
+    "/{domain}/train/progress",
+    response_model=TrainProgress,
+    summary="A training's stage, images done / total, seconds and ETA",
+    responses={**_E400, 404: {"description": "unknown domain or task"}},
+)
+async def train_progress(
+    domain: str, task_id: str = Query(..., pattern=TASK_ID_PATTERN, description="from /train/submit")
+) -> TrainProgress:
+    """From the artifact store, so any replica answers (the trainer writes it as it goes)."""
+    _index(domain)
+    reply = await anyio.to_thread.run_sync(training_progress, artifact_store(), domain, task_id)
+    return TrainProgress(**reply)
+
+
+ui.mount(http_app)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import anyio
 import bentoml
@@ -22,6 +24,7 @@ from simserver.encoder import IMAGE_SIZE
 from simserver.errors import Conflict, RequestRefused, UnknownDomain
 from simserver.finetune import Head, TrainingConfig, TrainingMode
 from simserver.ingest import read_zip
+from simserver.progress import tracker_for, zip_entries
 from simserver.repository import Repository
 from simserver.schemas import TrainReply
 from simserver.settings import get_settings
@@ -30,6 +33,20 @@ from simserver.sweep import sweep
 from simserver.training import FeatureCache, merge_catalog, train_domain
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def once_more_if_reset(call: Callable[[], T]) -> T:
+    """``call()``, and once more if its connection was reset: the encoder's server closes a
+    keep-alive connection idle for 5 s, and a call that picks it up at that moment gets a reset
+    (seen when a training starts ~5 s after the previous one). Idempotent calls only."""
+    import aiohttp
+
+    try:
+        return call()
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        logger.info("encoder call: %r on a reused connection; once more", exc)
+        return call()
 
 
 class EncoderServiceBackend:
@@ -43,11 +60,11 @@ class EncoderServiceBackend:
         self.encoder_id = encoder_id
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        return self.client.encode(images=images, encoder=self.encoder)
+        return once_more_if_reset(lambda: self.client.encode(images=images, encoder=self.encoder))
 
     def encode_with(self, images: np.ndarray, encoder: str) -> np.ndarray:
         """Another encoder's vectors (the int8 runtime's, :mod:`simserver.runtime_choice`)."""
-        return self.client.encode(images=images, encoder=encoder)
+        return once_more_if_reset(lambda: self.client.encode(images=images, encoder=encoder))
 
     def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
         packed = self.client.train_head(features=features, labels=labels, config=config.model_dump())
@@ -98,7 +115,12 @@ class TrainerService:
 
     @bentoml.api
     async def train(
-        self, domain: str, archive: bytes, mode: TrainingMode | None = None, catalog: str | None = None
+        self,
+        domain: str,
+        archive: bytes,
+        mode: TrainingMode | None = None,
+        catalog: str | None = None,
+        task_id: str | None = None,
     ) -> TrainReply:
         """Fine-tune, evaluate, calibrate and publish a zip of ``<category>/<image>`` as the
         domain's new version; the previous one serves until the pointer moves."""
@@ -107,21 +129,31 @@ class TrainerService:
         # it. An abandoned training may still publish (the pointer is written last, so a version
         # is whole or absent) before the process exits.
         return await anyio.to_thread.run_sync(
-            self._train, domain, archive, mode, catalog, abandon_on_cancel=True
+            self._train, domain, archive, mode, catalog, task_id, abandon_on_cancel=True
         )
 
     def _train(
-        self, domain: str, archive: bytes, mode: TrainingMode | None, catalog: str | None = None
+        self,
+        domain: str,
+        archive: bytes,
+        mode: TrainingMode | None,
+        catalog: str | None = None,
+        task_id: str | None = None,
     ) -> TrainReply:
         cfg = self._claim(domain)
+        # GET /{domain}/train/progress reads it from the store, on any replica.
+        tracker = tracker_for(self.repo.store, task_id)
+        advance, stage = (tracker.advance, tracker.stage) if tracker else (None, None)
         try:
             self.encoder.prepare_exports()  # traced while this training reads and encodes
-            dataset = read_zip(archive, cfg.limits, IMAGE_SIZE)
+            if stage:
+                stage("reading", zip_entries(archive))
+            dataset = read_zip(archive, cfg.limits, IMAGE_SIZE, progress=advance)
             if catalog == "merge":
                 dataset = merge_catalog(self.repo, cfg, dataset, IMAGE_SIZE)
             elif catalog not in (None, "replace"):
                 raise RequestRefused(f"catalog: {catalog!r} is not one of replace, merge")
-            encoder_id = self.encoder.describe(encoder=cfg.encoder).id
+            encoder_id = once_more_if_reset(lambda: self.encoder.describe(encoder=cfg.encoder)).id
             report = train_domain(
                 self.repo,
                 cfg,
@@ -130,6 +162,8 @@ class TrainerService:
                 mode=mode,
                 cache=FeatureCache(self.settings.store_cache_dir, encoder_id),
                 batch_size=self.settings.encode_batch_size,
+                progress=advance,
+                stage=stage,
             )
             return report.reply()
         finally:

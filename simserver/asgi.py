@@ -130,6 +130,8 @@ class GatewayMiddleware:
     def _needs_key(self, method: str, path: str, parts: list[str]) -> bool:
         if not self.api_keys or path in self.OPEN_PATHS or path.startswith(("/assets/", "/static_content/")):
             return False
+        if path == "/ui" or path.startswith("/ui/"):  # the web interface's files; its API calls send the key
+            return False
         mutating = len(parts) >= 2 and parts[1] in self.MUTABLE and method in ("POST", "PUT", "DELETE")
         return mutating or self.search_requires_key
 

@@ -103,6 +103,7 @@ def publish_version(
     previous: str | None = None,
     extra_meta: dict | None = None,
     started: float | None = None,
+    stage: Callable[[str, int], None] | None = None,
 ) -> BuildReport:
     """Store the images, build the index of ``vectors`` and point ``domain`` at it (last)."""
     t0 = started if started is not None else time.perf_counter()
@@ -121,6 +122,8 @@ def publish_version(
         extra_meta={"skipped": len(dataset.skipped), "encoder": encoder, **(extra_meta or {})},
         policy=policy,
     )
+    if stage:
+        stage("publishing", 0)
     repo.publish(domain, index, expected_previous=previous)
     return BuildReport(
         index.version, len(items), dataset.skipped, dataset.labels(), time.perf_counter() - t0, index.meta

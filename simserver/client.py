@@ -58,6 +58,7 @@ from simserver.schemas import (
     RelevanceReply,
     SearchReply,
     SimilarityReply,
+    TrainProgress,
     TrainReply,
     VersionInfo,
 )
@@ -595,6 +596,12 @@ class DomainClient:
         """``GET /{domain}/train/status``."""
         return self._task(TaskStatus, "status", task_id)
 
+    def training_progress(self, task_id: str) -> TrainProgress:
+        """``GET /{domain}/train/progress``: stage, images done / total, seconds, ETA (any replica
+        answers). :class:`NotFound` for a task unknown to the store (also for a moment right after
+        the submit, before the task has started)."""
+        return self._task(TrainProgress, "progress", task_id)
+
     def training_result(self, task_id: str) -> TrainReply:
         """``GET /{domain}/train/get``: the result of a completed task. A failed task raises its
         error (e.g. :class:`BadRequest` for an invalid archive); one still running raises
@@ -619,9 +626,11 @@ class DomainClient:
         poll: float = 0.5,
         timeout: float | None = 3600.0,
         catalog: str | None = None,
+        stages: Callable[[TrainProgress], object] | None = None,
     ) -> TrainReply:
         """Submit a training, wait for it and return its result (the domain then serves the new
-        version). ``progress(status)`` is called after every status poll (every ``poll`` s). A
+        version). ``progress(status)`` is called after every status poll (every ``poll`` s), and
+        ``stages(progress)`` with the training's progress (:meth:`training_progress`) then. A
         failed training raises its error (with ``task_id`` set); after ``timeout`` s (None: no
         limit) :class:`TrainingTimeout`, while the task goes on on the server."""
         task_id = self.submit_training(archive, mode, catalog)
@@ -631,6 +640,11 @@ class DomainClient:
             logger.debug("domain %s: task %s %s", self.name, task_id, status.status)
             if progress is not None:
                 progress(status)
+            if stages is not None:
+                try:
+                    stages(self.training_progress(task_id))
+                except NotFound:  # not started yet: no record
+                    pass
             if status.done:
                 break
             if timeout is not None and time.monotonic() - start > timeout:

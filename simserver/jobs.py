@@ -33,10 +33,18 @@ R = TypeVar("R", bound=BaseModel)
 
 logger = logging.getLogger(__name__)
 
-_TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"  # BentoML's ids are hex; this names a store object
+_TASK_ID = re.compile(TASK_ID_PATTERN)
 HEARTBEAT_SECONDS = 30.0
 # Missed heartbeats before an in-progress record counts as interrupted (store latency, GC pauses).
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
+
+
+def checked_task_id(task_id: str) -> str:
+    """``task_id`` if it can name a store object (BentoML's ids can), else ValueError."""
+    if not _TASK_ID.match(task_id):
+        raise ValueError(f"invalid task id {task_id!r}")
+    return task_id
 
 
 def _now() -> str:
@@ -66,9 +74,7 @@ class JobRecords:
 
     @staticmethod
     def _key(task_id: str) -> str:
-        if not _TASK_ID.match(task_id):
-            raise ValueError(f"invalid task id {task_id!r}")
-        return f"jobs/{task_id}.json"
+        return f"jobs/{checked_task_id(task_id)}.json"
 
     def _write(self, task_id: str, record: dict[str, Any]) -> None:
         try:

@@ -341,3 +341,20 @@ class VersionInfo(BaseModel):
     evaluation: Evaluation | None = None
     parent: str | None = None
     activated_from: str | None = None
+
+
+# -- a training's progress (GET /{domain}/train/progress) ---------------------------------------------
+TrainingStage = Literal[
+    "reading", "encoding", "training", "evaluating", "indexing", "publishing", "done", "failed"
+]
+
+
+class TrainProgress(BaseModel):
+    """Where a training is (:mod:`simserver.progress`); read from the artifact store: any replica answers."""
+
+    stage: TrainingStage
+    done: int = Field(description="images (or augmented views) of this stage done")
+    total: int = Field(description="images of this stage; 0 when not known in advance")
+    seconds: float = Field(description="since the trainer started; to the end once finished")
+    eta_seconds: float | None = Field(description="this stage's remaining seconds at its rate so far")
+    error: str | None = Field(None, description="stage failed: why")

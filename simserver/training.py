@@ -57,6 +57,8 @@ from simserver.store import LocalStore
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
+# stage(name, total): a training entering a stage (simserver.progress.STAGES) of ``total`` images.
+Stage = Callable[[str, int], None]
 
 
 class Backend(Protocol):
@@ -244,6 +246,7 @@ def fit_and_evaluate(
     batch_size: int = 32,
     progress: Progress | None = None,
     pretrained_vectors: np.ndarray | None = None,
+    stage: Stage | None = None,
 ) -> Outcome:
     """Split, evaluate the pretrained embedding, fine-tune (unless told not to), decide.
 
@@ -302,6 +305,8 @@ def fit_and_evaluate(
     t0 = time.perf_counter()
     head = backend.train_head(x, y.tolist(), config)
     out.seconds["head"] = time.perf_counter() - t0
+    if stage:
+        stage("evaluating", 0)
     out.head = head
     out.finetuned = evaluate(head.apply(features))
     rule = config.promotion
@@ -514,6 +519,7 @@ def train_domain(
     batch_size: int = 32,
     progress: Progress | None = None,
     started: float | None = None,
+    stage: Stage | None = None,
 ) -> BuildReport:
     """Publish a new version of ``cfg.name`` from ``dataset`` (already read); see the module
     docstring. The stages, in order: check, features, split + fit + evaluate (one decision),
@@ -522,9 +528,12 @@ def train_domain(
     check_dataset(cfg, dataset)
     previous = repo.current_version(cfg.name)
     version = new_version_id()
+    at = stage or (lambda name, total: None)
+    at("encoding", len(dataset.samples))
     t = time.perf_counter()
     features = backbone_features(dataset.samples, backend, cache, batch_size, progress)
     encode_seconds = time.perf_counter() - t
+    at("training", 0)
     outcome = fit_and_evaluate(
         dataset.samples,
         features,
@@ -534,7 +543,9 @@ def train_domain(
         cache,
         batch_size,
         progress,
+        stage=stage,
     )
+    at("evaluating", 0)
     outcome.seconds = {"encode": encode_seconds, **outcome.seconds}
     served = promote(cfg, version, outcome, features, backend)
     served, features, runtime = served_runtime(
@@ -557,6 +568,7 @@ def train_domain(
         )
     calibrations = calibrate_all(CalibrationData(cfg, outcome.split, served.vectors, labels, parts))
     logger.info("domain %s: %s", cfg.name, outcome.reason)
+    at("indexing", 0)
     return publish_version(
         repo,
         cfg.name,
@@ -574,4 +586,5 @@ def train_domain(
             "runtime": runtime.summary(cfg.encoder_runtime.int8_max_loss),
         },
         started=t0,
+        stage=stage,
     )

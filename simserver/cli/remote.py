@@ -6,7 +6,8 @@ Every command takes ``--url`` (default: ``$SIMSERVER_URL``, else http://127.0.0.
 ``{"error": ..., "status": ...}`` on stderr and exits 1; a missing local file or argument exits 2.
 
 Commands: ``domains``, ``stats``, ``ready``, ``search``, ``similar``, ``items add|delete|list``,
-``similarity``, ``image``, ``relevance``, ``train``, ``train-status``, ``train-result``.
+``similarity``, ``image``, ``relevance``, ``train``, ``train-status``, ``train-result``,
+``train-progress``.
 :func:`add_parsers` adds them to the CLI's sub-commands; each sets ``func``
 (``args.func(args)`` returns the exit code).
 """
@@ -23,6 +24,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
+from simserver.cli.progress import StageBars
 from simserver.client import DEFAULT_URL, Client, SimserverError, StoredImage, TaskStatus
 from simserver.finetune import TrainingMode
 
@@ -198,14 +200,16 @@ def _train(client: Client, args: argparse.Namespace) -> Any:
             sys.stderr.flush()
             last[:] = [status.status]
 
-    return domain.train(
-        args.archive,
-        mode=args.mode,
-        progress=progress,
-        poll=args.poll,
-        timeout=args.timeout,
-        catalog=args.catalog,
-    )
+    with StageBars(args.domain, enabled=not args.quiet) as bars:
+        return domain.train(
+            args.archive,
+            mode=args.mode,
+            progress=progress,
+            poll=args.poll,
+            timeout=args.timeout,
+            catalog=args.catalog,
+            stages=bars.update,
+        )
 
 
 def _train_status(client: Client, args: argparse.Namespace) -> Any:
@@ -214,6 +218,10 @@ def _train_status(client: Client, args: argparse.Namespace) -> Any:
 
 def _train_result(client: Client, args: argparse.Namespace) -> Any:
     return client.domain(args.domain).training_result(args.task_id)
+
+
+def _train_progress(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).training_progress(args.task_id)
 
 
 # -- parsers -------------------------------------------------------------------------------------------
@@ -334,5 +342,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("task_id")
 
     p = command("train-result", _train_result, "a training task's result (GET /{domain}/train/get)")
+    p.add_argument("domain")
+    p.add_argument("task_id")
+
+    p = command(
+        "train-progress",
+        _train_progress,
+        "a training's stage, done / total, ETA (GET /{domain}/train/progress)",
+    )
     p.add_argument("domain")
     p.add_argument("task_id")

@@ -161,9 +161,14 @@ class FakeIndex(Fake):
 
 class FakeTrainer(Fake):
     async def train(
-        self, domain: str, archive: bytes, mode: str | None = None, catalog: str | None = None
+        self,
+        domain: str,
+        archive: bytes,
+        mode: str | None = None,
+        catalog: str | None = None,
+        task_id: str | None = None,
     ) -> TrainReply:
-        self._call("train", domain=domain, archive=archive, mode=mode, catalog=catalog)
+        self._call("train", domain=domain, archive=archive, mode=mode, catalog=catalog, task_id=task_id)
         return TrainReply(version="v2", indexed=3, skipped=[], labels={"a": 3}, seconds=0.1)
 
 

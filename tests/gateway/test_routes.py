@@ -171,8 +171,21 @@ def test_training_submits_to_the_trainer_then_reloads_the_index(gw):
         "pretrained",
     )
     assert [m for m, _ in gw.index["shop"].calls] == ["reload"]
-    record = gw.service.JobRecords(gw.service.artifact_store()).get(r.request.url.params["task_id"])
+    task_id = r.request.url.params["task_id"]
+    assert kwargs["task_id"] == task_id  # the trainer writes the task's progress under it
+    record = gw.service.JobRecords(gw.service.artifact_store()).get(task_id)
     assert record["status"] == "completed" and record["result"]["version"] == "v2"
+    progress = gw.client.get("/shop/train/progress", params={"task_id": task_id})
+    assert progress.status_code == 200 and progress.json()["stage"] == "done", progress.text
+    for path, params, code in [
+        ("/shop/train/progress", {"task_id": "unknown"}, 404),
+        ("/nowhere/train/progress", {"task_id": task_id}, 404),
+        ("/shop/train/progress", {"task_id": "a b"}, 400),
+        ("/shop/train/progress", {}, 400),
+        ("/shop/train/progress", {"task_id": task_id, "extra": "1"}, 400),
+    ]:
+        r = gw.client.get(path, params=params)
+        assert r.status_code == code and r.json()["error"], (path, params, r.text)
 
 
 def test_training_refusals_fail_the_task_with_their_status(gw):
@@ -213,8 +226,9 @@ def test_training_upload_limits_and_fields(gw):
         if gw.trainer.calls:
             break
         time.sleep(0.05)
+    task_id = r.json()["task_id"]
     assert gw.trainer.calls == [
-        ("train", {"domain": "shop", "archive": b"", "mode": "finetune", "catalog": None})
+        ("train", {"domain": "shop", "archive": b"", "mode": "finetune", "catalog": None, "task_id": task_id})
     ]
 
 

@@ -24,3 +24,25 @@ def test_one_training_per_domain():
         svc._claim("c")
     svc._training.discard("a")
     assert svc._claim("a").name == "a"
+
+
+def test_an_encoder_call_on_a_reset_connection_is_made_once_more():
+    import aiohttp
+
+    from runners.trainer import once_more_if_reset
+
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise aiohttp.ClientOSError(104, "Connection reset by peer")
+        return "described"
+
+    assert once_more_if_reset(flaky) == "described" and len(calls) == 2
+
+    def down() -> str:
+        raise aiohttp.ServerDisconnectedError()
+
+    with pytest.raises(aiohttp.ServerDisconnectedError):  # twice: the failure is the caller's
+        once_more_if_reset(down)
