@@ -21,6 +21,7 @@ from simserver.finetune import Head, TrainingConfig, train_head
 from simserver.schemas import EncoderInfo, EncoderStats
 from simserver.settings import get_settings
 from simserver.store import open_store
+from simserver.text_encoder import TextEncoderPool
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class EncoderService:
         domains = load_domains(settings.domains_dir).values()
         for encoder in sorted({BUILTIN} | {c.encoder for c in domains}):
             self.pool.get(encoder)
+        self.text_pool = TextEncoderPool()
+        for text_encoder in sorted({c.text.encoder for c in domains if c.text is not None}):
+            self.text_pool.get(text_encoder)
         # Trace the fine-tuned-encoder export templates in the background (seconds each), so the
         # first training does not pay for them; a training that comes first simply waits its turn.
         wanted = sorted(
@@ -83,6 +87,11 @@ class EncoderService:
     def encode(self, images: np.ndarray, encoder: str = BUILTIN) -> np.ndarray:
         """``uint8 [N, 224, 224, 3]`` -> ``float32 [N, D]`` unit vectors."""
         return self.pool.get(encoder).encode(images)
+
+    @bentoml.api
+    def encode_text(self, texts: list[str], encoder: str = BUILTIN) -> np.ndarray:
+        """Texts -> ``float32 [N, D]`` unit vectors with a text encoder (``text.encoder``)."""
+        return self.text_pool.get(encoder).encode(texts)
 
     @bentoml.api
     def describe(self, encoder: str = BUILTIN) -> EncoderInfo:

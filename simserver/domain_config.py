@@ -15,6 +15,7 @@ from simserver.metrics import Metric
 from simserver.preprocess import DEFAULT_MAX_DECODED_BYTES
 from simserver.relevance import RelevanceConfig
 from simserver.settings import PROJECT_ROOT
+from simserver.text_config import TextConfig
 
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 BUILTIN = "builtin"
@@ -73,6 +74,7 @@ class DomainConfig(BaseModel):
     relevance: RelevanceConfig = RelevanceConfig()
     catalog: CatalogPolicy = CatalogPolicy()
     versions: VersionsConfig = VersionsConfig()
+    text: TextConfig | None = Field(None, description="image + text search: the items' text fields")
 
     @field_validator("name")
     @classmethod

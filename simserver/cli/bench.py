@@ -37,6 +37,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func, log_level=logging.INFO, parser=p)
         return p
 
+    p = bench(
+        "match",
+        "product matching across shops: Recall@1 image-only, text-only, fused (demo/food, 3 shops)",
+        run_match,
+    )
+    p.add_argument("--http", action="store_true", help="also text and hybrid /search latency, 1 and 4 clients")
+    p.add_argument("--requests", type=int, default=60, help="requests per load level (default 60)")
+
     p = bench("encoder", "encoder img/s: TF SavedModel and TFLite, batch 1 and 32", run_encoder)
     p.add_argument("--seconds", type=float, default=8.0, help="per runtime and batch size (default 8)")
     p.add_argument("--quick", action="store_true", help="1.5 s per figure")
@@ -170,6 +178,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=",".join(PARTS),
         help=f"comma-separated subset of {','.join(PARTS)} (default: all; --quick skips quantization, large)",
     )
+
+
+def run_match(args: argparse.Namespace) -> int:
+    from simserver.bench.match import build_set, http_latency, quality
+
+    ti, info = build_set()
+    out = {"set": info, "recall_at_1": quality(ti)}
+    if args.http:
+        out["http"] = http_latency(args.requests)
+    print_json(out, args.json)
+    return 0
 
 
 def run_encoder(args: argparse.Namespace) -> int:
