@@ -37,12 +37,16 @@ from simserver.schemas import (
     DomainInfo,
     EncoderStats,
     FilterText,
+    FusionName,
     ImageThreshold,
     ItemPage,
     ItemRecord,
     ItemsReply,
+    MatchReply,
+    MatchThreshold,
     Mode,
     Nearest,
+    QueryText,
     RelevanceReply,
     SearchReply,
     SimilarityReply,
@@ -50,8 +54,8 @@ from simserver.schemas import (
     TopK,
     TrainReply,
     VersionInfo,
+    WeightsText,
 )
-from simserver.schemas import FusionName, MatchReply, MatchThreshold, QueryText, WeightsText
 from simserver.settings import get_settings
 from simserver.store import ArtifactStore, open_store
 from simserver.text_search import check_fusion, check_query_text, parse_weights, text_config
@@ -67,6 +71,8 @@ SETTINGS = get_settings()
 DOMAINS = load_domains(SETTINGS.domains_dir)
 INDEX_SERVICES = {name: make_domain_service(cfg) for name, cfg in DOMAINS.items()}
 _DEP_ATTR = {name: "index_" + name.replace("-", "_") for name in DOMAINS}
+# "No image" to an index service (its array parameters cannot be optional in BentoML).
+NO_IMAGE = np.zeros((0,), np.uint8)
 
 
 @lru_cache(maxsize=1)
@@ -124,7 +130,7 @@ class ImageSimilarity:
             check_fusion(w, fusion, tc)
         if image is None and text is None:
             raise RequestRefused("send an 'image' file" + (", a 'text', or both" if cfg.text else ""))
-        pixels = await image_pixels(image, cfg.limits, "image") if image is not None else None
+        pixels = await image_pixels(image, cfg.limits, "image") if image is not None else NO_IMAGE
         if not hybrid:
             return await self.indexes[cfg.name].to_async.search(
                 image=pixels, top_k=top_k or cfg.top_k, filter=filt.to_json() if filt else None
@@ -295,7 +301,7 @@ class ImageSimilarity:
             raise RequestRefused("send an item 'id', or an 'image' and/or a 'text'")
         if id is not None and (image is not None or text is not None):
             raise RequestRefused("send either an item 'id' or an 'image'/'text', not both")
-        pixels = await image_pixels(image, cfg.limits, "image") if image is not None else None
+        pixels = await image_pixels(image, cfg.limits, "image") if image is not None else NO_IMAGE
         return await self.indexes[cfg.name].to_async.match(
             image=pixels, text=text, item_id=id, group=group, weights=w, fusion=fusion, threshold=threshold
         )

@@ -32,11 +32,11 @@ from simserver.repository import Repository
 from simserver.schemas import (
     DeleteReply,
     IndexStatus,
-    MatchReply,
     ItemInfo,
     ItemPage,
     ItemRecord,
     ItemsReply,
+    MatchReply,
     RelevanceReply,
     SearchReply,
     SimilarityReply,
@@ -151,8 +151,8 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
         @bentoml.api
         async def search(
             self,
-            image: np.ndarray | None = None,
-            top_k: int = 5,
+            image: np.ndarray,
+            top_k: int,
             filter: dict | None = None,
             text: str | None = None,
             weights: dict | None = None,
@@ -161,14 +161,14 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             """Nearest items to one ``uint8 [S, S, 3]`` image, a text, or both (fused), in the
             version served now."""
             if text is None and weights is None and fusion is None:
-                assert image is not None
                 return await self.searcher.search(image, top_k, parse_filter(filter))
-            return await self._text_search().search(image, text, top_k, parse_filter(filter), weights, fusion)
+            pixels = image if image.size else None  # an empty array: no image (BentoML has no optional arrays)
+            return await self._text_search().search(pixels, text, top_k, parse_filter(filter), weights, fusion)
 
         @bentoml.api
         async def match(
             self,
-            image: np.ndarray | None = None,
+            image: np.ndarray,
             text: str | None = None,
             item_id: str | None = None,
             group: str | None = None,
@@ -177,7 +177,8 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             threshold: float | None = None,
         ) -> MatchReply:
             """The best match in each other group, with a same-product decision."""
-            return await self._text_search().match(image, text, item_id, group, weights, fusion, threshold)
+            pixels = image if image.size else None
+            return await self._text_search().match(pixels, text, item_id, group, weights, fusion, threshold)
 
         @bentoml.api
         async def pair(self, images: np.ndarray) -> SimilarityReply:

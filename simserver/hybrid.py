@@ -86,7 +86,9 @@ class TextIndex:
         self.catalog = catalog
         self.cfg = cfg
         self.items, self.image_vectors = catalog.live()
-        chunks = [dense[seg.sid][np.flatnonzero(a)] for seg, a in zip(catalog.segments, catalog.alive, strict=True)]
+        chunks = [
+            dense[seg.sid][np.flatnonzero(a)] for seg, a in zip(catalog.segments, catalog.alive, strict=True)
+        ]
         dim = next((c.shape[1] for c in chunks if c.ndim == 2), 0)
         self.text_vectors = (
             np.concatenate([c.reshape(-1, dim) for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
@@ -120,7 +122,9 @@ class TextIndex:
         return np.asarray(metrics.distance_to_score(metric, d), dtype=np.float64)
 
     def text_scores(self, vector: np.ndarray, text: str) -> np.ndarray:
-        dense = np.clip(self.text_vectors.astype(np.float64) @ np.asarray(vector, np.float64).ravel(), 0.0, 1.0)
+        dense = np.clip(
+            self.text_vectors.astype(np.float64) @ np.asarray(vector, np.float64).ravel(), 0.0, 1.0
+        )
         lex = self.lexical.scores(text)
         if lex is None:
             return dense

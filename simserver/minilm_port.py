@@ -77,7 +77,9 @@ def read_weights(path: Path | None = None) -> dict[str, Any]:
     model = onnx.load(str(path or onnx_path()))
     g = model.graph
     init = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in g.initializer}
-    produced_by_matmul = {n.output[0]: n.input[1] for n in g.node if n.op_type == "MatMul" and n.input[1] in init}
+    produced_by_matmul = {
+        n.output[0]: n.input[1] for n in g.node if n.op_type == "MatMul" and n.input[1] in init
+    }
     matrices: dict[str, np.ndarray] = {}  # bias name -> matrix
     for n in g.node:
         if n.op_type != "Add":
@@ -106,7 +108,10 @@ def read_weights(path: Path | None = None) -> dict[str, Any]:
             if bias not in matrices:
                 raise ValueError(f"ONNX graph: no MatMul feeds the bias {bias}")
             layer[role] = (matrices[bias], init[bias])
-        layer["ln1"] = (init[p + "attention.output.LayerNorm.weight"], init[p + "attention.output.LayerNorm.bias"])
+        layer["ln1"] = (
+            init[p + "attention.output.LayerNorm.weight"],
+            init[p + "attention.output.LayerNorm.bias"],
+        )
         layer["ln2"] = (init[p + "output.LayerNorm.weight"], init[p + "output.LayerNorm.bias"])
         layers.append(layer)
         i += 1

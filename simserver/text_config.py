@@ -40,6 +40,9 @@ class TextConfig(BaseModel):
     group: str | None = Field(None, description="metadata column naming an item's group (e.g. shop)")
     product: str | None = Field(None, description="metadata column naming the product (for evaluation)")
     match_threshold: float = Field(
-        0.75, ge=0, le=1, description="/match: same product when the weighted absolute score reaches this"
+        0.5,
+        ge=0,
+        le=1,
+        description="/match: same product when the weighted absolute score reaches this (bench match: 0.498)",
     )
     max_query_chars: int = Field(1000, ge=1, description="longest text query accepted")

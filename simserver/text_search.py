@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 import numpy as np
+from pydantic import ValidationError
 
 from simserver.catalog import Catalog
 from simserver.domain_config import DomainConfig
@@ -75,8 +76,8 @@ def parse_weights(raw: object) -> dict | None:
 def check_fusion(weights: dict | None, fusion: str | None, cfg: TextConfig) -> tuple[Weights, str]:
     try:
         w = Weights.model_validate(weights) if weights is not None else cfg.weights
-    except ValueError as exc:
-        first = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc)}  # type: ignore[union-attr]
+    except ValidationError as exc:
+        first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise RequestRefused(f"weights{'.' + where if where else ''}: {first['msg']}") from None
     f = fusion or cfg.fusion
@@ -166,7 +167,9 @@ class TextSearcher:
             pixels = np.asarray(image, dtype=np.uint8).reshape((1, *np.shape(image)[-3:]))
             vec = np.asarray(await self.encode(pixels, served_encoder(ti.catalog, self.cfg)), np.float32)
             if vec.shape[-1] != ti.catalog.dim:
-                raise Conflict(f"domain {self.cfg.name!r}: the encoder gives {vec.shape[-1]}-d vectors: retrain")
+                raise Conflict(
+                    f"domain {self.cfg.name!r}: the encoder gives {vec.shape[-1]}-d vectors: retrain"
+                )
             scores["image"] = ti.image_scores(vec[0])
         if text is not None:
             tvec = np.asarray(await self.encode_text([text], self.text.encoder), np.float32)[0]

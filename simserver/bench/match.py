@@ -26,7 +26,7 @@ import numpy as np
 
 from simserver.bench.match_set import FOOD, metadata_rows
 from simserver.catalog import Catalog, Segment
-from simserver.hybrid import TextIndex, fuse
+from simserver.hybrid import TextIndex, absolute, fuse
 from simserver.index import Item
 from simserver.text_config import TextConfig, Weights
 
@@ -48,7 +48,9 @@ def build_set(folder: Path = FOOD) -> tuple[TextIndex, dict]:
     by_name = {r["filename"]: r for r in metadata_rows(folder)}
     samples = [s for s in ds.samples if s.name in by_name]
     images = Encoder("builtin")
-    vectors = np.concatenate([images.encode(decode_batch(samples[i : i + 32])) for i in range(0, len(samples), 32)])
+    vectors = np.concatenate(
+        [images.encode(decode_batch(samples[i : i + 32])) for i in range(0, len(samples), 32)]
+    )
     items = [
         Item(s.name, s.label, "", s.media_type, {k: by_name[s.name][k] for k in ("title", "shop", "product")})
         for s in samples
@@ -60,7 +62,9 @@ def build_set(folder: Path = FOOD) -> tuple[TextIndex, dict]:
     tv = text.encode([it.metadata["title"] for it in items])
     t_txt = time.perf_counter() - t1
     seg = Segment("bench", items, vectors, None, "delta")
-    catalog = Catalog({"version": "bench", "metric": "cosine", "dim": vectors.shape[1]}, [seg], [np.ones(len(items), bool)])
+    catalog = Catalog(
+        {"version": "bench", "metric": "cosine", "dim": vectors.shape[1]}, [seg], [np.ones(len(items), bool)]
+    )
     info = {
         "items": len(items),
         "products": len({it.metadata["product"] for it in items}),
@@ -114,9 +118,37 @@ def learn_weights(
     return best
 
 
+def threshold(ti: TextIndex, scores: list[dict[str, np.ndarray]], weights: Weights) -> dict:
+    """The ``match_threshold`` that best tells a right best-match from a wrong one: over every
+    query's fused best match, the weighted absolute score (``/match``'s ``match_score``) with the
+    best balanced accuracy."""
+    queries, shops, products = _queries(ti)
+    values, right = [], []
+    for r, g in queries:
+        found = fuse(scores[r], 1, shops == g, weights, "weighted", ti.cfg.candidates, exclude=r)
+        values.append(absolute(found[0].scores, weights))
+        right.append(products[found[0].row] == products[r])
+    v, ok = np.asarray(values), np.asarray(right)
+    best = (0.0, 0.5)
+    for t in np.unique(np.round(v, 3)):
+        tpr = float((v[ok] >= t).mean()) if ok.any() else 0.0
+        tnr = float((v[~ok] < t).mean()) if (~ok).any() else 0.0
+        if (tpr + tnr) / 2 > best[1]:
+            best = (float(t), (tpr + tnr) / 2)
+    return {
+        "threshold": round(best[0], 3),
+        "balanced_accuracy": round(best[1], 4),
+        "right": int(ok.sum()),
+        "wrong": int((~ok).sum()),
+    }
+
+
 def quality(ti: TextIndex) -> dict:
     scores = [
-        {"image": ti.image_scores(ti.image_vectors[r]), "text": ti.text_scores(ti.text_vectors[r], ti.texts[r])}
+        {
+            "image": ti.image_scores(ti.image_vectors[r]),
+            "text": ti.text_scores(ti.text_vectors[r], ti.texts[r]),
+        }
         for r in range(len(ti))
     ]
     default = Weights()
@@ -144,13 +176,16 @@ def quality(ti: TextIndex) -> dict:
             {
                 "weights": w.model_dump(),
                 "fit_recall_at_1": round(fit_r, 4),
-                "held_out_recall_at_1": round(recall_at_1(ti, scores, w, "weighted", ("image", "text"), held), 4),
+                "held_out_recall_at_1": round(
+                    recall_at_1(ti, scores, w, "weighted", ("image", "text"), held), 4
+                ),
                 "held_out_image_only": round(recall_at_1(ti, scores, w, "weighted", ("image",), held), 4),
                 "held_out_text_only": round(recall_at_1(ti, scores, w, "weighted", ("text",), held), 4),
             }
         )
     out["learned"] = folds
-    out["fused_learned_held_out"] = statistics.mean(f["held_out_recall_at_1"] for f in folds)
+    out["same_product_threshold"] = threshold(ti, scores, default)
+    out["fused_learned_held_out"] = statistics.mean(float(f["held_out_recall_at_1"]) for f in folds)
     best_single = max(out["image_only"], out["text_only"])
     out["best_single"] = best_single
     out["fused_minus_best_single_points"] = round(100 * (out["fused_weighted"] - best_single), 1)
@@ -158,10 +193,9 @@ def quality(ti: TextIndex) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def http_latency(requests_per_level: int = 60) -> dict:
+def http_latency(requests_per_level: int = 60, url: str | None = None) -> dict:
     """Text-only and hybrid ``/food/search`` at 1 and 4 clients, on a real server over a scratch
     store with the food demo domain built (pretrained, titles from ``demo/food/metadata.csv``)."""
-    import requests
 
     from simserver.bench.server import Server
     from simserver.domain_config import load_domains
@@ -171,6 +205,11 @@ def http_latency(requests_per_level: int = 60) -> dict:
     from simserver.store import LocalStore
     from simserver.training import train_domain
 
+    rows = metadata_rows()
+    texts = [r["title"] for r in rows]
+    images = [(r["filename"], (FOOD / r["filename"]).read_bytes()) for r in rows]
+    if url is not None:  # a running server with the food demo domain
+        return _latency(url, texts, images, requests_per_level)
     scratch = Path(tempfile.mkdtemp(prefix="bench-match-"))
     domains = scratch / "domains"
     domains.mkdir()
@@ -183,39 +222,42 @@ def http_latency(requests_per_level: int = 60) -> dict:
     backend = LocalBackend(EncoderPool.from_settings(get_settings()), cfg.encoder)
     dataset = read_folder(FOOD, cfg.limits)
     train_domain(Repository(LocalStore(store)), cfg, dataset, backend, mode="pretrained")
-    rows = metadata_rows()
-    texts = [r["title"] for r in rows]
-    images = [(r["filename"], (FOOD / r["filename"]).read_bytes()) for r in rows]
-    out: dict = {"load_average_before": [round(x, 2) for x in os.getloadavg()]}
     env = {"STORE_URI": f"file://{store}", "DOMAINS_DIR": str(domains)}
     with Server(scratch, env=env) as server:
-        local = threading.local()
+        return _latency(server.url, texts, images, requests_per_level)
 
-        def one(kind: str, i: int) -> tuple[int, float]:
-            if not hasattr(local, "s"):
-                local.s = requests.Session()
-            data = {"text": texts[i % len(texts)], "top_k": "5"}
-            files = {"image": images[(i * 7) % len(images)]} if kind == "hybrid" else None
+
+def _latency(url: str, texts: list[str], images: list[tuple[str, bytes]], requests_per_level: int) -> dict:
+    import requests
+
+    out: dict = {"load_average_before": [round(x, 2) for x in os.getloadavg()]}
+    local = threading.local()
+
+    def one(kind: str, i: int) -> tuple[int, float]:
+        if not hasattr(local, "s"):
+            local.s = requests.Session()
+        data = {"top_k": "5"} if kind == "image" else {"text": texts[i % len(texts)], "top_k": "5"}
+        files = None if kind == "text" else {"image": images[(i * 7) % len(images)]}
+        t0 = time.perf_counter()
+        r = local.s.post(f"{url}/food/search", data=data, files=files, timeout=60)
+        return r.status_code, (time.perf_counter() - t0) * 1000
+
+    for kind in ("image", "text", "hybrid"):
+        for clients in (1, 4):
+            one(kind, 0)  # warm
             t0 = time.perf_counter()
-            r = local.s.post(f"{server.url}/food/search", data=data, files=files, timeout=60)
-            return r.status_code, (time.perf_counter() - t0) * 1000
-
-        for kind in ("text", "hybrid"):
-            for clients in (1, 4):
-                one(kind, 0)  # warm
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(clients) as pool:
-                    res = list(pool.map(lambda i, k=kind: one(k, i), range(requests_per_level)))
-                wall = time.perf_counter() - t0
-                ms = sorted(m for _, m in res)
-                q = statistics.quantiles(ms, n=100)
-                out[f"{kind}_{clients}_clients"] = {
-                    "requests": requests_per_level,
-                    "errors": sum(c != 200 for c, _ in res),
-                    "p50_ms": round(q[49], 1),
-                    "p95_ms": round(q[94], 1),
-                    "rps": round(requests_per_level / wall, 1),
-                }
-                logger.info("%s, %d clients: %s", kind, clients, out[f"{kind}_{clients}_clients"])
+            with ThreadPoolExecutor(clients) as pool:
+                res = list(pool.map(lambda i, k=kind: one(k, i), range(requests_per_level)))
+            wall = time.perf_counter() - t0
+            ms = sorted(m for _, m in res)
+            q = statistics.quantiles(ms, n=100)
+            out[f"{kind}_{clients}_clients"] = {
+                "requests": requests_per_level,
+                "errors": sum(c != 200 for c, _ in res),
+                "p50_ms": round(q[49], 1),
+                "p95_ms": round(q[94], 1),
+                "rps": round(requests_per_level / wall, 1),
+            }
+            logger.info("%s, %d clients: %s", kind, clients, out[f"{kind}_{clients}_clients"])
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return out

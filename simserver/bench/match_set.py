@@ -25,7 +25,16 @@ from simserver.settings import PROJECT_ROOT
 
 FOOD = PROJECT_ROOT / "demo" / "food"
 SHOPS = {"google": "google", "twitter": "twitter", "fluent-emoji-3d": "fluent"}
-_SIZES = [(250, "g"), (500, "g"), (1000, "g"), (330, "ml"), (750, "ml"), (1000, "ml"), (6, "pcs"), (12, "pcs")]
+_SIZES = [
+    (250, "g"),
+    (500, "g"),
+    (1000, "g"),
+    (330, "ml"),
+    (750, "ml"),
+    (1000, "ml"),
+    (6, "pcs"),
+    (12, "pcs"),
+]
 _ABBREV = {
     "and": "&",
     "with": "w/",

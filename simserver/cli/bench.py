@@ -42,7 +42,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "product matching across shops: Recall@1 image-only, text-only, fused (demo/food, 3 shops)",
         run_match,
     )
-    p.add_argument("--http", action="store_true", help="also text and hybrid /search latency, 1 and 4 clients")
+    p.add_argument(
+        "--http", action="store_true", help="also text and hybrid /search latency, 1 and 4 clients"
+    )
+    p.add_argument(
+        "--url", default=None, help="measure that running server (with the food demo domain) instead"
+    )
     p.add_argument("--requests", type=int, default=60, help="requests per load level (default 60)")
 
     p = bench("encoder", "encoder img/s: TF SavedModel and TFLite, batch 1 and 32", run_encoder)
@@ -185,8 +190,8 @@ def run_match(args: argparse.Namespace) -> int:
 
     ti, info = build_set()
     out = {"set": info, "recall_at_1": quality(ti)}
-    if args.http:
-        out["http"] = http_latency(args.requests)
+    if args.http or args.url:
+        out["http"] = http_latency(args.requests, args.url)
     print_json(out, args.json)
     return 0
 

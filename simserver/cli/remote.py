@@ -95,7 +95,44 @@ def _json_filter(text: str | None) -> dict | None:
 
 
 def _search(client: Client, args: argparse.Namespace) -> Any:
-    return client.domain(args.domain).search(args.image, top_k=args.top_k, filter=_json_filter(args.filter))
+    if args.text is None and args.weights is None and args.fusion is None:
+        if args.image is None:
+            raise UsageError("give an image file, or --text")
+        return client.domain(args.domain).search(
+            args.image, top_k=args.top_k, filter=_json_filter(args.filter)
+        )
+    return client.domain(args.domain).search_text(
+        args.text,
+        image=args.image,
+        top_k=args.top_k,
+        filter=_json_filter(args.filter),
+        weights=_json_weights(args.weights),
+        fusion=args.fusion,
+    )
+
+
+def _json_weights(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--weights: not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise UsageError('--weights: a JSON object, e.g. \'{"image": 0.3, "text": 0.7}\'')
+    return value
+
+
+def _match(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).match(
+        id=args.id,
+        image=args.image,
+        text=args.text,
+        group=args.group,
+        weights=_json_weights(args.weights),
+        fusion=args.fusion,
+        threshold=args.threshold,
+    )
 
 
 def _similar(client: Client, args: argparse.Namespace) -> Any:
@@ -240,6 +277,12 @@ def _connection_options() -> argparse.ArgumentParser:
     return common
 
 
+def _text_options(p: argparse.ArgumentParser, text_help: str = "query text (domains with text)") -> None:
+    p.add_argument("--text", default=None, help=text_help)
+    p.add_argument("--weights", default=None, help='JSON, e.g. \'{"image": 0.3, "text": 0.7}\'')
+    p.add_argument("--fusion", choices=("weighted", "rrf"), default=None)
+
+
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add the remote commands to a CLI's sub-commands."""
     common = [_connection_options()]
@@ -259,9 +302,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     p = command("search", _search, "most similar indexed images (POST /{domain}/search)")
     p.add_argument("domain")
-    p.add_argument("image", help="image file")
+    p.add_argument("image", nargs="?", default=None, help="image file (optional with --text)")
     p.add_argument("--top-k", type=int, default=None, help="results, 1..100 (default: the domain's)")
     p.add_argument("--filter", default=None, help='JSON filter, e.g. \'{"label": "dress"}\'')
+    _text_options(p)
 
     p = command("similar", _similar, "more like a stored item (GET /{domain}/similar)")
     p.add_argument("domain")
@@ -328,6 +372,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="status poll interval")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up waiting after")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+    p = command("match", _match, "best match in each other group (POST /{domain}/match)")
+    p.add_argument("domain")
+    p.add_argument("--id", default=None, help="a stored item's id (instead of --image/--text)")
+    p.add_argument("--image", default=None, help="image file")
+    p.add_argument("--group", default=None, help="the query's own group, left out of the answer")
+    p.add_argument("--threshold", type=float, default=None, help="same-product threshold, 0..1")
+    _text_options(p, text_help="query text")
 
     p = command("train-status", _train_status, "a training task's status (GET /{domain}/train/status)")
     p.add_argument("domain")
