@@ -162,8 +162,10 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             version served now."""
             if text is None and weights is None and fusion is None:
                 return await self.searcher.search(image, top_k, parse_filter(filter))
-            pixels = image if image.size else None  # an empty array: no image (BentoML has no optional arrays)
-            return await self._text_search().search(pixels, text, top_k, parse_filter(filter), weights, fusion)
+            # An empty array means no image: BentoML has no optional array parameters.
+            pixels = image if image.size else None
+            filt = parse_filter(filter)
+            return await self._text_search().search(pixels, text, top_k, filt, weights, fusion)
 
         @bentoml.api
         async def match(

@@ -89,7 +89,7 @@ class GatewayMiddleware:
         uploads = [c.limits.max_upload_bytes for c in domains.values()] + [Limits().max_upload_bytes]
         return {
             "domains": set(domains),
-            "domain_routes": ("search", "train", "images", "relevance", "items", "similar", "versions", "match"),
+            "domain_routes": ("search", "train", "images", "relevance", "items", "similar", "versions"),
             # Multi-image requests: a site's images, a catalog upload.
             "heavy_routes": ("relevance", "items"),
             "relevance_domains": {n for n, c in domains.items() if c.target_label},

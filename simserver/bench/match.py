@@ -169,7 +169,7 @@ def quality(ti: TextIndex) -> dict:
     # Learned weights, two-fold over products: fit on one half, score on the other.
     products = sorted({it.metadata["product"] for it in ti.items})
     halves = [set(products[0::2]), set(products[1::2])]
-    folds = []
+    folds: list[dict] = []
     for fit, held in ((halves[0], halves[1]), (halves[1], halves[0])):
         w, fit_r = learn_weights(ti, scores, "weighted", fit)
         folds.append(

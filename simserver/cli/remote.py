@@ -82,16 +82,20 @@ def _ready(client: Client, args: argparse.Namespace) -> Any:
     return {"ready": client.ready()}
 
 
-def _json_filter(text: str | None) -> dict | None:
+def _json_object(text: str | None, option: str, example: str) -> dict | None:
     if text is None:
         return None
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise UsageError(f"--filter: not JSON ({exc})") from None
+        raise UsageError(f"{option}: not JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise UsageError('--filter: a JSON object, e.g. \'{"label": "dress"}\'')
+        raise UsageError(f"{option}: a JSON object, e.g. '{example}'")
     return value
+
+
+def _json_filter(text: str | None) -> dict | None:
+    return _json_object(text, "--filter", '{"label": "dress"}')
 
 
 def _search(client: Client, args: argparse.Namespace) -> Any:
@@ -112,15 +116,7 @@ def _search(client: Client, args: argparse.Namespace) -> Any:
 
 
 def _json_weights(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"--weights: not JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise UsageError('--weights: a JSON object, e.g. \'{"image": 0.3, "text": 0.7}\'')
-    return value
+    return _json_object(text, "--weights", '{"image": 0.3, "text": 0.7}')
 
 
 def _match(client: Client, args: argparse.Namespace) -> Any:

@@ -125,7 +125,9 @@ def test_hybrid_search_fuses_both_and_equals_the_oracle(server, oracle, encoder,
     assert got[0]["metadata"]["product"] == "baby_bottle"
 
 
-def test_match_by_id_and_by_text_finds_each_other_shop(server, oracle):
+def test_match_by_id_and_by_text_finds_each_other_shop(server, oracle, text_encoder):
+    from simserver.text_config import Weights
+
     cfg, ti = oracle
     r = _post(server, "match", id="drink/baby_bottle-google.png")
     assert r.status_code == 200, r.text
@@ -144,7 +146,15 @@ def test_match_by_id_and_by_text_finds_each_other_shop(server, oracle):
     assert r.status_code == 200, r.text
     matches = r.json()["matches"]
     assert [m["group"] for m in matches] == ["fluent", "twitter"]
-    assert [m["hit"]["metadata"]["product"] for m in matches] == ["spoon", "spoon"]
+    query = "Spoon, 12 pcs"
+    scores = {"text": ti.text_scores(text_encoder.encode([query])[0], query)}
+    shops = np.asarray([it.metadata["shop"] for it in ti.items])
+    want = [
+        ti.items[ti.search(scores, 1, shops == g, Weights(), "weighted")[0].row].id
+        for g in ("fluent", "twitter")
+    ]
+    assert [m["hit"]["id"] for m in matches] == want
+    assert matches[1]["hit"]["metadata"]["product"] == "spoon"  # the twitter shop's title is "spoon 12pk"
     assert not any(m["same_product"] for m in matches)
 
 
