@@ -85,7 +85,8 @@ class TextIndex:
         """``dense``: segment id -> text vectors of all its rows (unit, float32)."""
         self.catalog = catalog
         self.cfg = cfg
-        self.items, self.image_vectors = catalog.live()
+        # The live items in catalog order; their image vectors stay in the segments (no copy).
+        self.items = list(catalog.iter_items())
         chunks = [
             dense[seg.sid][np.flatnonzero(a)] for seg, a in zip(catalog.segments, catalog.alive, strict=True)
         ]
@@ -112,14 +113,23 @@ class TextIndex:
         q = np.asarray(vector, dtype=np.float32).ravel()
         if metric == "cosine":
             q = metrics.l2_normalize(q)
-        x = self.image_vectors
-        if metric in ("cosine", "ip"):
-            d = 1.0 - x.astype(np.float64) @ q.astype(np.float64)
-        elif metric == "l2":
-            d = np.sqrt(np.maximum(((x - q) ** 2).sum(axis=1), 0.0))
-        else:
-            d = np.abs(x - q).sum(axis=1)
+        parts = []
+        for seg, alive in zip(self.catalog.segments, self.catalog.alive, strict=True):
+            x = seg.vectors
+            if metric in ("cosine", "ip"):
+                d = 1.0 - (x @ q).astype(np.float64)
+            elif metric == "l2":
+                d = np.sqrt(np.maximum(((x - q) ** 2).sum(axis=1), 0.0)).astype(np.float64)
+            else:
+                d = np.abs(x - q).sum(axis=1).astype(np.float64)
+            parts.append(d[alive])
+        d = np.concatenate(parts) if parts else np.zeros(0)
         return np.asarray(metrics.distance_to_score(metric, d), dtype=np.float64)
+
+    def image_vector(self, row: int) -> np.ndarray:
+        vector = self.catalog.vector(self.items[row].id)
+        assert vector is not None  # a live row
+        return vector
 
     def text_scores(self, vector: np.ndarray, text: str) -> np.ndarray:
         dense = np.clip(

@@ -16,8 +16,8 @@ class Weights(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    image: float = Field(0.5, ge=0, description="weight of the image score")
-    text: float = Field(0.5, ge=0, description="weight of the text score")
+    image: float = Field(0.5, ge=0, le=1000, allow_inf_nan=False, description="weight of the image score")
+    text: float = Field(0.5, ge=0, le=1000, allow_inf_nan=False, description="weight of the text score")
 
     @model_validator(mode="after")
     def _positive(self) -> Weights:

@@ -160,7 +160,7 @@ class TextSearcher:
             row = ti.rows.get(item_id)
             if row is None:
                 raise UnknownItem(f"domain {self.cfg.name!r} has no item {item_id!r}")
-            scores["image"] = ti.image_scores(ti.image_vectors[row])
+            scores["image"] = ti.image_scores(ti.image_vector(row))
             scores["text"] = ti.text_scores(ti.text_vectors[row], ti.texts[row])
             return scores
         if image is not None:

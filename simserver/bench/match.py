@@ -146,7 +146,7 @@ def threshold(ti: TextIndex, scores: list[dict[str, np.ndarray]], weights: Weigh
 def quality(ti: TextIndex) -> dict:
     scores = [
         {
-            "image": ti.image_scores(ti.image_vectors[r]),
+            "image": ti.image_scores(ti.image_vector(r)),
             "text": ti.text_scores(ti.text_vectors[r], ti.texts[r]),
         }
         for r in range(len(ti))
