@@ -21,7 +21,7 @@ from simserver.finetune import Head, TrainingConfig, train_head
 from simserver.schemas import EncoderInfo, EncoderStats
 from simserver.settings import get_settings
 from simserver.store import open_store
-from simserver.text_encoder import TextEncoderPool
+from simserver.text_encoder import TEXT_MODEL, TextEncoderPool
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 class EncoderService:
     # Declaring the model makes `bentoml build` carry it inside the Bento.
     builtin = bentoml.models.BentoModel(f"{get_settings().builtin_model}:latest")
+    # The built-in text encoder (domains with text: configured), carried inside the Bento the same way.
+    builtin_text = bentoml.models.BentoModel(f"{TEXT_MODEL}:latest")
 
     def __init__(self) -> None:
         die_with_server()

@@ -11,6 +11,7 @@ No BentoML here: the index service passes the two encoders (image, text) as asyn
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -163,7 +164,9 @@ class TextSearcher:
             scores["image"] = ti.image_scores(ti.image_vector(row))
             scores["text"] = ti.text_scores(ti.text_vectors[row], ti.texts[row])
             return scores
-        if image is not None:
+
+        # The two encodes are calls to the encoder service: made together, not one after the other.
+        async def image_scores() -> None:
             pixels = np.asarray(image, dtype=np.uint8).reshape((1, *np.shape(image)[-3:]))
             vec = np.asarray(await self.encode(pixels, served_encoder(ti.catalog, self.cfg)), np.float32)
             if vec.shape[-1] != ti.catalog.dim:
@@ -171,10 +174,17 @@ class TextSearcher:
                     f"domain {self.cfg.name!r}: the encoder gives {vec.shape[-1]}-d vectors: retrain"
                 )
             scores["image"] = ti.image_scores(vec[0])
-        if text is not None:
-            tvec = np.asarray(await self.encode_text([text], self.text.encoder), np.float32)[0]
-            scores["text"] = await anyio.to_thread.run_sync(ti.text_scores, tvec, text)
-        return scores
+
+        async def text_scores(query: str) -> None:
+            tvec = np.asarray(await self.encode_text([query], self.text.encoder), np.float32)[0]
+            scores["text"] = await anyio.to_thread.run_sync(ti.text_scores, tvec, query)
+
+        # gather, not a task group: a refusal must reach the caller as itself, not in an ExceptionGroup.
+        await asyncio.gather(
+            *([image_scores()] if image is not None else []),
+            *([text_scores(text)] if text is not None else []),
+        )
+        return {m: scores[m] for m in ("image", "text") if m in scores}
 
     async def search(
         self,
