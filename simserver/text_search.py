@@ -166,8 +166,8 @@ class TextSearcher:
             return scores
 
         # The two encodes are calls to the encoder service: made together, not one after the other.
-        async def image_scores() -> None:
-            pixels = np.asarray(image, dtype=np.uint8).reshape((1, *np.shape(image)[-3:]))
+        async def image_scores(query: np.ndarray) -> None:
+            pixels = np.asarray(query, dtype=np.uint8).reshape((1, *query.shape[-3:]))
             vec = np.asarray(await self.encode(pixels, served_encoder(ti.catalog, self.cfg)), np.float32)
             if vec.shape[-1] != ti.catalog.dim:
                 raise Conflict(
@@ -181,7 +181,7 @@ class TextSearcher:
 
         # gather, not a task group: a refusal must reach the caller as itself, not in an ExceptionGroup.
         await asyncio.gather(
-            *([image_scores()] if image is not None else []),
+            *([image_scores(image)] if image is not None else []),
             *([text_scores(text)] if text is not None else []),
         )
         return {m: scores[m] for m in ("image", "text") if m in scores}
