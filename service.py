@@ -38,6 +38,7 @@ from simserver.schemas import (
     EncoderStats,
     FilterText,
     FusionName,
+    GroupPairsReply,
     ImageThreshold,
     ItemPage,
     ItemRecord,
@@ -304,6 +305,27 @@ class ImageSimilarity:
         pixels = await image_pixels(image, cfg.limits, "image") if image is not None else NO_IMAGE
         return await self.indexes[cfg.name].to_async.match(
             image=pixels, text=text, item_id=id, group=group, weights=w, fusion=fusion, threshold=threshold
+        )
+
+    @bentoml.api(route="/{domain}/match/groups")
+    async def match_groups(
+        self,
+        group: str,
+        against: str,
+        weights: WeightsText = None,
+        fusion: FusionName = None,
+        threshold: MatchThreshold = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> GroupPairsReply:
+        """Every item of ``group`` with its best match in ``against`` (both values of the domain's
+        ``text.group`` column), from the stored vectors, best ``match_score`` first."""
+        cfg = domain_of(ctx)
+        tc = text_config(cfg)
+        w = parse_weights(weights)
+        check_fusion(w, fusion, tc)
+        return await self.indexes[cfg.name].to_async.match_groups(
+            group=group, against=against, weights=w, fusion=fusion, threshold=threshold
         )
 
 

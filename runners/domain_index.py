@@ -31,6 +31,7 @@ from simserver.live import LiveIndex
 from simserver.repository import Repository
 from simserver.schemas import (
     DeleteReply,
+    GroupPairsReply,
     IndexStatus,
     ItemInfo,
     ItemPage,
@@ -181,6 +182,18 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             """The best match in each other group, with a same-product decision."""
             pixels = image if image.size else None
             return await self._text_search().match(pixels, text, item_id, group, weights, fusion, threshold)
+
+        @bentoml.api
+        async def match_groups(
+            self,
+            group: str,
+            against: str,
+            weights: dict | None = None,
+            fusion: str | None = None,
+            threshold: float | None = None,
+        ) -> GroupPairsReply:
+            """Every item of one group with its best match in another."""
+            return await self._text_search().match_groups(group, against, weights, fusion, threshold)
 
         @bentoml.api
         async def pair(self, images: np.ndarray) -> SimilarityReply:

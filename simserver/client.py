@@ -52,6 +52,7 @@ from simserver.schemas import (
     DeleteReply,
     DomainInfo,
     EncoderStats,
+    GroupPairsReply,
     ItemPage,
     ItemRecord,
     ItemsReply,
@@ -700,3 +701,22 @@ class DomainClient:
                 threshold=threshold,
             ),
         )
+
+    def match_groups(
+        self,
+        group: str,
+        against: str,
+        weights: dict[str, float] | None = None,
+        fusion: str | None = None,
+        threshold: float | None = None,
+    ) -> GroupPairsReply:
+        """``POST /{domain}/match/groups``: every item of ``group`` with its best match in ``against``."""
+        body: dict[str, Any] = {"group": group, "against": against}
+        body.update(
+            {
+                k: v
+                for k, v in (("weights", weights), ("fusion", fusion), ("threshold", threshold))
+                if v is not None
+            }
+        )
+        return self.client._model(GroupPairsReply, "POST", f"{self._prefix}/match/groups", json=body)

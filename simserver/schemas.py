@@ -361,3 +361,19 @@ MatchThreshold = Annotated[
     _NUMBER,
     Field(description="same-product threshold on match_score; default: the domain's text.match_threshold"),
 ]
+
+
+class GroupPair(BaseModel):
+    id: str = Field(description="an item of the group")
+    hit: Hit = Field(description="its best match in the other group, by fused score")
+    match_score: float = Field(description="weighted mean of the pair's own image and text scores")
+    same_product: bool = Field(description="match_score >= threshold")
+
+
+class GroupPairsReply(BaseModel):
+    domain: str
+    version: str
+    group: str
+    against: str
+    threshold: float
+    pairs: list[GroupPair] = Field(description="one per item of group, best match_score first")

@@ -26,11 +26,11 @@ from pydantic import ValidationError
 
 from simserver.catalog import Catalog
 from simserver.domain_config import DomainConfig
-from simserver.errors import Conflict, RequestRefused, UnknownItem
+from simserver.errors import Conflict, RequestRefused, TooLarge, UnknownItem
 from simserver.filters import Filter
 from simserver.hybrid import TextIndex, absolute, item_text
 from simserver.repository import Repository
-from simserver.schemas import GroupMatch, MatchReply, SearchReply
+from simserver.schemas import GroupMatch, GroupPair, GroupPairsReply, MatchReply, SearchReply
 from simserver.searcher import EncodeFn, served_encoder
 from simserver.text_config import FUSIONS, TextConfig, Weights
 
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 # (texts, text encoder) -> float32 [N, D] unit vectors
 EncodeTextFn = Callable[[list[str], str], Awaitable[np.ndarray]]
 KEEP_VERSIONS = 2
+# match_groups scans the whole catalog once per item of the group: items of the group x catalog size.
+MAX_GROUP_SCAN = 20_000_000
 
 
 def text_config(cfg: DomainConfig) -> TextConfig:
@@ -205,6 +207,67 @@ class TextSearcher:
         found = ti.search(scores, top_k, ti.mask(filt), w, f)
         return SearchReply(domain=self.cfg.name, version=ti.catalog.version, results=ti.hits(found))
 
+    def _group_column(self) -> str:
+        if not self.text.group:
+            raise RequestRefused(
+                f"domain {self.cfg.name!r} names no text.group column: matching is across groups"
+            )
+        return self.text.group
+
+    async def match_groups(
+        self,
+        group: str,
+        against: str,
+        weights: dict | None = None,
+        fusion: str | None = None,
+        threshold: float | None = None,
+    ) -> GroupPairsReply:
+        """Every item of ``group`` with its best match in ``against`` (stored vectors, no encoding),
+        best ``match_score`` first."""
+        column = self._group_column()
+        w, f = check_fusion(weights, fusion, self.text)
+        if group == against:
+            raise RequestRefused("group and against must be two different groups")
+        ti = await self.index()
+        groups = np.asarray([it.metadata.get(column, "") for it in ti.items], dtype=object)
+        known = sorted({str(g) for g in groups if g})
+        for name, value in (("group", group), ("against", against)):
+            if value not in known:
+                raise RequestRefused(f"{name}: no item has {column} {value!r} (groups: {', '.join(known)})")
+        rows = np.flatnonzero(groups == group)
+        if len(rows) * len(ti) > MAX_GROUP_SCAN:
+            raise TooLarge(
+                f"{len(rows)} items x {len(ti)} in the catalog is over {MAX_GROUP_SCAN:,} comparisons: "
+                "filter the catalog into smaller groups, or use /match per item"
+            )
+        limit = self.text.match_threshold if threshold is None else threshold
+        target = groups == against
+
+        def pairs() -> list[GroupPair]:
+            out = []
+            for r in rows:
+                scores = {
+                    "image": ti.image_scores(ti.image_vector(int(r))),
+                    "text": ti.text_scores(ti.text_vectors[r], ti.texts[r]),
+                }
+                found = ti.search(scores, 1, target, w, f)
+                if found:
+                    value = absolute(found[0].scores, w)
+                    hit = ti.hits(found)[0]
+                    out.append(
+                        GroupPair(id=ti.items[r].id, hit=hit, match_score=value, same_product=value >= limit)
+                    )
+            return sorted(out, key=lambda p: -p.match_score)
+
+        return GroupPairsReply(
+            domain=self.cfg.name,
+            version=ti.catalog.version,
+            group=group,
+            against=against,
+            threshold=limit,
+            pairs=await anyio.to_thread.run_sync(pairs),
+        )
+
     async def match(
         self,
         image: np.ndarray | None = None,
@@ -217,11 +280,7 @@ class TextSearcher:
     ) -> MatchReply:
         """The best match in each group (other than the query's own ``group``), with a
         same-product decision: the weighted mean of the pair's own scores >= the threshold."""
-        column = self.text.group
-        if not column:
-            raise RequestRefused(
-                f"domain {self.cfg.name!r} names no text.group column: matching is across groups"
-            )
+        column = self._group_column()
         text = check_query_text(text, self.text)
         w, f = check_fusion(weights, fusion, self.text)
         if item_id is None and image is None and text is None:

@@ -119,6 +119,16 @@ def _json_weights(text: str | None) -> dict | None:
     return _json_object(text, "--weights", '{"image": 0.3, "text": 0.7}')
 
 
+def _match_groups(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).match_groups(
+        args.group,
+        args.against,
+        weights=_json_weights(args.weights),
+        fusion=args.fusion,
+        threshold=args.threshold,
+    )
+
+
 def _match(client: Client, args: argparse.Namespace) -> Any:
     return client.domain(args.domain).match(
         id=args.id,
@@ -376,6 +386,18 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group", default=None, help="the query's own group, left out of the answer")
     p.add_argument("--threshold", type=float, default=None, help="same-product threshold, 0..1")
     _text_options(p, text_help="query text")
+
+    p = command(
+        "match-groups",
+        _match_groups,
+        "every item of a group with its best match in another (POST /{domain}/match/groups)",
+    )
+    p.add_argument("domain")
+    p.add_argument("group", help="the group whose items are matched")
+    p.add_argument("against", help="the group they are matched in")
+    p.add_argument("--weights", default=None, help='JSON, e.g. \'{"image": 0.3, "text": 0.7}\'')
+    p.add_argument("--fusion", choices=("weighted", "rrf"), default=None)
+    p.add_argument("--threshold", type=float, default=None, help="same-product threshold, 0..1")
 
     p = command("train-status", _train_status, "a training task's status (GET /{domain}/train/status)")
     p.add_argument("domain")

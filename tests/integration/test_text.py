@@ -198,3 +198,37 @@ def test_refusals(server):
     assert_error(_post(server, "match", text="tea", threshold="2"), 400, "threshold")
     r = requests.post(f"{server.url}/nope/match", data={"text": "x"}, timeout=30)
     assert_error(r, 404, "unknown domain")
+
+
+def test_match_groups_pairs_every_item_as_the_oracle_does(server, oracle):
+    from simserver.client import Client
+    from simserver.hybrid import absolute
+    from simserver.text_config import Weights
+
+    cfg, ti = oracle
+    reply = Client(server.url).domain("food").match_groups("google", "twitter")
+    shops = np.asarray([it.metadata["shop"] for it in ti.items])
+    want = {}
+    for r in np.flatnonzero(shops == "google"):
+        scores = {
+            "image": ti.image_scores(ti.image_vector(int(r))),
+            "text": ti.text_scores(ti.text_vectors[r], ti.texts[r]),
+        }
+        found = ti.search(scores, 1, shops == "twitter", Weights(), "weighted")[0]
+        want[ti.items[r].id] = (ti.items[found.row].id, absolute(found.scores, Weights()))
+    assert {p.id: p.hit.id for p in reply.pairs} == {k: v[0] for k, v in want.items()}
+    assert [p.match_score for p in reply.pairs] == sorted((p.match_score for p in reply.pairs), reverse=True)
+    assert all(p.same_product is (p.match_score >= reply.threshold) for p in reply.pairs)
+    right = np.mean(
+        [p.hit.metadata["product"] == ti.items[ti.rows[p.id]].metadata["product"] for p in reply.pairs]
+    )
+    assert right > 0.8  # bench match: fused Recall@1 0.92 over all shop pairs
+    groups = f"{server.url}/food/match/groups"
+    assert_error(
+        requests.post(groups, json={"group": "google", "against": "google"}, timeout=30), 400, "different"
+    )
+    assert_error(
+        requests.post(groups, json={"group": "google", "against": "nope"}, timeout=30), 400, "against"
+    )
+    r = requests.post(f"{server.url}/fashion/match/groups", json={"group": "a", "against": "b"}, timeout=30)
+    assert_error(r, 400, "no text configured")
