@@ -131,6 +131,13 @@ class TextIndex:
         assert vector is not None  # a live row
         return vector
 
+    def row_scores(self, row: int) -> dict[str, np.ndarray]:
+        """Both modalities' scores of every live row against live row ``row`` (its stored vectors)."""
+        return {
+            "image": self.image_scores(self.image_vector(row)),
+            "text": self.text_scores(self.text_vectors[row], self.texts[row]),
+        }
+
     def text_scores(self, vector: np.ndarray, text: str) -> np.ndarray:
         dense = np.clip(
             self.text_vectors.astype(np.float64) @ np.asarray(vector, np.float64).ravel(), 0.0, 1.0

@@ -163,9 +163,7 @@ class TextSearcher:
             row = ti.rows.get(item_id)
             if row is None:
                 raise UnknownItem(f"domain {self.cfg.name!r} has no item {item_id!r}")
-            scores["image"] = ti.image_scores(ti.image_vector(row))
-            scores["text"] = ti.text_scores(ti.text_vectors[row], ti.texts[row])
-            return scores
+            return ti.row_scores(row)
 
         # The two encodes are calls to the encoder service: made together, not one after the other.
         async def image_scores(query: np.ndarray) -> None:
@@ -246,10 +244,7 @@ class TextSearcher:
         def pairs() -> list[GroupPair]:
             out = []
             for r in rows:
-                scores = {
-                    "image": ti.image_scores(ti.image_vector(int(r))),
-                    "text": ti.text_scores(ti.text_vectors[r], ti.texts[r]),
-                }
+                scores = ti.row_scores(int(r))
                 found = ti.search(scores, 1, target, w, f)
                 if found:
                     value = absolute(found[0].scores, w)

@@ -144,13 +144,7 @@ def threshold(ti: TextIndex, scores: list[dict[str, np.ndarray]], weights: Weigh
 
 
 def quality(ti: TextIndex) -> dict:
-    scores = [
-        {
-            "image": ti.image_scores(ti.image_vector(r)),
-            "text": ti.text_scores(ti.text_vectors[r], ti.texts[r]),
-        }
-        for r in range(len(ti))
-    ]
+    scores = [ti.row_scores(r) for r in range(len(ti))]
     default = Weights()
     out: dict = {
         "queries": len(_queries(ti)[0]),
