@@ -40,12 +40,17 @@ from simserver.schemas import (
     DomainInfo,
     EncoderStats,
     FilterText,
+    FusionName,
+    GroupPairsReply,
     ImageThreshold,
     ItemPage,
     ItemRecord,
     ItemsReply,
+    MatchReply,
+    MatchThreshold,
     Mode,
     Nearest,
+    QueryText,
     RelevanceReply,
     SearchReply,
     SimilarityReply,
@@ -54,9 +59,11 @@ from simserver.schemas import (
     TrainProgress,
     TrainReply,
     VersionInfo,
+    WeightsText,
 )
 from simserver.settings import get_settings
 from simserver.store import ArtifactStore, open_store
+from simserver.text_search import check_fusion, check_query_text, parse_weights, text_config
 from simserver.uploads import image_pixels, read_upload_async, upload_name
 
 logger = logging.getLogger(__name__)
@@ -69,6 +76,8 @@ SETTINGS = get_settings()
 DOMAINS = load_domains(SETTINGS.domains_dir)
 INDEX_SERVICES = {name: make_domain_service(cfg) for name, cfg in DOMAINS.items()}
 _DEP_ATTR = {name: "index_" + name.replace("-", "_") for name in DOMAINS}
+# "No image" to an index service (its array parameters cannot be optional in BentoML).
+NO_IMAGE = np.zeros((0,), np.uint8)
 
 
 @lru_cache(maxsize=1)
@@ -117,19 +126,41 @@ class ImageSimilarity:
     @bentoml.api(route="/{domain}/search")
     async def search(
         self,
-        image: Path,
+        image: Path = None,  # type: ignore[assignment]
         top_k: TopK = None,
         filter: FilterText = None,
+        text: QueryText = None,
+        weights: WeightsText = None,
+        fusion: FusionName = None,
         *,
         ctx: bentoml.Context,
     ) -> SearchReply:
         """Most similar indexed images to the uploaded one, best first; with ``filter``, the exact
-        top-k among the items that match it."""
+        top-k among the items that match it. Domains with ``text`` configured also take a ``text``
+        query, alone or with the image (fused by ``weights`` and ``fusion``)."""
         cfg = domain_of(ctx)
         filt = parse_filter(filter)  # a malformed filter is a 400 before the image is decoded
-        pixels = await image_pixels(image, cfg.limits, "image")
+        hybrid = text is not None or weights is not None or fusion is not None
+        w = None
+        if hybrid:
+            tc = text_config(cfg)
+            check_query_text(text, tc)
+            w = parse_weights(weights)
+            check_fusion(w, fusion, tc)
+        if image is None and text is None:
+            raise RequestRefused("send an 'image' file" + (", a 'text', or both" if cfg.text else ""))
+        pixels = await image_pixels(image, cfg.limits, "image") if image is not None else NO_IMAGE
+        if not hybrid:
+            return await self.indexes[cfg.name].to_async.search(
+                image=pixels, top_k=top_k or cfg.top_k, filter=filt.to_json() if filt else None
+            )
         return await self.indexes[cfg.name].to_async.search(
-            image=pixels, top_k=top_k or cfg.top_k, filter=filt.to_json() if filt else None
+            image=pixels,
+            top_k=top_k or cfg.top_k,
+            filter=filt.to_json() if filt else None,
+            text=text,
+            weights=w,
+            fusion=fusion,
         )
 
     @bentoml.api(route="/{domain}/items")
@@ -263,6 +294,60 @@ class ImageSimilarity:
         a, b = await self.encoding.to_async.encode(images=np.stack(pixels), encoder=BUILTIN)
         d = metrics.pairwise_distance(metric, a, b)
         return SimilarityReply(metric=metric, distance=d, score=float(metrics.distance_to_score(metric, d)))
+
+    # -- image + text: product matching across groups (domains with text.group) ------------------
+    @bentoml.api(route="/{domain}/match")
+    async def match(
+        self,
+        image: Path = None,  # type: ignore[assignment]
+        text: QueryText = None,
+        id: str | None = None,
+        group: str | None = None,
+        weights: WeightsText = None,
+        fusion: FusionName = None,
+        threshold: MatchThreshold = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> MatchReply:
+        """The best match in each group other than the query's (``text.group`` column): a stored
+        item (``id``) or an ``image`` and/or a ``text``; ``same_product`` when the pair's weighted
+        image and text scores reach ``threshold``."""
+        cfg = domain_of(ctx)
+        tc = text_config(cfg)
+        check_query_text(text, tc)
+        w = parse_weights(weights)
+        check_fusion(w, fusion, tc)
+        if not tc.group:
+            raise RequestRefused(f"domain {cfg.name!r} names no text.group column: matching is across groups")
+        if id is None and image is None and text is None:
+            raise RequestRefused("send an item 'id', or an 'image' and/or a 'text'")
+        if id is not None and (image is not None or text is not None):
+            raise RequestRefused("send either an item 'id' or an 'image'/'text', not both")
+        pixels = await image_pixels(image, cfg.limits, "image") if image is not None else NO_IMAGE
+        return await self.indexes[cfg.name].to_async.match(
+            image=pixels, text=text, item_id=id, group=group, weights=w, fusion=fusion, threshold=threshold
+        )
+
+    @bentoml.api(route="/{domain}/match/groups")
+    async def match_groups(
+        self,
+        group: str,
+        against: str,
+        weights: WeightsText = None,
+        fusion: FusionName = None,
+        threshold: MatchThreshold = None,
+        *,
+        ctx: bentoml.Context,
+    ) -> GroupPairsReply:
+        """Every item of ``group`` with its best match in ``against`` (both values of the domain's
+        ``text.group`` column), from the stored vectors, best ``match_score`` first."""
+        cfg = domain_of(ctx)
+        tc = text_config(cfg)
+        w = parse_weights(weights)
+        check_fusion(w, fusion, tc)
+        return await self.indexes[cfg.name].to_async.match_groups(
+            group=group, against=against, weights=w, fusion=fusion, threshold=threshold
+        )
 
 
 # One dependency per domain index service; bentoml.service() collects them from the class.

@@ -25,18 +25,20 @@ from simserver import request_ids
 from simserver.catalog import Catalog
 from simserver.domain_config import DomainConfig
 from simserver.encoder import IMAGE_SIZE
-from simserver.errors import UnknownItem
+from simserver.errors import RequestRefused, UnknownItem
 from simserver.filters import parse_filter
 from simserver.ingest import read_items, read_site
 from simserver.live import LiveIndex
 from simserver.repository import Repository
 from simserver.schemas import (
     DeleteReply,
+    GroupPairsReply,
     IndexStatus,
     ItemInfo,
     ItemPage,
     ItemRecord,
     ItemsReply,
+    MatchReply,
     RelevanceReply,
     SearchReply,
     SimilarityReply,
@@ -45,6 +47,7 @@ from simserver.schemas import (
 from simserver.searcher import Searcher, served_encoder
 from simserver.settings import get_settings
 from simserver.store import open_store
+from simserver.text_search import TextSearcher
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,11 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             self.live = LiveIndex(repo, cfg.name, settings.pointer_poll_seconds, warm=self._warm_version)
             self.live.start()
             self.searcher = Searcher(cfg, lambda: self.live.current, self._encode, settings.encode_batch_size)
+            self.texts = (
+                TextSearcher(cfg, repo, lambda: self.live.current, self._encode, self._encode_text)
+                if cfg.text is not None
+                else None
+            )
             self._started = time.monotonic()
             self._warm = False
             # Not ready until the encoder the served version needs is loaded and has run once: a
@@ -88,6 +96,8 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
                 try:
                     if index is not None:
                         await self._encode(probe, served_encoder(index, cfg))
+                        if self.texts is not None:
+                            await self.texts.index(index)
                     break
                 except Exception as exc:  # the encoder service may not be up yet: try again
                     logger.debug("domain %s: warm-up: %s", cfg.name, exc)
@@ -100,6 +110,9 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             probe = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
             call = self._encode(probe, served_encoder(index, cfg))
             asyncio.run_coroutine_threadsafe(call, self._loop).result(timeout=WARM_UP_LIMIT_S)
+            if self.texts is not None:  # its text vectors computed (and stored) before it is served
+                built = self.texts.index(index)
+                asyncio.run_coroutine_threadsafe(built, self._loop).result(timeout=WARM_UP_LIMIT_S)
 
         def __is_ready__(self) -> bool:
             # Bounded: a warm-up that keeps failing must not keep the server unready for ever.
@@ -107,6 +120,16 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
 
         async def _encode(self, images: np.ndarray, encoder: str) -> np.ndarray:
             return await self.encoder.to_async.encode(images=images, encoder=encoder)
+
+        async def _encode_text(self, texts: list[str], encoder: str) -> np.ndarray:
+            return await self.encoder.to_async.encode_text(texts=texts, encoder=encoder)
+
+        def _text_search(self) -> TextSearcher:
+            if self.texts is None:
+                raise RequestRefused(
+                    f"domain {cfg.name!r} has no text configured: add text: {{fields: [title]}} to its yaml"
+                )
+            return self.texts
 
         def _changed(self) -> None:
             """After a commit: serve it at once, then compact and collect garbage in the background."""
@@ -129,9 +152,50 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
                 self._maintaining.release()
 
         @bentoml.api
-        async def search(self, image: np.ndarray, top_k: int, filter: dict | None = None) -> SearchReply:
-            """Nearest items to one ``uint8 [S, S, 3]`` image in the version served now."""
-            return await self.searcher.search(image, top_k, parse_filter(filter))
+        async def search(
+            self,
+            image: np.ndarray,
+            top_k: int,
+            filter: dict | None = None,
+            text: str | None = None,
+            weights: dict | None = None,
+            fusion: str | None = None,
+        ) -> SearchReply:
+            """Nearest items to one ``uint8 [S, S, 3]`` image, a text, or both (fused), in the
+            version served now."""
+            if text is None and weights is None and fusion is None:
+                return await self.searcher.search(image, top_k, parse_filter(filter))
+            # An empty array means no image: BentoML has no optional array parameters.
+            pixels = image if image.size else None
+            filt = parse_filter(filter)
+            return await self._text_search().search(pixels, text, top_k, filt, weights, fusion)
+
+        @bentoml.api
+        async def match(
+            self,
+            image: np.ndarray,
+            text: str | None = None,
+            item_id: str | None = None,
+            group: str | None = None,
+            weights: dict | None = None,
+            fusion: str | None = None,
+            threshold: float | None = None,
+        ) -> MatchReply:
+            """The best match in each other group, with a same-product decision."""
+            pixels = image if image.size else None
+            return await self._text_search().match(pixels, text, item_id, group, weights, fusion, threshold)
+
+        @bentoml.api
+        async def match_groups(
+            self,
+            group: str,
+            against: str,
+            weights: dict | None = None,
+            fusion: str | None = None,
+            threshold: float | None = None,
+        ) -> GroupPairsReply:
+            """Every item of one group with its best match in another."""
+            return await self._text_search().match_groups(group, against, weights, fusion, threshold)
 
         @bentoml.api
         async def pair(self, images: np.ndarray) -> SimilarityReply:

@@ -22,6 +22,7 @@ from simserver.finetune import Head, TrainingConfig, train_head
 from simserver.schemas import EncoderInfo, EncoderStats
 from simserver.settings import get_settings
 from simserver.store import open_store
+from simserver.text_encoder import TEXT_MODEL, TextEncoderPool
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ logger = logging.getLogger(__name__)
 class EncoderService:
     # Declaring the model makes `bentoml build` carry it inside the Bento.
     builtin = bentoml.models.BentoModel(f"{get_settings().builtin_model}:latest")
+    # The built-in text encoder (domains with text: configured), carried inside the Bento the same way.
+    builtin_text = bentoml.models.BentoModel(f"{TEXT_MODEL}:latest")
 
     def __init__(self) -> None:
         die_with_server()
@@ -50,6 +53,9 @@ class EncoderService:
         domains = load_domains(settings.domains_dir).values()
         for encoder in sorted({BUILTIN} | {c.encoder for c in domains}):
             self.pool.get(encoder)
+        self.text_pool = TextEncoderPool()
+        for text_encoder in sorted({c.text.encoder for c in domains if c.text is not None}):
+            self.text_pool.get(text_encoder)
         # The fine-tuned-encoder export templates (seconds of tracing each) are traced in the
         # background when a training starts (prepare_exports), not here: traced at start-up, they
         # held the GIL for ~20 s after /readyz, and the first searches took 2-4x the warm p50.
@@ -102,6 +108,11 @@ class EncoderService:
     def encode(self, images: np.ndarray, encoder: str = BUILTIN) -> np.ndarray:
         """``uint8 [N, 224, 224, 3]`` -> ``float32 [N, D]`` unit vectors."""
         return self.pool.get(encoder).encode(images)
+
+    @bentoml.api
+    def encode_text(self, texts: list[str], encoder: str = BUILTIN) -> np.ndarray:
+        """Texts -> ``float32 [N, D]`` unit vectors with a text encoder (``text.encoder``)."""
+        return self.text_pool.get(encoder).encode(texts)
 
     @bentoml.api
     def describe(self, encoder: str = BUILTIN) -> EncoderInfo:

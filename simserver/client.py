@@ -52,9 +52,11 @@ from simserver.schemas import (
     DeleteReply,
     DomainInfo,
     EncoderStats,
+    GroupPairsReply,
     ItemPage,
     ItemRecord,
     ItemsReply,
+    MatchReply,
     RelevanceReply,
     SearchReply,
     SimilarityReply,
@@ -659,3 +661,76 @@ class DomainClient:
         result = self.training_result(task_id)  # a failed task raises its error here
         logger.info("domain %s: task %s indexed version %s", self.name, task_id, result.version)
         return result
+
+    # -- image + text (domains with text configured) ----------------------------------------------
+    def search_text(
+        self,
+        text: str | None = None,
+        image: FileInput | None = None,
+        top_k: int | None = None,
+        filter: dict | None = None,
+        weights: dict[str, float] | None = None,
+        fusion: str | None = None,
+    ) -> SearchReply:
+        """``POST /{domain}/search`` with a ``text`` query, alone or with an ``image`` (fused by
+        ``weights`` ``{"image": .., "text": ..}`` and ``fusion``: ``weighted`` or ``rrf``); each
+        hit's ``scores`` holds the modalities' own scores."""
+        files = [("image", image, "image", False)] if image is not None else []
+        return self.client._upload(
+            SearchReply,
+            f"{self._prefix}/search",
+            files,
+            _form(
+                text=text,
+                top_k=top_k,
+                filter=_filter_text(filter),
+                weights=None if weights is None else json.dumps(weights),
+                fusion=fusion,
+            ),
+        )
+
+    def match(
+        self,
+        id: str | None = None,
+        image: FileInput | None = None,
+        text: str | None = None,
+        group: str | None = None,
+        weights: dict[str, float] | None = None,
+        fusion: str | None = None,
+        threshold: float | None = None,
+    ) -> MatchReply:
+        """``POST /{domain}/match``: the best match in each other group (the domain's
+        ``text.group`` column) for a stored item (``id``) or an ``image`` and/or a ``text``."""
+        files = [("image", image, "image", False)] if image is not None else []
+        return self.client._upload(
+            MatchReply,
+            f"{self._prefix}/match",
+            files,
+            _form(
+                id=id,
+                text=text,
+                group=group,
+                weights=None if weights is None else json.dumps(weights),
+                fusion=fusion,
+                threshold=threshold,
+            ),
+        )
+
+    def match_groups(
+        self,
+        group: str,
+        against: str,
+        weights: dict[str, float] | None = None,
+        fusion: str | None = None,
+        threshold: float | None = None,
+    ) -> GroupPairsReply:
+        """``POST /{domain}/match/groups``: every item of ``group`` with its best match in ``against``."""
+        body: dict[str, Any] = {"group": group, "against": against}
+        body.update(
+            {
+                k: v
+                for k, v in (("weights", weights), ("fusion", fusion), ("threshold", threshold))
+                if v is not None
+            }
+        )
+        return self.client._model(GroupPairsReply, "POST", f"{self._prefix}/match/groups", json=body)

@@ -16,6 +16,7 @@ from simserver.preprocess import DEFAULT_MAX_DECODED_BYTES
 from simserver.relevance import RelevanceConfig
 from simserver.runtime_choice import EncoderRuntimeConfig
 from simserver.settings import PROJECT_ROOT
+from simserver.text_config import TextConfig
 
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 BUILTIN = "builtin"
@@ -75,6 +76,7 @@ class DomainConfig(BaseModel):
     catalog: CatalogPolicy = CatalogPolicy()
     versions: VersionsConfig = VersionsConfig()
     encoder_runtime: EncoderRuntimeConfig = EncoderRuntimeConfig()
+    text: TextConfig | None = Field(None, description="image + text search: the items' text fields")
 
     @field_validator("name")
     @classmethod

@@ -73,6 +73,9 @@ class Hit(BaseModel):
     score: float = Field(ge=0, le=1, description="1 = identical image, 0 = unrelated")
     distance: float = Field(description="raw distance in the domain's metric (0 = identical)")
     metadata: dict[str, str] = Field(default_factory=dict, description="row of metadata.csv, if any")
+    scores: dict[str, float] | None = Field(
+        None, description="text or hybrid search: each modality's own score (image, text) before fusion"
+    )
 
 
 class SearchReply(BaseModel):
@@ -358,3 +361,61 @@ class TrainProgress(BaseModel):
     seconds: float = Field(description="since the trainer started; to the end once finished")
     eta_seconds: float | None = Field(description="this stage's remaining seconds at its rate so far")
     error: str | None = Field(None, description="stage failed: why")
+
+
+# -- image + text: product matching across groups ---------------------------------------------------
+class GroupMatch(BaseModel):
+    group: str = Field(description="the group (the domain's text.group column) this match is from")
+    hit: Hit = Field(description="the group's best item by fused score")
+    match_score: float = Field(description="weighted mean of the pair's own image and text scores")
+    same_product: bool = Field(description="match_score >= threshold")
+
+
+class MatchReply(BaseModel):
+    domain: str
+    version: str
+    group: str | None = Field(description="the query's own group (skipped), if known")
+    threshold: float
+    matches: list[GroupMatch]
+
+
+# Request parameters of /search's text side and /match.
+QueryText = Annotated[
+    str | None,
+    Field(description="query text (domains with text configured): matched against the items' text fields"),
+]
+WeightsText = Annotated[
+    Any,
+    Field(
+        description='JSON object {"image": 0.3, "text": 0.7}: how much each modality counts when both are '
+        "sent (non-negative, positive sum). Default: the domain's text.weights"
+    ),
+]
+FusionName = Annotated[
+    Literal["weighted", "rrf"] | None,
+    Field(
+        description="weighted: each modality's scores min-max normalised over the pooled candidates, then "
+        "weighted; rrf: reciprocal-rank fusion. Default: the domain's text.fusion"
+    ),
+]
+MatchThreshold = Annotated[
+    Annotated[float, Field(ge=0, le=1)] | None,
+    _NUMBER,
+    Field(description="same-product threshold on match_score; default: the domain's text.match_threshold"),
+]
+
+
+class GroupPair(BaseModel):
+    id: str = Field(description="an item of the group")
+    hit: Hit = Field(description="its best match in the other group, by fused score")
+    match_score: float = Field(description="weighted mean of the pair's own image and text scores")
+    same_product: bool = Field(description="match_score >= threshold")
+
+
+class GroupPairsReply(BaseModel):
+    domain: str
+    version: str
+    group: str
+    against: str
+    threshold: float
+    pairs: list[GroupPair] = Field(description="one per item of group, best match_score first")

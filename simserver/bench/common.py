@@ -54,7 +54,7 @@ def clustered(
 def demo_images(domain: str = "food", limit: int = 64) -> list[tuple[str, bytes]]:
     """Up to ``limit`` bundled demo photos of one domain as (name, bytes), in a fixed order."""
     root = DEMO / domain
-    files = [p for p in sorted(root.rglob("*")) if p.is_file()][:limit]
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != "metadata.csv"][:limit]
     if not files:
         raise FileNotFoundError(f"no demo images under {root}")
     return [(str(p.relative_to(root)), p.read_bytes()) for p in files]

@@ -38,6 +38,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         return p
 
     p = bench(
+        "match",
+        "product matching across shops: Recall@1 image-only, text-only, fused (demo/food, 3 shops)",
+        run_match,
+    )
+    p.add_argument(
+        "--http", action="store_true", help="also text and hybrid /search latency, 1 and 4 clients"
+    )
+    p.add_argument(
+        "--url", default=None, help="measure that running server (with the food demo domain) instead"
+    )
+    p.add_argument("--requests", type=int, default=60, help="requests per load level (default 60)")
+
+    p = bench(
         "encoder",
         "encoder img/s: TF SavedModel, TFLite float32 and int8, batch 1 and 32; each domain's runtime",
         run_encoder,
@@ -181,6 +194,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         default=",".join(PARTS),
         help=f"comma-separated subset of {','.join(PARTS)} (default: all; --quick skips quantization, large)",
     )
+
+
+def run_match(args: argparse.Namespace) -> int:
+    from simserver.bench.match import build_set, http_latency, quality
+
+    ti, info = build_set()
+    out = {"set": info, "recall_at_1": quality(ti)}
+    if args.http or args.url:
+        out["http"] = http_latency(args.requests, args.url)
+    print_json(out, args.json)
+    return 0
 
 
 def run_encoder(args: argparse.Namespace) -> int:

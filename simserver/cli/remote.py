@@ -84,20 +84,63 @@ def _ready(client: Client, args: argparse.Namespace) -> Any:
     return {"ready": client.ready()}
 
 
-def _json_filter(text: str | None) -> dict | None:
+def _json_object(text: str | None, option: str, example: str) -> dict | None:
     if text is None:
         return None
     try:
         value = json.loads(text)
     except ValueError as exc:
-        raise UsageError(f"--filter: not JSON ({exc})") from None
+        raise UsageError(f"{option}: not JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise UsageError('--filter: a JSON object, e.g. \'{"label": "dress"}\'')
+        raise UsageError(f"{option}: a JSON object, e.g. '{example}'")
     return value
 
 
+def _json_filter(text: str | None) -> dict | None:
+    return _json_object(text, "--filter", '{"label": "dress"}')
+
+
 def _search(client: Client, args: argparse.Namespace) -> Any:
-    return client.domain(args.domain).search(args.image, top_k=args.top_k, filter=_json_filter(args.filter))
+    if args.text is None and args.weights is None and args.fusion is None:
+        if args.image is None:
+            raise UsageError("give an image file, or --text")
+        return client.domain(args.domain).search(
+            args.image, top_k=args.top_k, filter=_json_filter(args.filter)
+        )
+    return client.domain(args.domain).search_text(
+        args.text,
+        image=args.image,
+        top_k=args.top_k,
+        filter=_json_filter(args.filter),
+        weights=_json_weights(args.weights),
+        fusion=args.fusion,
+    )
+
+
+def _json_weights(text: str | None) -> dict | None:
+    return _json_object(text, "--weights", '{"image": 0.3, "text": 0.7}')
+
+
+def _match_groups(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).match_groups(
+        args.group,
+        args.against,
+        weights=_json_weights(args.weights),
+        fusion=args.fusion,
+        threshold=args.threshold,
+    )
+
+
+def _match(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).match(
+        id=args.id,
+        image=args.image,
+        text=args.text,
+        group=args.group,
+        weights=_json_weights(args.weights),
+        fusion=args.fusion,
+        threshold=args.threshold,
+    )
 
 
 def _similar(client: Client, args: argparse.Namespace) -> Any:
@@ -248,6 +291,12 @@ def _connection_options() -> argparse.ArgumentParser:
     return common
 
 
+def _text_options(p: argparse.ArgumentParser, text_help: str = "query text (domains with text)") -> None:
+    p.add_argument("--text", default=None, help=text_help)
+    p.add_argument("--weights", default=None, help='JSON, e.g. \'{"image": 0.3, "text": 0.7}\'')
+    p.add_argument("--fusion", choices=("weighted", "rrf"), default=None)
+
+
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Add the remote commands to a CLI's sub-commands."""
     common = [_connection_options()]
@@ -267,9 +316,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     p = command("search", _search, "most similar indexed images (POST /{domain}/search)")
     p.add_argument("domain")
-    p.add_argument("image", help="image file")
+    p.add_argument("image", nargs="?", default=None, help="image file (optional with --text)")
     p.add_argument("--top-k", type=int, default=None, help="results, 1..100 (default: the domain's)")
     p.add_argument("--filter", default=None, help='JSON filter, e.g. \'{"label": "dress"}\'')
+    _text_options(p)
 
     p = command("similar", _similar, "more like a stored item (GET /{domain}/similar)")
     p.add_argument("domain")
@@ -336,6 +386,26 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="status poll interval")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up waiting after")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+    p = command("match", _match, "best match in each other group (POST /{domain}/match)")
+    p.add_argument("domain")
+    p.add_argument("--id", default=None, help="a stored item's id (instead of --image/--text)")
+    p.add_argument("--image", default=None, help="image file")
+    p.add_argument("--group", default=None, help="the query's own group, left out of the answer")
+    p.add_argument("--threshold", type=float, default=None, help="same-product threshold, 0..1")
+    _text_options(p, text_help="query text")
+
+    p = command(
+        "match-groups",
+        _match_groups,
+        "every item of a group with its best match in another (POST /{domain}/match/groups)",
+    )
+    p.add_argument("domain")
+    p.add_argument("group", help="the group whose items are matched")
+    p.add_argument("against", help="the group they are matched in")
+    p.add_argument("--weights", default=None, help='JSON, e.g. \'{"image": 0.3, "text": 0.7}\'')
+    p.add_argument("--fusion", choices=("weighted", "rrf"), default=None)
+    p.add_argument("--threshold", type=float, default=None, help="same-product threshold, 0..1")
 
     p = command("train-status", _train_status, "a training task's status (GET /{domain}/train/status)")
     p.add_argument("domain")

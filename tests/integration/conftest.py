@@ -38,7 +38,9 @@ limits:
 def builtin_tag() -> str:
     from simserver.encoder import build_builtin
     from simserver.settings import get_settings
+    from simserver.text_encoder import build_builtin_text
 
+    build_builtin_text()  # the food demo domain has text configured: its server loads this too
     return build_builtin(get_settings().builtin_model)
 
 
