@@ -152,6 +152,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "both (default) or not at all",
     )
 
+    # Distributed builds and the per-replica memory (issue 17).
+    p = bench(
+        "build",
+        "domain builds side by side on the same images: --engine local and --engine ray with 1, 2, … actors",
+        run_build,
+    )
+    p.add_argument("--data", type=Path, help="folder of <category>/<image> (or --from-npz)")
+    p.add_argument(
+        "--from-npz", type=Path, help="write -n images of a Fashion-MNIST .npz as PNGs and build those"
+    )
+    p.add_argument("-n", type=int, default=5000, help="images taken from --from-npz (default 5000)")
+    p.add_argument("--engines", default="local,ray", help="comma-separated subset of local,ray")
+    p.add_argument("--workers", default="1,2", help="Ray actor counts to compare (default 1,2)")
+    p.add_argument("--shard-size", type=int, default=250)
+
+    p = bench("replica", "memory of one serving replica per domain, by index kind, at N items", run_replica)
+    p.add_argument("-n", type=int, default=100_000, help="items (default 100,000)")
+    p.add_argument("--kinds", default="flat,hnsw,hnsw_fp16,ivfpq", help="comma-separated index kinds")
+
     from simserver.bench.suite import PARTS
 
     p = bench(
@@ -332,4 +351,35 @@ def run_all(args: argparse.Namespace) -> int:
     except ValueError as exc:
         args.parser.error(str(exc))
     print_json(result, compact=args.json)
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from simserver.bench.build import build_figures, write_npz_images
+
+    engines = {e.strip() for e in args.engines.split(",") if e.strip()}
+    if not engines or engines - {"local", "ray"}:
+        args.parser.error(f"--engines: a subset of local,ray, got {args.engines!r}")
+    try:
+        workers = [int(w) for w in args.workers.split(",")] if "ray" in engines else []
+    except ValueError:
+        args.parser.error(f"--workers: comma-separated counts, got {args.workers!r}")
+    if any(w < 1 for w in workers) or (args.data is None) == (args.from_npz is None):
+        args.parser.error("give --data or --from-npz (not both), and workers >= 1")
+    with tempfile.TemporaryDirectory(prefix="bench-build-images-") as tmp:
+        data = args.data or write_npz_images(args.from_npz, args.n, Path(tmp))
+        if not data.is_dir():
+            args.parser.error(f"not a folder: {data}")
+        print_json(build_figures(data, workers, args.shard_size, "local" in engines), compact=args.json)
+    return 0
+
+
+def run_replica(args: argparse.Namespace) -> int:
+    from simserver.bench.replica import replica_memory
+
+    print_json(
+        replica_memory(args.n, [k.strip() for k in args.kinds.split(",") if k.strip()]), compact=args.json
+    )
     return 0
