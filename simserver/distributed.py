@@ -105,8 +105,9 @@ def shard_prefix(domain: str, build: str) -> str:
 
 class ShippedTFLite:
     """The built-in encoder on the server's TFLite runtime, without TensorFlow: the conversion the
-    model carries (which every server start checks against the SavedModel), on the server's interpreter at batch 1, one thread. An actor starts in ~1 s instead of the
-    ~10 s that importing TensorFlow and loading the SavedModel take."""
+    model carries (which every server start checks against the SavedModel), on the server's
+    interpreter at batch 1, one thread. An actor starts in ~1 s instead of the ~10 s that importing
+    TensorFlow and loading the SavedModel take."""
 
     runtime = "tflite"
 

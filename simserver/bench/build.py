@@ -23,20 +23,41 @@ from simserver.bench.common import bench_environment
 logger = logging.getLogger(__name__)
 
 
-def write_npz_images(npz: Path, n: int, out: Path) -> Path:
-    """``n`` images of a Fashion-MNIST ``.npz`` (arrays ``x``/``images`` and ``y``/``labels``) as
-    ``<label>/<i>.png`` under ``out``: a folder of real product photos to build from."""
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (MIT)
+
+
+def _idx(path: Path) -> np.ndarray:
+    """An MNIST ``idx`` file (gzipped): big-endian dimensions after a magic number, then uint8s."""
+    import gzip
+
+    raw = gzip.decompress(path.read_bytes())
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(source: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of Fashion-MNIST: a ``.npz`` (``x``, ``y``) or Debian's folder (the 10k test
+    set, then the 60k training set)."""
+    if source.suffix == ".npz":
+        data = np.load(source)
+        return data["x"], data["y"]
+    x = [_idx(source / f"{s}-images-idx3-ubyte.gz") for s in ("t10k", "train")]
+    y = [_idx(source / f"{s}-labels-idx1-ubyte.gz") for s in ("t10k", "train")]
+    return np.concatenate(x), np.concatenate(y)
+
+
+def write_fashion_mnist(source: Path, n: int, out: Path) -> Path:
+    """The first ``n`` Fashion-MNIST product photos as ``class-<label>/<i>.png`` under ``out``."""
     from PIL import Image
 
-    data = np.load(npz)
-    x = next(data[k] for k in ("x", "images", "x_test", "X") if k in data.files)
-    y = next(data[k] for k in ("y", "labels", "y_test", "Y") if k in data.files)
+    x, y = fashion_mnist(source)
     if len(x) < n:
-        raise ValueError(f"{npz} holds {len(x)} images, fewer than {n}")
+        raise ValueError(f"{source} holds {len(x)} images, fewer than {n}")
     for i in range(n):
         folder = out / f"class-{int(y[i])}"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.asarray(x[i], np.uint8).squeeze()).save(folder / f"{i:06d}.png")
+        Image.fromarray(x[i]).save(folder / f"{i:06d}.png")
     return out
 
 
