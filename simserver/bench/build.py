@@ -107,6 +107,9 @@ def build_figures(data: Path, workers: list[int], shard_size: int = 250, local: 
             }
             logger.info("local: %d images in %.1f s", report.indexed, seconds)
             del pool, backend
+        # Ray runs its workers at nice 15 (they yield to anything else on the machine, a server
+        # too); here they must compete on equal terms with the local build, which runs at nice 0.
+        os.environ["RAY_worker_niceness"] = "0"
         ray.init(
             num_cpus=max(workers), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
         )
