@@ -286,14 +286,29 @@ class RayOptions:
     batch_size: int = 32
 
 
-def _start_ray(address: str | None) -> bool:
-    """Joins ``address`` or starts a local Ray with this machine's CPUs, unless this process
-    already has one (tests share one per session); True if this call started it."""
+def start_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Joins ``address`` or starts a local Ray (``num_cpus``: default the machine's), unless this
+    process already has one (tests share one per session); True if this call started it. Ray gives
+    a new node a fixed 30 s to register: on a loaded machine it may miss that once, so one retry."""
     import ray
 
     if ray.is_initialized():
         return False
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    for attempt in (1, 2):
+        try:
+            ray.init(
+                address=address,
+                num_cpus=None if address else num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+            return True
+        except Exception as exc:
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+            logger.warning("Ray did not start in time (%s); trying once more", exc)
+            ray.shutdown()
     return True
 
 
@@ -387,7 +402,7 @@ def _run_actors(
 ) -> None:
     import ray
 
-    started = _start_ray(options.address)
+    started = start_ray(options.address)
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI draws its own

@@ -69,7 +69,7 @@ def build_figures(data: Path, workers: list[int], shard_size: int = 250, local: 
     bench_environment()
     import ray
 
-    from simserver.distributed import RayOptions, build_on_ray
+    from simserver.distributed import RayOptions, build_on_ray, start_ray
     from simserver.domain_config import DomainConfig, Limits
     from simserver.encoder_pool import EncoderPool, LocalBackend
     from simserver.ingest import read_folder
@@ -110,9 +110,7 @@ def build_figures(data: Path, workers: list[int], shard_size: int = 250, local: 
         # Ray runs its workers at nice 15 (they yield to anything else on the machine, a server
         # too); here they must compete on equal terms with the local build, which runs at nice 0.
         os.environ["RAY_worker_niceness"] = "0"
-        ray.init(
-            num_cpus=max(workers), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False
-        )
+        start_ray(None, num_cpus=max(workers))
         try:
             for w in workers:
                 store = Path(tmp) / f"ray-{w}"

@@ -1,7 +1,7 @@
 """Memory one serving replica needs for one domain, by index kind and catalog size: a version is
 published (N clustered synthetic 1280-d vectors, one item record each), then a fresh process loads it
 as an index service does at start; its resident memory after the load minus before it (imports
-done) is the domain's cost, and the peak during the load is what the container must allow.
+done) is the domain's cost.
 
 The cost is a sum of per-item parts (the float32 vectors every segment keeps for exact re-ranking and
 filters, the FAISS structure: codes or graph links of fixed M, the item record), so it is linear in N:
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import resource
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,9 @@ DOMAIN = "bench-replica"
 
 
 def _load_version(root: str, version: str, out: mp.Queue) -> None:
-    """In a fresh process: (resident bytes the loaded version adds, peak resident bytes)."""
+    """In a fresh process: the resident bytes the loaded version adds, and its item count. (Not
+    the peak: ``ru_maxrss`` survives the fork + exec that starts this process, so it would report
+    the parent's.)"""
     import numpy as np
     import psutil
 
@@ -39,8 +40,7 @@ def _load_version(root: str, version: str, out: mp.Queue) -> None:
     before = proc.memory_info().rss
     catalog = Repository(LocalStore(root)).load(DOMAIN, version)
     catalog.search(np.ones((1, catalog.dim), np.float32), 10)  # a served version has searched
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    out.put((proc.memory_info().rss - before, peak, len(catalog)))
+    out.put((proc.memory_info().rss - before, len(catalog)))
 
 
 def _items(n: int) -> list:
@@ -89,12 +89,11 @@ def replica_memory(n: int = 100_000, kinds: Sequence[str] = KINDS, d: int = 1280
             queue: mp.Queue = ctx.Queue()
             proc = ctx.Process(target=_load_version, args=(tmp, meta["version"], queue))
             proc.start()
-            added, peak, count = queue.get(timeout=3600)
+            added, count = queue.get(timeout=3600)
             proc.join()
             per_item = added / count
             out["kinds"][meta["index_kind"]] = {
                 "measured_rss_mb": round(added / 2**20, 1),
-                "peak_rss_mb": round(peak / 2**20, 1),
                 "bytes_per_item": round(per_item),
                 "index_bytes_per_vector": meta["bytes_per_vector"],
                 "recall_at_10": meta["recall_at_10"],

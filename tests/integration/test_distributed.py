@@ -5,7 +5,6 @@ resuming; the CLI. One local Ray of 2 CPUs for the module (Ray takes seconds to 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -26,7 +25,9 @@ def ray_address(builtin_tag):
 
     # Ray's workers run at nice 15 by default: on a machine busy with other tests they would crawl.
     os.environ["RAY_worker_niceness"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    from simserver.distributed import start_ray
+
+    start_ray(None, num_cpus=2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
