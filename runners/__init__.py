@@ -1,9 +1,10 @@
 """BentoML 1.4 dependency services: one shared TF encoder, one light FAISS service per domain."""
 
-from simserver.timeouts import release_request_timers
+from simserver.timeouts import keep_connections_alive, release_request_timers
 
-# Every service module imports this package first: each process gets the patch before it serves.
+# Every service module imports this package first: each process gets the patches before it serves.
 release_request_timers()
+keep_connections_alive()
 
 # BentoML's dependency client recycles its HTTP session every 100 requests by default and drops
 # the calls in flight when it does (measured: 7-11% HTTP 500s at 16 concurrent clients). Services

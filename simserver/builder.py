@@ -110,8 +110,9 @@ def publish_version(
     created = now_iso()
     items = []
     for s in dataset.samples:
-        key = image_key(domain, s.data, s.media_type)
-        repo.put_image(key, s.data)
+        key = s.image_key or image_key(domain, s.data, s.media_type)
+        if not s.image_key:  # else already stored (by a distributed build's actors)
+            repo.put_image(key, s.data)
         items.append(Item(s.name, s.label, key, s.media_type, s.metadata, s.id, created))
     index = DomainIndex.build(
         vectors,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -29,6 +30,7 @@ from simserver.schemas import Skipped
 logger = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.csv"
+R = TypeVar("R")
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 _MEDIA_TYPES = {
     "JPEG": "image/jpeg",
@@ -51,6 +53,9 @@ class Sample:
     max_pixels: int = 40_000_000
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     id: str = ""  # stable item id: metadata.csv's "id" column, else the archive path (name)
+    # Where the image already is in the store (a distributed build's actors put it there; then
+    # ``data`` may be empty); "": publishing stores ``data``.
+    image_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -212,6 +217,51 @@ def _checked_image(
     return data
 
 
+def layout(
+    listed: list[tuple[tuple[str, ...], R]],
+) -> tuple[R | None, list[tuple[tuple[str, ...], R]], list[Skipped]]:
+    """``<category>/<image>`` entries (path parts, reader), the wrapper folder a zipped folder adds
+    stripped: the ``metadata.csv`` entry's reader (None if absent), the images (relative parts,
+    reader) and the entries outside any category folder, skipped. The local and the distributed
+    builds (:mod:`simserver.distributed`) read a set through this one rule."""
+    depth = _strip_wrapper([p for p, _ in listed if p[-1] != METADATA_FILE])
+    metadata: R | None = None
+    images: list[tuple[tuple[str, ...], R]] = []
+    skipped: list[Skipped] = []
+    for parts, read in listed:
+        rel = parts[depth:] if len(parts) > depth else parts
+        if rel and rel[-1] == METADATA_FILE and len(rel) == 1:
+            metadata = read
+        elif len(rel) < 2:
+            skipped.append(Skipped(name="/".join(parts), reason="not inside a category folder"))
+        else:
+            images.append((rel, read))
+    return metadata, images, skipped
+
+
+def metadata_finder(
+    metadata: dict[str, dict[str, str]], images: list[tuple[str, ...]]
+) -> Callable[[tuple[str, ...]], tuple[dict[str, str], str]]:
+    """``find(rel)`` -> (metadata, item id) of one image: its ``metadata.csv`` row by path, else by
+    file name when that name is unique in the set; the ``id`` column is the item id ("" if none)."""
+    by_basename: dict[str, int] = {}
+    for rel in images:
+        by_basename[rel[-1]] = by_basename.get(rel[-1], 0) + 1
+
+    def find(rel: tuple[str, ...]) -> tuple[dict[str, str], str]:
+        name = "/".join(rel)
+        meta = metadata.get(name)
+        if meta is None and by_basename.get(rel[-1]) == 1:
+            meta = metadata.get(rel[-1])
+        meta = dict(meta or {})
+        item_id = meta.pop("id", "") or ""
+        if item_id:
+            check_item_id(item_id, f"{METADATA_FILE}: {name}")
+        return meta, item_id
+
+    return find
+
+
 def _build(
     entries: Iterable[tuple[tuple[str, ...], Callable[[], bytes]]],
     limits: Limits,
@@ -223,34 +273,16 @@ def _build(
     listed = list(entries)
     if not labelled:  # a bag of images (one supplier site): any layout, no categories
         return _build_unlabelled(listed, limits, image_size, progress, budget)
-    depth = _strip_wrapper([p for p, _ in listed if p[-1] != METADATA_FILE])
-    metadata: dict[str, dict[str, str]] = {}
-    images: list[tuple[tuple[str, ...], Callable[[], bytes]]] = []
-    skipped: list[Skipped] = []
-    for parts, read in listed:
-        rel = parts[depth:] if len(parts) > depth else parts
-        if rel and rel[-1] == METADATA_FILE and len(rel) == 1:
-            metadata = _parse_metadata(read())
-        elif len(rel) < 2:
-            skipped.append(Skipped(name="/".join(parts), reason="not inside a category folder"))
-        else:
-            images.append((rel, read))
+    metadata_reader, images, skipped = layout(listed)
+    metadata = _parse_metadata(metadata_reader()) if metadata_reader else {}
     samples: list[Sample] = []
-    by_basename: dict[str, list[str]] = {}
-    for rel, _ in images:
-        by_basename.setdefault(rel[-1], []).append("/".join(rel))
+    find = metadata_finder(metadata, [rel for rel, _ in images])
     for rel, read in images:
         name = "/".join(rel)
         data = _checked_image(name, read, limits, image_size, skipped, progress)
         if data is None:
             continue
-        meta = metadata.get(name)
-        if meta is None and len(by_basename[rel[-1]]) == 1:
-            meta = metadata.get(rel[-1])
-        meta = dict(meta or {})
-        item_id = meta.pop("id", "") or ""
-        if item_id:
-            check_item_id(item_id, f"{METADATA_FILE}: {name}")
+        meta, item_id = find(rel)
         samples.append(_sample(name, rel[0], data, limits, image_size, meta, item_id))
     if not samples:
         raise BadArchive(

@@ -50,3 +50,30 @@ def release_request_timers() -> None:
     # setattr: mypy refuses assigning to a method, and the marker is not a declared attribute.
     setattr(TimeoutMiddleware, "__call__", call)  # noqa: B010
     setattr(TimeoutMiddleware, "_simserver_patched", True)  # noqa: B010
+
+
+# Longer than any client keeps an idle connection open: BentoML's own client between the services
+# (aiohttp, 15 s) and the ALB in front of the gateway (its idle timeout: 300 s, deploy/aws/stack.yaml).
+KEEP_ALIVE_S = 310
+
+
+def keep_connections_alive(seconds: int = KEEP_ALIVE_S) -> None:
+    """Every service's uvicorn keeps an idle keep-alive connection ``seconds`` instead of 5 s
+    (idempotent; every service process calls it at import, before its server is configured).
+
+    ``bentoml serve --timeout-keep-alive`` reaches the entry service only. With 5 s, a client that
+    reused an idle connection just as the server closed it got "connection reset by peer": a 500
+    between the services (seen by the OpenAPI fuzz and by a training started ~5 s after another).
+    """
+    import uvicorn
+
+    init = uvicorn.Config.__init__
+    if getattr(init, "_simserver_patched", False):
+        return
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs["timeout_keep_alive"] = max(kwargs.get("timeout_keep_alive") or 0, seconds)
+        init(self, *args, **kwargs)
+
+    patched._simserver_patched = True  # type: ignore[attr-defined]
+    uvicorn.Config.__init__ = patched  # type: ignore[method-assign]

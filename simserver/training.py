@@ -520,10 +520,12 @@ def train_domain(
     progress: Progress | None = None,
     started: float | None = None,
     stage: Stage | None = None,
+    features: np.ndarray | None = None,
 ) -> BuildReport:
     """Publish a new version of ``cfg.name`` from ``dataset`` (already read); see the module
     docstring. The stages, in order: check, features, split + fit + evaluate (one decision),
-    promote, calibrate, publish. Nothing is visible until publish moves the pointer."""
+    promote, calibrate, publish. Nothing is visible until publish moves the pointer.
+    ``features``: the samples' backbone features when already computed (a distributed build's)."""
     t0 = started if started is not None else time.perf_counter()
     check_dataset(cfg, dataset)
     previous = repo.current_version(cfg.name)
@@ -531,7 +533,8 @@ def train_domain(
     at = stage or (lambda name, total: None)
     at("encoding", len(dataset.samples))
     t = time.perf_counter()
-    features = backbone_features(dataset.samples, backend, cache, batch_size, progress)
+    if features is None:
+        features = backbone_features(dataset.samples, backend, cache, batch_size, progress)
     encode_seconds = time.perf_counter() - t
     at("training", 0)
     outcome = fit_and_evaluate(

@@ -176,6 +176,29 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "both (default) or not at all",
     )
 
+    # Distributed builds and the per-replica memory (issue 17).
+    p = bench(
+        "build",
+        "domain builds side by side on the same images: --engine local and --engine ray with 1, 2, … actors",
+        run_build,
+    )
+    p.add_argument("--data", type=Path, help="folder of <category>/<image> (default: Fashion-MNIST, below)")
+    p.add_argument(
+        "--fashion-mnist",
+        type=Path,
+        default=None,
+        help="write -n Fashion-MNIST photos as PNGs and build those: a .npz or the folder of Debian's "
+        "dataset-fashion-mnist (default /usr/share/datasets/fashion-mnist)",
+    )
+    p.add_argument("-n", type=int, default=5000, help="images taken from Fashion-MNIST (default 5000)")
+    p.add_argument("--engines", default="local,ray", help="comma-separated subset of local,ray")
+    p.add_argument("--workers", default="1,2", help="Ray actor counts to compare (default 1,2)")
+    p.add_argument("--shard-size", type=int, default=250)
+
+    p = bench("replica", "memory of one serving replica per domain, by index kind, at N items", run_replica)
+    p.add_argument("-n", type=int, default=100_000, help="items (default 100,000)")
+    p.add_argument("--kinds", default="flat,hnsw,hnsw_fp16,ivfpq", help="comma-separated index kinds")
+
     from simserver.bench.suite import PARTS
 
     p = bench(
@@ -367,4 +390,35 @@ def run_all(args: argparse.Namespace) -> int:
     except ValueError as exc:
         args.parser.error(str(exc))
     print_json(result, compact=args.json)
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from simserver.bench.build import FASHION_MNIST, build_figures, write_fashion_mnist
+
+    engines = {e.strip() for e in args.engines.split(",") if e.strip()}
+    if not engines or engines - {"local", "ray"}:
+        args.parser.error(f"--engines: a subset of local,ray, got {args.engines!r}")
+    try:
+        workers = [int(w) for w in args.workers.split(",")] if "ray" in engines else []
+    except ValueError:
+        args.parser.error(f"--workers: comma-separated counts, got {args.workers!r}")
+    if any(w < 1 for w in workers) or (args.data and args.fashion_mnist):
+        args.parser.error("give --data or --fashion-mnist (not both), and workers >= 1")
+    with tempfile.TemporaryDirectory(prefix="bench-build-images-") as tmp:
+        data = args.data or write_fashion_mnist(args.fashion_mnist or FASHION_MNIST, args.n, Path(tmp))
+        if not data.is_dir():
+            args.parser.error(f"not a folder: {data}")
+        print_json(build_figures(data, workers, args.shard_size, "local" in engines), compact=args.json)
+    return 0
+
+
+def run_replica(args: argparse.Namespace) -> int:
+    from simserver.bench.replica import replica_memory
+
+    print_json(
+        replica_memory(args.n, [k.strip() for k in args.kinds.split(",") if k.strip()]), compact=args.json
+    )
     return 0

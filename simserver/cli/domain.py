@@ -34,7 +34,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     p.add_argument("domain", nargs="?", help="domain name (domains/<name>.yaml)")
-    p.add_argument("--data", type=Path, help="folder or .zip of <category>/<image>")
+    p.add_argument(
+        "--data", help="folder or .zip of <category>/<image> (--engine ray: a folder or s3://bucket/prefix/)"
+    )
     p.add_argument("--demo", action="store_true", help="build every domain from its demo_data")
     p.add_argument("--missing-only", action="store_true", help="skip domains the store already has")
     p.add_argument("--store", help="STORE_URI override")
@@ -43,6 +45,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         choices=MODES,
         help="auto: fine-tune, promote only if better on the hold-out (default: the domain's training.mode)",
     )
+    # Distributed builds (simserver/distributed.py).
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="ray: decode + encode in Ray Data actors, Parquet shards in the store, resumable "
+        "(indexes with the pretrained encoder)",
+    )
+    p.add_argument(
+        "--address", help="--engine ray: join this Ray cluster (default: start one on this machine)"
+    )
+    p.add_argument("--workers", type=int, help="--engine ray: encoder actors (default: one per CPU)")
+    p.add_argument("--shard-size", type=int, default=500, help="--engine ray: images per Parquet shard")
     p.set_defaults(func=build, log_level=logging.WARNING, parser=p)
 
 
@@ -94,6 +109,12 @@ def build(args: argparse.Namespace) -> int:
         if args.domain not in domains or args.data is None:
             args.parser.error(f"give a known domain ({', '.join(domains)}) and --data, or --demo")
         jobs = [(domains[args.domain], args.data)]
+    if args.engine == "ray":
+        if args.mode not in (None, "pretrained"):
+            args.parser.error(
+                "--engine ray indexes with the pretrained encoder: give no --mode or pretrained"
+            )
+        return build_ray(args, repo, jobs, args.store or settings.store_uri)
     pool = EncoderPool.from_settings(settings, store=store)
     for cfg, data in jobs:
         current = repo.current_version(cfg.name)
@@ -107,4 +128,30 @@ def build(args: argparse.Namespace) -> int:
         except (OSError, zipfile.BadZipFile) as exc:
             return fail(f"{cfg.name}: cannot read {data}: {exc}")
         print(json.dumps({"domain": cfg.name, "built": True, **report}))
+    return 0
+
+
+def build_ray(args: argparse.Namespace, repo, jobs: list, store_uri: str) -> int:
+    """``--engine ray``: each domain built by :func:`simserver.distributed.build_on_ray`."""
+    from simserver.distributed import RayOptions, build_on_ray
+    from simserver.errors import RequestRefused
+
+    if args.workers is not None and args.workers < 1 or args.shard_size < 1:
+        args.parser.error("--workers and --shard-size must be at least 1")
+    options = RayOptions(args.address, args.workers, args.shard_size)
+    for cfg, data in jobs:
+        current = repo.current_version(cfg.name)
+        if args.missing_only and current:
+            print(json.dumps({"domain": cfg.name, "version": current, "built": False}))
+            continue
+        with progress_bar(0, f"{cfg.name}: encode (ray)") as advance:
+            try:
+                report = build_on_ray(repo, cfg, str(data), store_uri, options, advance)
+            except RequestRefused as exc:
+                return fail(f"{cfg.name}: {exc.message}")
+            except OSError as exc:
+                return fail(f"{cfg.name}: cannot read {data}: {exc}")
+        print(
+            json.dumps({"domain": cfg.name, "built": True, **report.as_json(), "build": report.meta["build"]})
+        )
     return 0

@@ -52,3 +52,16 @@ def test_answered_requests_leave_no_armed_timer_and_slow_ones_still_time_out():
     gc.collect()
     assert armed == 0
     assert slow[0]["status"] == 504
+
+
+def test_every_uvicorn_server_keeps_idle_connections_longer_than_its_clients():
+    import uvicorn
+
+    from simserver.timeouts import KEEP_ALIVE_S, keep_connections_alive
+
+    keep_connections_alive()
+    keep_connections_alive()  # idempotent
+    assert uvicorn.Config(app=None, timeout_keep_alive=5).timeout_keep_alive == KEEP_ALIVE_S
+    assert uvicorn.Config(app=None).timeout_keep_alive == KEEP_ALIVE_S
+    assert uvicorn.Config(app=None, timeout_keep_alive=900).timeout_keep_alive == 900  # longer stays
+    assert KEEP_ALIVE_S > 300  # the ALB's idle timeout (deploy/aws/stack.yaml)
