@@ -55,6 +55,7 @@ class GatewayMiddleware:
         ready_timeout: float = 4.0,
         heavy_routes: Collection[str] = (),
         relevance_domains: Collection[str] | None = None,
+        text_domains: Collection[str] | None = None,
         task_choices: Mapping[str, Collection[str]] | None = None,
         task_files: Collection[str] = (),
         max_heavy_requests: int = 2,
@@ -67,6 +68,7 @@ class GatewayMiddleware:
         self._allowed: Callable[[str], str | None] | None = None
         self.heavy_routes = heavy_routes
         self.relevance_domains = relevance_domains
+        self.text_domains = text_domains
         self.task_choices = task_choices or {}
         self.task_files = task_files
         self.max_heavy_requests = max_heavy_requests
@@ -97,6 +99,7 @@ class GatewayMiddleware:
             # Multi-image requests: a site's images, a catalog upload.
             "heavy_routes": ("relevance", "items"),
             "relevance_domains": {n for n, c in domains.items() if c.target_label},
+            "text_domains": {n for n, c in domains.items() if c.text is not None},
             "task_choices": {"mode": get_args(TrainingMode), "catalog": ("replace", "merge")},
             "task_files": ("archive",),
             "max_heavy_requests": settings.max_heavy_requests,
@@ -387,7 +390,9 @@ class GatewayMiddleware:
         if got["status"] != 200 or not isinstance(spec, dict):
             return None
         operations = self.api_operations() if self.api_operations else None
-        self._document = complete(spec, self.domains, self.relevance_domains, operations)
+        self._document = complete(
+            spec, self.domains, self.relevance_domains, operations, text_domains=self.text_domains
+        )
         return self._document
 
     async def _allow(self, scope: Scope) -> str | None:

@@ -102,6 +102,26 @@ def _nullable_defaults(schema: Any) -> None:
             _nullable_defaults(value)
 
 
+def _is_text(prop: Any) -> bool:
+    options = prop.get("anyOf", [prop]) if isinstance(prop, dict) else []
+    return any(
+        isinstance(o, dict) and o.get("type") == "string" and o.get("format") != "binary" for o in options
+    )
+
+
+def _plain_text_fields(op: dict[str, Any]) -> None:
+    """A multipart body's string fields are read as plain text (``curl -F text=falafel``), not as
+    JSON: BentoML declares every non-file field ``application/json``, so a schema-driven client
+    would send ``"falafel"`` with its quotes, and a fuzzer a JSON array the route takes as text."""
+    form = op.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+    if not form:
+        return
+    props = (form.get("schema") or {}).get("properties") or {}
+    for name, prop in props.items():
+        if _is_text(prop):
+            form.get("encoding", {}).pop(name, None)
+
+
 def api_operations(svc: Any) -> dict[str, dict[str, Any]]:
     """Every BentoML API's operations, by path, as BentoML documents them. Its document keeps one
     entry per path, so an API that shares its path with a FastAPI route (``POST /{domain}/items``
@@ -119,10 +139,12 @@ def complete(
     domains: Collection[str],
     relevance_domains: Collection[str] | None = None,
     operations: Mapping[str, Mapping[str, Any]] | None = None,
+    text_domains: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """A copy of BentoML's ``spec`` with path parameters, error replies and task shapes declared.
     ``relevance_domains``: the domains with a target label (the only ones ``/relevance`` serves);
-    ``operations``: :func:`api_operations`, added where the document lacks them."""
+    ``operations``: :func:`api_operations`, added where the document lacks them;
+    ``text_domains``: the domains with text configured (the only ones ``/match`` serves)."""
     spec = copy.deepcopy(spec)
     for path, item in (operations or {}).items():
         have = spec.setdefault("paths", {}).setdefault(path, {})
@@ -159,6 +181,8 @@ def complete(
                 param = copy.deepcopy(domain_param)
                 if path.endswith("/relevance") and relevance_domains is not None:
                     param["schema"]["enum"] = sorted(relevance_domains)
+                if path.endswith(("/match", "/match/groups")) and text_domains is not None:
+                    param["schema"]["enum"] = sorted(text_domains)
                 # FastAPI's routes declare it already, without the names: replaced.
                 params[:] = [param, *(p for p in params if p.get("name") != "domain")]
             responses = op["responses"]
@@ -173,6 +197,7 @@ def complete(
                 if code == 429:
                     reply["headers"]["Retry-After"] = {"schema": {"type": "integer"}}
                 responses[str(code)] = reply
+            _plain_text_fields(op)
             if any(
                 (c.get("schema") or {}).get("required")
                 for c in op.get("requestBody", {}).get("content", {}).values()

@@ -374,7 +374,7 @@ class GroupMatch(BaseModel):
 class MatchReply(BaseModel):
     domain: str
     version: str
-    group: str | None = Field(description="the query's own group (skipped), if known")
+    group: str | None = Field(None, description="the query's own group (skipped), if known")
     threshold: float
     matches: list[GroupMatch]
 

@@ -41,7 +41,7 @@ def test_the_document_declares_path_parameters_errors_and_task_shapes(fuzzed):
                 assert (
                     domain["in"] == "path"
                     and "fashion" in domain["schema"]["enum"]
-                    or path.endswith("/relevance")
+                    or path.endswith(("/relevance", "/match", "/match/groups"))
                 ), (method, path)
             for code, reply in op["responses"].items():
                 if code.startswith(("4", "5")):
@@ -50,6 +50,8 @@ def test_the_document_declares_path_parameters_errors_and_task_shapes(fuzzed):
                     }, (method, path, code)
     relevance = spec["paths"]["/{domain}/relevance"]["post"]["parameters"][0]["schema"]["enum"]
     assert relevance == ["almonds-suppliers"]  # the only demo domain with a target label
+    match = spec["paths"]["/{domain}/match"]["post"]["parameters"][0]["schema"]["enum"]
+    assert match == ["food"]  # the only demo domain with text configured
     assert "put" not in spec["paths"].get("/{domain}/train/cancel", {})
     status = spec["components"]["schemas"]["TaskStatusResponse"]["properties"]["status"]["enum"]
     assert {"completed", "failed"} <= set(status)
@@ -57,7 +59,7 @@ def test_the_document_declares_path_parameters_errors_and_task_shapes(fuzzed):
     assert submitted["content"]["application/json"]["schema"]["$ref"].endswith("/TaskSubmitted")
     # A BentoML API sharing its path with a FastAPI route is documented too.
     assert {"get", "post"} <= set(spec["paths"]["/{domain}/items"])
-    assert spec["paths"]["/{domain}/search"]["post"]["requestBody"]["required"] is True
+    assert spec["paths"]["/{domain}/train/submit"]["post"]["requestBody"]["required"] is True
     # A 405 names every method of the path (Starlette's named the first route's only), in the error shape.
     r = requests.options(f"{server.url}/fashion/items/a/b.png", timeout=30)
     assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET", r.headers
