@@ -89,7 +89,10 @@ class GatewayMiddleware:
         uploads = [c.limits.max_upload_bytes for c in domains.values()] + [Limits().max_upload_bytes]
         return {
             "domains": set(domains),
-            "domain_routes": ("search", "train", "images", "relevance", "items", "similar", "versions"),
+            "domain_routes": (
+                *("search", "train", "images", "relevance", "items", "similar", "versions"),
+                "duplicates",
+            ),
             # Multi-image requests: a site's images, a catalog upload.
             "heavy_routes": ("relevance", "items"),
             "relevance_domains": {n for n, c in domains.items() if c.target_label},
@@ -127,6 +130,7 @@ class GatewayMiddleware:
         if not self.api_keys or path in self.OPEN_PATHS or path.startswith(("/assets/", "/static_content/")):
             return False
         mutating = len(parts) >= 2 and parts[1] in self.MUTABLE and method in ("POST", "PUT", "DELETE")
+        mutating = mutating or (parts[1:] == ["duplicates", "calibrate"] and method == "POST")
         return mutating or self.search_requires_key
 
     def _auth_error(self, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
@@ -192,7 +196,9 @@ class GatewayMiddleware:
             return
         if method in ("POST", "PUT"):
             length_header = headers.get(b"content-length")
-            if length_header is None and path.endswith("/activate"):
+            if length_header is None and path.endswith(
+                ("/activate", "/duplicates/submit", "/duplicates/calibrate")
+            ):
                 length_header = b"0"  # a POST without a body (curl -X POST sends no Content-Length)
             if length_header is None:
                 await self._refuse(send, 411, "send the body with a Content-Length header")
@@ -219,9 +225,13 @@ class GatewayMiddleware:
                 await self._refuse(send, 400, problem)
                 return
         task_query = (
-            len(parts) == 3 and parts[1] == "train" and parts[2] in ("status", "get") and method == "GET"
+            len(parts) == 3
+            and parts[1] in ("train", "duplicates")
+            and parts[2] in ("status", "get")
+            and method == "GET"
         )
         heavy = len(parts) == 2 and parts[1] in self.heavy_routes and method == "POST"
+        heavy = heavy or (parts[1:] == ["duplicates", "check"] and method == "POST")
         if heavy and self._heavy_in_flight >= self.max_heavy_requests:
             await self._refuse(
                 send,

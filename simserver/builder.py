@@ -48,6 +48,7 @@ class BuildReport:
             encoder_id=self.meta.get("encoder_id"),
             evaluation=self.meta.get("evaluation"),
             relevance=self.meta.get("relevance"),
+            duplicates=self.meta.get("duplicates"),
         )
 
     def as_json(self) -> dict:

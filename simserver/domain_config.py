@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from simserver.catalog import CatalogPolicy
+from simserver.duplicates import DuplicatesConfig
 from simserver.finetune import TrainingConfig
 from simserver.index_choice import IndexPolicy
 from simserver.metrics import Metric
@@ -73,6 +74,7 @@ class DomainConfig(BaseModel):
     relevance: RelevanceConfig = RelevanceConfig()
     catalog: CatalogPolicy = CatalogPolicy()
     versions: VersionsConfig = VersionsConfig()
+    duplicates: DuplicatesConfig = DuplicatesConfig()
 
     @field_validator("name")
     @classmethod

@@ -178,4 +178,5 @@ class Searcher:
             evaluation=Evaluation.model_validate(evaluation) if evaluation else None,
             created_at=meta.get("created_at"),
             store_error=store_error,
+            duplicates=meta.get("duplicates"),
         )

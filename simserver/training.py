@@ -497,6 +497,37 @@ def promote(
     return Promotion(encoder, encoder_id, outcome.head.apply(features))
 
 
+def calibrate_duplicates(
+    cfg: DomainConfig,
+    dataset: Dataset,
+    served: Promotion,
+    outcome: Outcome,
+    backend: Backend,
+    batch_size: int,
+) -> dict:
+    """The duplicate decision (:mod:`simserver.duplicates`), on synthetic copies of a capped number
+    of the dataset's images encoded in the embedding the version serves."""
+    from simserver import duplicates
+
+    head = outcome.head if served.encoder != backend.encoder else None
+
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        f = backend.encode(pixels)
+        return head.apply(f) if head is not None else f
+
+    samples = dataset.samples
+    return duplicates.calibrate_rows(
+        cfg.duplicates,
+        lambda r: samples[r].data,
+        served.vectors,
+        np.asarray([s.label for s in samples]),
+        encode,
+        cfg.metric,
+        samples[0].image_size if samples else 224,
+        batch_size,
+    )
+
+
 def train_domain(
     repo: Repository,
     cfg: DomainConfig,
@@ -547,6 +578,7 @@ def train_domain(
             progress,
         )
     calibrations = calibrate_all(CalibrationData(cfg, outcome.split, served.vectors, labels, parts))
+    calibrations["duplicates"] = calibrate_duplicates(cfg, dataset, served, outcome, backend, batch_size)
     logger.info("domain %s: %s", cfg.name, outcome.reason)
     return publish_version(
         repo,
