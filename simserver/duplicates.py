@@ -505,9 +505,13 @@ def _approximate_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A segment's approximate index searched for the whole batch at once (FAISS's threads, no
     per-query Python), a few extra candidates for the dead rows, re-scored exactly."""
+    import faiss
+
     dead = len(alive) - int(alive.sum())
-    _, rows = seg.index.search(q, min(len(alive), k + min(dead, 16)))
+    raw, rows = seg.index.search(q, min(len(alive), k + min(dead, 16)))
     rows = np.where((rows >= 0) & alive[np.maximum(rows, 0)], rows, -1)
+    if isinstance(faiss.downcast_index(seg.index), faiss.IndexHNSWFlat):  # its distances are exact
+        return np.where(rows >= 0, metrics.faiss_to_distance(metric, raw), np.inf), rows
     cand = seg.vectors[np.maximum(rows, 0)]  # [B, k', D]
     qq = q[:, None, :]
     if metric in ("cosine", "ip"):
@@ -539,7 +543,7 @@ def catalog_knn(catalog, k: int, batch: int = 1024) -> tuple[list, np.ndarray, n
     kk = min(k + 1, n)  # +1: the item itself comes back first
     nb = np.full((n, k), -1, np.int64)
     sc = np.zeros((n, k))
-    q_all = metrics.l2_normalize(vectors) if catalog.metric == "cosine" else vectors
+    q_all = vectors  # segments hold cosine vectors L2-normalised already
     from simserver.cpu import faiss_threads
 
     faiss_threads(batch)

@@ -163,7 +163,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--originals", type=int, default=60, help="originals per folder, half calibrate, half test"
     )
-    p.add_argument("--look-alikes", type=int, default=1, help="nearest same-label items per original")
+    p.add_argument("--look-alikes", type=int, default=3, help="nearest same-label items per original")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--groups",
