@@ -425,22 +425,9 @@ def summarize(pairs: PairSet, decision: Decision) -> dict:
     }
 
 
-def calibrate(
-    originals: Sequence[Image.Image],
-    vectors: np.ndarray,
-    lookalike_images: Sequence[Sequence[Image.Image]],
-    lookalike_scores: Sequence[Sequence[float]],
-    encode: EncodeImages,
-    metric: str,
-    cfg: DuplicatesConfig,
-    batch_size: int = 32,
-) -> dict:
+def calibrate(pairs: PairSet, cfg: DuplicatesConfig, images: int, started: float) -> dict:
     """The domain's duplicate decision and what it achieves on its calibration pairs (the JSON
     stored under ``duplicates`` in the version's meta)."""
-    t0 = time.perf_counter()
-    pairs = calibration_pairs(
-        originals, vectors, lookalike_images, lookalike_scores, encode, metric, batch_size=batch_size
-    )
     decision = fit_decision(pairs.score, pairs.inliers, pairs.same, cfg.precision, cfg.min_score, verify=True)
     embedding_only = fit_decision(
         pairs.score, pairs.inliers, pairs.same, cfg.precision, cfg.min_score, verify=False
@@ -450,8 +437,8 @@ def calibrate(
         "precision_target": cfg.precision,
         **summarize(pairs, decision),
         "embedding_only": summarize(pairs, embedding_only),
-        "images": len(originals),
-        "seconds": round(time.perf_counter() - t0, 3),
+        "images": images,
+        "seconds": round(time.perf_counter() - started, 3),
     }
 
 
@@ -730,13 +717,14 @@ def calibrate_rows(
             opened[r] = open_for_calibration(image_of(r))
         return opened[r]
 
-    return calibrate(
+    t0 = time.perf_counter()
+    pairs = calibration_pairs(
         [img(r) for r in rows],
         vectors[rows],
         [[img(j) for j, _ in pairs] for pairs in la],
         [[s for _, s in pairs] for pairs in la],
         lambda ims: np.asarray(encode_pixels(pixels_of(ims, image_size)), np.float32),
         metric,
-        cfg,
-        batch_size,
+        batch_size=batch_size,
     )
+    return calibrate(pairs, cfg, len(rows), t0)

@@ -293,14 +293,21 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None, help="results, 1..100 (default: the domain's)")
     p.add_argument("--filter", default=None, help="JSON filter")
 
-    items = subparsers.add_parser("items", help="add, delete or list a domain's items (no training)")
-    actions = items.add_subparsers(dest="items_command", metavar="ACTION", required=True)
+    def actions_of(group: str, help: str) -> Callable[[str, Handler, str], argparse.ArgumentParser]:
+        """``simserver <group> ACTION DOMAIN ...``: a parser per action."""
+        actions = subparsers.add_parser(group, help=help).add_subparsers(
+            dest=f"{group}_command", metavar="ACTION", required=True
+        )
 
-    def action(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(name, parents=common, help=help, description=help)
-        p.set_defaults(func=_run(handler))
-        p.add_argument("domain")
-        return p
+        def action(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+            p = actions.add_parser(name, parents=common, help=help, description=help)
+            p.set_defaults(func=_run(handler))
+            p.add_argument("domain")
+            return p
+
+        return action
+
+    action = actions_of("items", "add, delete or list a domain's items (no training)")
 
     p = action("add", _items_add, "add or replace items by id (POST /{domain}/items)")
     p.add_argument("images", nargs="*", help="image files, all of --label")
@@ -360,14 +367,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up waiting after")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
-    dups = subparsers.add_parser("duplicates", help="duplicate listings: check images, whole-catalog groups")
-    dup_actions = dups.add_subparsers(dest="duplicates_command", metavar="ACTION", required=True)
-
-    def dup_action(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        p = dup_actions.add_parser(name, parents=common, help=help, description=help)
-        p.set_defaults(func=_run(handler))
-        p.add_argument("domain")
-        return p
+    dup_action = actions_of("duplicates", "duplicate listings: check images, whole-catalog groups")
 
     p = dup_action(
         "check",
