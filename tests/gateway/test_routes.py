@@ -337,9 +337,21 @@ def test_add_items(gw):
         ],
     )
     assert r.status_code == 200, r.text
-    assert r.json() == {"version": "v2", "added": 2, "replaced": 0, "skipped": [], "count": 4}
+    assert r.json() == {
+        "version": "v2",
+        "added": 2,
+        "replaced": 0,
+        "skipped": [],
+        "count": 4,
+        "duplicates": [],
+    }
     method, kwargs = gw.index["shop"].calls[-1]
     assert method == "upsert" and kwargs["label"] == "coat" and kwargs["ids"] == ["sku-1", "sku/2"]
+    assert kwargs["on_duplicate"] == "allow"
+    one = [("images", ("a.png", png(), "image/png")), ("label", "coat")]
+    r = multipart(gw, "/shop/items", [*one, ("on_duplicate", "skip")])
+    assert r.status_code == 200, r.text and gw.index["shop"].calls[-1][1]["on_duplicate"] == "skip"
+    error_of(multipart(gw, "/shop/items", [*one, ("on_duplicate", "maybe")]), 400, "on_duplicate")
     assert kwargs["names"] == ["a.png", "b.png"] and kwargs["archive"] is None
     r = gw.client.post("/shop/items", files={"archive": ("a.zip", zip_of({"a/x.png": png()}))})
     assert r.status_code == 200, r.text and gw.index["shop"].calls[-1][1]["archive"]
