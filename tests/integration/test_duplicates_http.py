@@ -45,7 +45,6 @@ def test_check_tells_copies_from_an_unrelated_photo(server):
     body = r.json()
     assert body["domain"] == "fashion" and body["calibrated"] is True
     same, mirror, hammer = body["results"]
-    print(body)
     assert [same["name"], mirror["name"], hammer["name"]] == ["same.png", "mirror.png", "hammer.webp"]
     assert same["duplicate"] is True
     top = same["matches"][0]
