@@ -186,7 +186,7 @@ class GatewayMiddleware:
                 **scope,
                 "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"],
             }
-        if len(parts) == 3 and parts[1:] == ["train", "cancel"]:
+        if len(parts) == 3 and parts[1] in ("train", "duplicates") and parts[2] == "cancel":
             await self._refuse(
                 send,
                 405,
@@ -221,6 +221,12 @@ class GatewayMiddleware:
             # BentoML stores a task and answers 200 before it parses the form: a bad choice would
             # only fail later, in the task. Checked here so the submit itself gets the 400.
             receive, problem = await self._checked_task_form(scope, receive)
+            if problem:
+                await self._refuse(send, 400, problem)
+                return
+        if len(parts) == 3 and parts[1] == "duplicates" and parts[2] in ("submit", "calibrate"):
+            # These take no input; BentoML would accept any JSON body (a list included) as none.
+            receive, problem = await self._checked_empty_body(receive)
             if problem:
                 await self._refuse(send, 400, problem)
                 return
@@ -293,6 +299,32 @@ class GatewayMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self._heavy_in_flight -= 1
+
+    async def _checked_empty_body(self, receive: Callable) -> tuple[Callable, str | None]:
+        """The body read once (its size is checked already) and replayed: no body or ``{}``."""
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            ok = not body.strip() or json.loads(body) == {}
+        except ValueError:
+            ok = False
+        return replay, None if ok else "this route takes no input: send no body, or {}"
 
     async def _checked_task_form(self, scope: Scope, receive: Callable) -> tuple[Callable, str | None]:
         """The body read once (its size is checked already) and replayed to BentoML; its choice

@@ -71,7 +71,7 @@ class DuplicatesConfig(BaseModel):
     )
     groups_k: int = Field(10, ge=2, le=100, description="neighbours per item in the whole-catalog scan")
     max_verified_pairs: int = Field(
-        20_000, ge=0, description="candidate pairs geometrically verified by one whole-catalog scan"
+        2_000, ge=0, description="candidate pairs geometrically verified by one whole-catalog scan"
     )
 
 
@@ -270,6 +270,13 @@ class Decision(BaseModel):
         if self.verify:
             z = z + self.weights[2] * np.log1p(np.asarray(inl, np.float64))
         return 1.0 / (1.0 + np.exp(-z))
+
+    def lowest_possible_score(self, max_inliers: int = 1000) -> float:
+        """The lowest score at which a pair could still be a duplicate (with ``max_inliers``, more
+        than ORB's keypoints allow): pairs under it need no verification."""
+        grid = np.linspace(self.min_score, 1.0, 201)
+        ok = self.duplicate(grid, np.full(len(grid), max_inliers))
+        return float(grid[np.argmax(ok)]) if ok.any() else 1.0 + 1e-9
 
     def duplicate(self, score: np.ndarray, inl: np.ndarray) -> np.ndarray:
         return (np.asarray(score) >= self.min_score) & (self.same_item(score, inl) >= self.threshold)
@@ -637,7 +644,7 @@ def find_groups(
     image; None: no verification, the decision's inliers taken as 0)."""
     t0 = time.perf_counter()
     items, nb, sc = catalog_knn(catalog, min(cfg.groups_k, max(1, catalog.count - 1)))
-    i, j, s = candidate_pairs(nb, sc, decision.min_score)
+    i, j, s = candidate_pairs(nb, sc, decision.lowest_possible_score())
     inl = np.zeros(len(i))
     verified = 0
     if decision.verify and load_image is not None and len(i):

@@ -405,3 +405,14 @@ def test_similarity_with_a_domain_uses_its_index_service(gw):
     )
     r = gw.client.post("/similarity", files=files)
     assert r.status_code == 200 and r.json()["metric"] == "cosine" and r.json()["same_label"] is None
+
+
+def test_duplicates_routes_refuse_input_and_cancel(gw):
+    for route in ("submit", "calibrate"):
+        error_of(gw.client.post(f"/shop/duplicates/{route}", json=[None, None]), 400, "takes no input")
+        error_of(gw.client.post(f"/shop/duplicates/{route}", content=b"not json"), 400, "takes no input")
+    error_of(gw.client.put("/shop/duplicates/cancel", params={"task_id": "x"}), 405, "cannot be cancelled")
+    error_of(
+        gw.client.post("/nope/duplicates/check", files={"image": ("a.png", png())}), 404, "unknown domain"
+    )
+    error_of(gw.client.post("/shop/duplicates/check", data={"x": "1"}), 400)
