@@ -73,6 +73,8 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             self.repo = repo
             self.settings = settings
             self._maintaining = threading.Lock()  # one compaction / GC at a time in this process
+            self._groups_lock = threading.Lock()
+            self._groups: DuplicateGroupsReply | None = None
             self._last_gc = 0.0
             self._loop = asyncio.get_event_loop()
             self.live = LiveIndex(repo, cfg.name, settings.pointer_poll_seconds, warm=self._warm_version)
@@ -266,9 +268,14 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
 
         @bentoml.api
         def duplicate_groups(self) -> DuplicateGroupsReply:
-            """The whole catalog's duplicate groups (a task of the gateway's)."""
-            index = self.searcher._serving()
-            return duplicate_checks.groups(index, cfg, self.repo, cfg.name)
+            """The whole catalog's duplicate groups (a task of the gateway's). One scan at a time,
+            and its reply kept for the version it scanned: a version is immutable, so a second
+            request for it (a client polling by resubmitting) costs nothing."""
+            with self._groups_lock:
+                index = self.searcher._serving()
+                if self._groups is None or self._groups.version != index.version:
+                    self._groups = duplicate_checks.groups(index, cfg, self.repo, cfg.name)
+                return self._groups
 
         @bentoml.api
         def calibrate_duplicates(self) -> DuplicateCalibration:
