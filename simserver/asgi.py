@@ -224,6 +224,12 @@ class GatewayMiddleware:
             if problem:
                 await self._refuse(send, 400, problem)
                 return
+        if len(parts) == 2 and parts[1] == "duplicates" and method == "POST":
+            # BentoML's direct call of the task: a whole-catalog scan can take minutes.
+            await self._refuse(
+                send, 405, f"the scan is a task: POST /{parts[0]}/duplicates/submit, then /status and /get"
+            )
+            return
         if len(parts) == 3 and parts[1] == "duplicates" and parts[2] in ("submit", "calibrate"):
             # These take no input; BentoML would accept any JSON body (a list included) as none.
             receive, problem = await self._checked_empty_body(receive)

@@ -44,7 +44,12 @@ _WHY = {
 TASK_STATUSES = ["pending", "in_progress", "completed", "failed", "canceled"]
 # BentoML's task cancel marks a task canceled but cannot stop it (the training goes on and may
 # publish): the gateway refuses it, and the document does not offer it.
-UNSUPPORTED = {("/{domain}/train/cancel", "put"), ("/{domain}/duplicates/cancel", "put")}
+# The duplicates scan's direct call (BentoML adds one per task) is refused too: it is a task.
+UNSUPPORTED = {
+    ("/{domain}/train/cancel", "put"),
+    ("/{domain}/duplicates/cancel", "put"),
+    ("/{domain}/duplicates", "post"),
+}
 
 
 def _statuses(method: str, path: str) -> list[int]:

@@ -412,6 +412,7 @@ def test_duplicates_routes_refuse_input_and_cancel(gw):
         error_of(gw.client.post(f"/shop/duplicates/{route}", json=[None, None]), 400, "takes no input")
         error_of(gw.client.post(f"/shop/duplicates/{route}", content=b"not json"), 400, "takes no input")
     error_of(gw.client.put("/shop/duplicates/cancel", params={"task_id": "x"}), 405, "cannot be cancelled")
+    error_of(gw.client.post("/shop/duplicates", json={}), 405, "duplicates/submit")
     error_of(
         gw.client.post("/nope/duplicates/check", files={"image": ("a.png", png())}), 404, "unknown domain"
     )
