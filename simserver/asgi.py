@@ -242,6 +242,7 @@ class GatewayMiddleware:
             and parts[2] in ("status", "get")
             and method == "GET"
         )
+        task_result = task_query and parts[2] == "get"
         heavy = len(parts) == 2 and parts[1] in self.heavy_routes and method == "POST"
         heavy = heavy or (parts[1:] == ["duplicates", "check"] and method == "POST")
         if heavy and self._heavy_in_flight >= self.max_heavy_requests:
@@ -264,7 +265,25 @@ class GatewayMiddleware:
                 if message["status"] >= 400 and (b"json" in ctype or ctype.startswith(b"text/plain")):
                     held["start"] = message  # error bodies are small: hold and rewrite
                     return
+                if task_result and message["status"] == 200:
+                    held["result"] = message  # checked: BentoML's task ids are shared by all tasks
+                    return
                 await send(message)
+            elif message["type"] == "http.response.body" and "result" in held:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                start, raw = held.pop("result"), b"".join(chunks)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = None
+                key = "indexed" if parts[1] == "train" else "groups"
+                if not isinstance(body, dict) or key not in body:
+                    await self._refuse(send, 404, f"no {parts[1]} task with this task_id")
+                    return
+                await send(start)
+                await send({"type": "http.response.body", "body": raw})
             elif message["type"] == "http.response.body" and "start" in held:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body"):
