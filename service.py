@@ -38,6 +38,9 @@ from simserver.schemas import (
     CatalogMode,
     DeleteReply,
     DomainInfo,
+    DuplicateCalibration,
+    DuplicateCheckReply,
+    DuplicateGroupsReply,
     EncoderStats,
     FilterText,
     FusionName,
@@ -50,6 +53,7 @@ from simserver.schemas import (
     MatchThreshold,
     Mode,
     Nearest,
+    OnDuplicate,
     QueryText,
     RelevanceReply,
     SearchReply,
@@ -170,12 +174,15 @@ class ImageSimilarity:
         images: list[Path] = None,  # type: ignore[assignment]
         label: str | None = None,
         ids: list[str] | None = None,
+        on_duplicate: OnDuplicate = "allow",
         *,
         ctx: bentoml.Context,
     ) -> ItemsReply:
         """Add or replace items by id, without a training: a zip (``archive``, the training layout,
         optional ``metadata.csv`` with an ``id`` column) and/or ``images`` files with one ``label``
-        (and optional ``ids``, one per file). Encoded with the encoder the domain serves."""
+        (and optional ``ids``, one per file). Encoded with the encoder the domain serves.
+        ``on_duplicate``: items that duplicate existing ones are added and listed (``allow``), left
+        out and listed (``skip``), or the whole upload refused with a 409 (``reject``)."""
         cfg = domain_of(ctx)
         if archive is None and not images:
             raise RequestRefused(
@@ -184,7 +191,12 @@ class ImageSimilarity:
         data = await read_upload_async(archive, cfg.limits, "archive") if archive is not None else None
         files = [await read_upload_async(p, cfg.limits, "images") for p in images or []]
         return await self.indexes[cfg.name].to_async.upsert(
-            archive=data, images=files, names=[upload_name(p) for p in images or []], label=label, ids=ids
+            archive=data,
+            images=files,
+            names=[upload_name(p) for p in images or []],
+            label=label,
+            ids=ids,
+            on_duplicate=on_duplicate,
         )
 
     @bentoml.api(route="/{domain}/items/delete")
@@ -262,6 +274,47 @@ class ImageSimilarity:
             site_threshold=site_threshold,
             nearest=nearest,
         )
+
+    # -- duplicates (simserver/duplicates.py, simserver/duplicate_checks.py) ----------------------------
+    @bentoml.api(route="/{domain}/duplicates/check")
+    async def check_duplicates(
+        self,
+        image: Path = None,  # type: ignore[assignment]
+        images: list[Path] = None,  # type: ignore[assignment]
+        archive: Path = None,  # type: ignore[assignment]
+        *,
+        ctx: bentoml.Context,
+    ) -> DuplicateCheckReply:
+        """Is each uploaded image a copy of an item in the catalog (not merely a look-alike)? Send
+        ``image``, repeated ``images`` or a zip in ``archive``: each one's nearest items, verified
+        geometrically, with the calibrated probability ``same_item`` that it is the same item."""
+        cfg = domain_of(ctx)
+        if archive is None and not images and image is None:
+            raise RequestRefused("send an 'image', files in 'images' or a zip in 'archive'")
+        paths = ([image] if image is not None else []) + list(images or [])
+        data = await read_upload_async(archive, cfg.limits, "archive") if archive is not None else None
+        files = [await read_upload_async(p, cfg.limits, "images") for p in paths]
+        return await self.indexes[cfg.name].to_async.check_duplicates(
+            archive=data, images=files, names=[upload_name(p) for p in paths]
+        )
+
+    @bentoml.task(route="/{domain}/duplicates")
+    async def duplicates(self, *, ctx: bentoml.Context) -> DuplicateGroupsReply:
+        """Task: the whole catalog's duplicate groups, each with the item to keep, and every
+        item to remove (batched kNN on the stored vectors, candidates verified)."""
+        cfg = domain_of(ctx)
+
+        async def work() -> DuplicateGroupsReply:
+            return await self.indexes[cfg.name].to_async.duplicate_groups()
+
+        return await self.jobs.run(getattr(ctx.request.state, "task_id", None), cfg.name, work)
+
+    @bentoml.api(route="/{domain}/duplicates/calibrate")
+    async def calibrate_duplicates(self, *, ctx: bentoml.Context) -> DuplicateCalibration:
+        """Calibrate the duplicate decision on the served catalog now (as every training does);
+        a new version of kind ``calibrate`` carries it."""
+        cfg = domain_of(ctx)
+        return await self.indexes[cfg.name].to_async.calibrate_duplicates()
 
     @bentoml.api(route="/similarity")
     async def similarity(

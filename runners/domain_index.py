@@ -20,18 +20,22 @@ import numpy as np
 
 from runners import INTERNAL_SERVICE, RUNNER_CONNECTION, die_with_server, exit_after_sigterm
 from runners.encoder import EncoderService
+from simserver import duplicate_checks, request_ids
 from simserver import items as catalog_ops
-from simserver import request_ids
+from simserver.builder import decode_batch
 from simserver.catalog import Catalog
 from simserver.domain_config import DomainConfig
 from simserver.encoder import IMAGE_SIZE
-from simserver.errors import RequestRefused, UnknownItem
+from simserver.errors import Conflict, RequestRefused, UnknownItem
 from simserver.filters import parse_filter
-from simserver.ingest import read_items, read_site
+from simserver.ingest import Dataset, iter_chunks, read_items, read_site
 from simserver.live import LiveIndex
 from simserver.repository import Repository
 from simserver.schemas import (
     DeleteReply,
+    DuplicateCalibration,
+    DuplicateCheckReply,
+    DuplicateGroupsReply,
     GroupPairsReply,
     IndexStatus,
     ItemInfo,
@@ -73,6 +77,8 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             self.repo = repo
             self.settings = settings
             self._maintaining = threading.Lock()  # one compaction / GC at a time in this process
+            self._groups_lock = threading.Lock()
+            self._groups: DuplicateGroupsReply | None = None
             self._last_gc = 0.0
             self._loop = asyncio.get_event_loop()
             self.live = LiveIndex(repo, cfg.name, settings.pointer_poll_seconds, warm=self._warm_version)
@@ -215,14 +221,23 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             names: list[str] | None = None,
             label: str | None = None,
             ids: list[str] | None = None,
+            on_duplicate: str = "allow",
         ) -> ItemsReply:
-            """Add or replace items by id: a zip (training layout) and/or files with one label."""
+            """Add or replace items by id: a zip (training layout) and/or files with one label;
+            ``on_duplicate`` (allow, skip, reject): what to do with items that duplicate existing ones."""
             files = list(zip(names or [], images or [], strict=True))
             dataset = await anyio.to_thread.run_sync(
                 read_items, archive, files, label, ids, cfg.limits, IMAGE_SIZE
             )
+
+            def screen(head: Catalog, ds: Dataset, vectors: np.ndarray) -> tuple[list[int], list]:
+                found = duplicate_checks.check_vectors(
+                    head, cfg, ds.samples, vectors, duplicate_checks.stored_image(self.repo), exclude_ids=True
+                )
+                return duplicate_checks.screen(found, ds.samples, on_duplicate)
+
             reply, _ = await catalog_ops.upsert(
-                self.repo, cfg, dataset, self._encode, self.settings.encode_batch_size
+                self.repo, cfg, dataset, self._encode, self.settings.encode_batch_size, screen=screen
             )
             await anyio.to_thread.run_sync(self._changed)
             return reply
@@ -279,6 +294,71 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             return await self.searcher.relevance(
                 site, image_threshold=image_threshold, site_threshold=site_threshold, nearest=nearest
             )
+
+        # -- duplicates (simserver/duplicate_checks.py) ----------------------------------------------
+        @bentoml.api
+        async def check_duplicates(
+            self,
+            archive: bytes | None = None,
+            images: list[bytes] | None = None,
+            names: list[str] | None = None,
+        ) -> DuplicateCheckReply:
+            """Each uploaded image against the catalog: its nearest items verified, ``same_item``."""
+            files = list(zip(names or [], images or [], strict=True))
+            site = await anyio.to_thread.run_sync(read_site, archive, files, cfg.limits, IMAGE_SIZE)
+            index = self.searcher._serving()
+            if not len(index):
+                raise Conflict(f"domain {cfg.name!r}: the catalog is empty, nothing to be a duplicate of")
+            chunks = []
+            for batch in iter_chunks(site.samples, self.settings.encode_batch_size):
+                pixels = await anyio.to_thread.run_sync(decode_batch, batch)
+                chunks.append(await self.searcher._vectors(index, pixels))
+            results = await anyio.to_thread.run_sync(
+                duplicate_checks.check_vectors,
+                index,
+                cfg,
+                site.samples,
+                np.concatenate(chunks),
+                duplicate_checks.stored_image(self.repo),
+            )
+            threshold, calibrated = duplicate_checks.threshold_of(index, cfg)
+            return DuplicateCheckReply(
+                domain=cfg.name,
+                version=index.version,
+                threshold=threshold,
+                calibrated=calibrated,
+                results=results,
+                skipped=site.skipped,
+            )
+
+        @bentoml.api
+        def duplicate_groups(self) -> DuplicateGroupsReply:
+            """The whole catalog's duplicate groups (a task of the gateway's). One scan at a time,
+            and its reply kept for the version it scanned: a version is immutable, so a second
+            request for it (a client polling by resubmitting) costs nothing."""
+            with self._groups_lock:
+                index = self.searcher._serving()
+                if self._groups is None or self._groups.version != index.version:
+                    self._groups = duplicate_checks.groups(index, cfg, self.repo, cfg.name)
+                return self._groups
+
+        @bentoml.api
+        def calibrate_duplicates(self) -> DuplicateCalibration:
+            """Calibrate the duplicate decision on the served catalog now; a new version (kind
+            ``calibrate``) with the same items carries it."""
+            index = self.searcher._serving()
+            encoder = served_encoder(index, cfg)
+
+            def encode(pixels: np.ndarray) -> np.ndarray:
+                call = self._encode(pixels, encoder)
+                return asyncio.run_coroutine_threadsafe(call, self._loop).result(timeout=WARM_UP_LIMIT_S)
+
+            result = duplicate_checks.calibrate_catalog(
+                index, cfg, self.repo, encode, IMAGE_SIZE, self.settings.encode_batch_size
+            )
+            catalog_ops.set_meta(self.repo, cfg.name, "calibrate", duplicates=result)
+            self._changed()
+            return DuplicateCalibration.model_validate(result)
 
         @bentoml.api
         def item(self, item_id: str) -> ItemInfo:

@@ -95,7 +95,10 @@ class GatewayMiddleware:
         uploads = [c.limits.max_upload_bytes for c in domains.values()] + [Limits().max_upload_bytes]
         return {
             "domains": set(domains),
-            "domain_routes": ("search", "train", "images", "relevance", "items", "similar", "versions"),
+            "domain_routes": (
+                *("search", "train", "images", "relevance", "items", "similar", "versions"),
+                "duplicates",
+            ),
             # Multi-image requests: a site's images, a catalog upload.
             "heavy_routes": ("relevance", "items"),
             "relevance_domains": {n for n, c in domains.items() if c.target_label},
@@ -136,6 +139,7 @@ class GatewayMiddleware:
         if path == "/ui" or path.startswith("/ui/"):  # the web interface's files; its API calls send the key
             return False
         mutating = len(parts) >= 2 and parts[1] in self.MUTABLE and method in ("POST", "PUT", "DELETE")
+        mutating = mutating or (parts[1:] == ["duplicates", "calibrate"] and method == "POST")
         return mutating or self.search_requires_key
 
     def _auth_error(self, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
@@ -199,7 +203,7 @@ class GatewayMiddleware:
                 **scope,
                 "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"],
             }
-        if len(parts) == 3 and parts[1:] == ["train", "cancel"]:
+        if len(parts) == 3 and parts[1] in ("train", "duplicates") and parts[2] == "cancel":
             await self._refuse(
                 send,
                 405,
@@ -209,7 +213,9 @@ class GatewayMiddleware:
             return
         if method in ("POST", "PUT"):
             length_header = headers.get(b"content-length")
-            if length_header is None and path.endswith("/activate"):
+            if length_header is None and path.endswith(
+                ("/activate", "/duplicates/submit", "/duplicates/calibrate")
+            ):
                 length_header = b"0"  # a POST without a body (curl -X POST sends no Content-Length)
             if length_header is None:
                 await self._refuse(send, 411, "send the body with a Content-Length header")
@@ -235,10 +241,27 @@ class GatewayMiddleware:
             if problem:
                 await self._refuse(send, 400, problem)
                 return
+        if len(parts) == 2 and parts[1] == "duplicates" and method == "POST":
+            # BentoML's direct call of the task: a whole-catalog scan can take minutes.
+            await self._refuse(
+                send, 405, f"the scan is a task: POST /{parts[0]}/duplicates/submit, then /status and /get"
+            )
+            return
+        if len(parts) == 3 and parts[1] == "duplicates" and parts[2] in ("submit", "calibrate"):
+            # These take no input; BentoML would accept any JSON body (a list included) as none.
+            receive, problem = await self._checked_empty_body(receive)
+            if problem:
+                await self._refuse(send, 400, problem)
+                return
         task_query = (
-            len(parts) == 3 and parts[1] == "train" and parts[2] in ("status", "get") and method == "GET"
+            len(parts) == 3
+            and parts[1] in ("train", "duplicates")
+            and parts[2] in ("status", "get")
+            and method == "GET"
         )
+        task_result = task_query and parts[2] == "get"
         heavy = len(parts) == 2 and parts[1] in self.heavy_routes and method == "POST"
+        heavy = heavy or (parts[1:] == ["duplicates", "check"] and method == "POST")
         if heavy and self._heavy_in_flight >= self.max_heavy_requests:
             await self._refuse(
                 send,
@@ -259,7 +282,25 @@ class GatewayMiddleware:
                 if message["status"] >= 400 and (b"json" in ctype or ctype.startswith(b"text/plain")):
                     held["start"] = message  # error bodies are small: hold and rewrite
                     return
+                if task_result and message["status"] == 200:
+                    held["result"] = message  # checked: BentoML's task ids are shared by all tasks
+                    return
                 await send(message)
+            elif message["type"] == "http.response.body" and "result" in held:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                start, raw = held.pop("result"), b"".join(chunks)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = None
+                key = "indexed" if parts[1] == "train" else "groups"
+                if not isinstance(body, dict) or key not in body:
+                    await self._refuse(send, 404, f"no {parts[1]} task with this task_id")
+                    return
+                await send(start)
+                await send({"type": "http.response.body", "body": raw})
             elif message["type"] == "http.response.body" and "start" in held:
                 chunks.append(message.get("body", b""))
                 if message.get("more_body"):
@@ -300,6 +341,32 @@ class GatewayMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self._heavy_in_flight -= 1
+
+    async def _checked_empty_body(self, receive: Callable) -> tuple[Callable, str | None]:
+        """The body read once (its size is checked already) and replayed: no body or ``{}``."""
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            ok = not body.strip() or json.loads(body) == {}
+        except ValueError:
+            ok = False
+        return replay, None if ok else "this route takes no input: send no body, or {}"
 
     async def _checked_task_form(self, scope: Scope, receive: Callable) -> tuple[Callable, str | None]:
         """The body read once (its size is checked already) and replayed to BentoML; its choice

@@ -49,6 +49,7 @@ class BuildReport:
             evaluation=self.meta.get("evaluation"),
             relevance=self.meta.get("relevance"),
             runtime=self.meta.get("runtime"),
+            duplicates=self.meta.get("duplicates"),
         )
 
     def as_json(self) -> dict:

@@ -51,6 +51,9 @@ from simserver.finetune import TrainingMode
 from simserver.schemas import (
     DeleteReply,
     DomainInfo,
+    DuplicateCalibration,
+    DuplicateCheckReply,
+    DuplicateGroupsReply,
     EncoderStats,
     GroupPairsReply,
     ItemPage,
@@ -496,15 +499,17 @@ class DomainClient:
         images: Iterable[FileInput] = (),
         label: str | None = None,
         ids: Iterable[str] | None = None,
+        on_duplicate: Literal["allow", "skip", "reject"] | None = None,
     ) -> ItemsReply:
         """``POST /{domain}/items``: add or replace items by id, without a training: a zip in the
         training layout (or a folder, zipped here) and/or ``images`` files that all take ``label``
-        (``ids``: one per file; default ``<label>/<file name>``)."""
+        (``ids``: one per file; default ``<label>/<file name>``). ``on_duplicate``: allow (default),
+        skip or reject (a :class:`Conflict`) items that duplicate existing ones."""
         files: list[tuple[str, FileInput, str, bool]] = []
         if archive is not None:
             files.append(("archive", archive, "items.zip", True))
         files += [("images", img, f"image-{i}", False) for i, img in enumerate(images)]
-        data: dict[str, Any] = _form(label=label)
+        data: dict[str, Any] = _form(label=label, on_duplicate=on_duplicate)
         if ids is not None:
             data["ids"] = [str(i) for i in ids]
         return self.client._upload(ItemsReply, f"{self._prefix}/items", files, data)
@@ -610,11 +615,11 @@ class DomainClient:
         :class:`BadRequest` ("not completed yet")."""
         return self._task(TrainReply, "get", task_id)
 
-    def _task(self, model: type[M], route: str, task_id: str) -> M:
-        """``GET /{domain}/train/<route>?task_id=``; an error carries the task id."""
+    def _task(self, model: type[M], route: str, task_id: str, task: str = "train") -> M:
+        """``GET /{domain}/<task>/<route>?task_id=``; an error carries the task id."""
         try:
             return self.client._model(
-                model, "GET", f"{self._prefix}/train/{route}", params={"task_id": task_id}
+                model, "GET", f"{self._prefix}/{task}/{route}", params={"task_id": task_id}
             )
         except SimserverError as exc:
             exc.task_id = task_id
@@ -734,3 +739,43 @@ class DomainClient:
             }
         )
         return self.client._model(GroupPairsReply, "POST", f"{self._prefix}/match/groups", json=body)
+
+    # -- duplicates ---------------------------------------------------------------------------------
+    def check_duplicates(
+        self, images: Iterable[FileInput] = (), archive: FileInput | None = None
+    ) -> DuplicateCheckReply:
+        """``POST /{domain}/duplicates/check``: is each image a copy of a catalog item?"""
+        files: list[tuple[str, FileInput, str, bool]] = []
+        if archive is not None:
+            files.append(("archive", archive, "images.zip", True))
+        files += [("images", img, f"image-{i}", False) for i, img in enumerate(images)]
+        return self.client._upload(DuplicateCheckReply, f"{self._prefix}/duplicates/check", files, {})
+
+    def submit_duplicates(self) -> str:
+        """``POST /{domain}/duplicates/submit``: start the whole-catalog scan; returns the task id."""
+        body = self.client._json("POST", f"{self._prefix}/duplicates/submit", json={})
+        if not isinstance(body, dict) or not isinstance(body.get("task_id"), str):
+            raise ProtocolError(200, f"submit reply has no task_id: {str(body)[:200]}", url=self.client.url)
+        return body["task_id"]
+
+    def duplicates_status(self, task_id: str) -> TaskStatus:
+        return self._task(TaskStatus, "status", task_id, "duplicates")
+
+    def duplicates_result(self, task_id: str) -> DuplicateGroupsReply:
+        return self._task(DuplicateGroupsReply, "get", task_id, "duplicates")
+
+    def find_duplicates(self, poll: float = 0.5, timeout: float | None = 3600.0) -> DuplicateGroupsReply:
+        """Submit the whole-catalog scan, wait for it, return its groups and ``to_remove``."""
+        task_id = self.submit_duplicates()
+        start = time.monotonic()
+        while not self.duplicates_status(task_id).done:
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TrainingTimeout(None, f"duplicates scan {task_id} still running", task_id=task_id)
+            time.sleep(poll)
+        return self.duplicates_result(task_id)
+
+    def calibrate_duplicates(self) -> DuplicateCalibration:
+        """``POST /{domain}/duplicates/calibrate``: calibrate on the served catalog now."""
+        return self.client._model(
+            DuplicateCalibration, "POST", f"{self._prefix}/duplicates/calibrate", json={}
+        )

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from simserver.catalog import CatalogPolicy
+from simserver.duplicates import DuplicatesConfig
 from simserver.finetune import TrainingConfig
 from simserver.index_choice import IndexPolicy
 from simserver.metrics import Metric
@@ -77,6 +78,7 @@ class DomainConfig(BaseModel):
     versions: VersionsConfig = VersionsConfig()
     encoder_runtime: EncoderRuntimeConfig = EncoderRuntimeConfig()
     text: TextConfig | None = Field(None, description="image + text search: the items' text fields")
+    duplicates: DuplicatesConfig = DuplicatesConfig()
 
     @field_validator("name")
     @classmethod

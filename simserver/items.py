@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 # (uint8 images [N, S, S, 3], encoder) -> float32 [N, D]
 EncodeFn = Callable[[np.ndarray, str], Awaitable[np.ndarray]]
 MAX_TOMBSTONE_BLOBS = 32
+# (head, upload, its vectors) -> (rows of the upload to keep, duplicates to report); may refuse
+ScreenFn = Callable[[Catalog, Dataset, np.ndarray], tuple[list[int], list]]
 
 
 class EncoderChanged(Exception):
@@ -59,9 +61,16 @@ def _encoder_of(catalog: Catalog, cfg: DomainConfig) -> str:
 
 # -- upsert --------------------------------------------------------------------------------------
 async def upsert(
-    repo: Repository, cfg: DomainConfig, dataset: Dataset, encode: EncodeFn, batch_size: int = 32
+    repo: Repository,
+    cfg: DomainConfig,
+    dataset: Dataset,
+    encode: EncodeFn,
+    batch_size: int = 32,
+    screen: ScreenFn | None = None,
 ) -> tuple[ItemsReply, Catalog]:
-    """Add or replace ``dataset``'s samples by id, encoded with the served encoder."""
+    """Add or replace ``dataset``'s samples by id, encoded with the served encoder. ``screen``
+    (duplicate detection) sees the encoded upload against the head first and says which samples
+    to keep and what to report (``ItemsReply.duplicates``)."""
     domain = cfg.name
     for _ in range(5):
         version = await anyio.to_thread.run_sync(repo.current_version, domain)
@@ -79,10 +88,22 @@ async def upsert(
                 f"domain {domain!r}: version {head.version} holds {head.dim}-d vectors but {encoder} gives "
                 f"{vectors.shape[1]}-d ones: retrain"
             )
+        found: list = []
+        todo = dataset
+        if screen is not None:
+            keep, found = await anyio.to_thread.run_sync(screen, head, dataset, vectors)
+            todo = Dataset([dataset.samples[i] for i in keep], dataset.skipped)
+            vectors = vectors[keep]
+            if not todo.samples:  # every item a duplicate, skipped: nothing to commit
+                reply = ItemsReply(
+                    version=head.version, added=0, replaced=0, skipped=dataset.skipped, count=head.count
+                )
+                return reply.model_copy(update={"duplicates": found}), head
         try:
-            return await anyio.to_thread.run_sync(
-                _commit_upsert, repo, cfg, dataset, vectors, encoder, head.dim
+            reply, catalog = await anyio.to_thread.run_sync(
+                _commit_upsert, repo, cfg, todo, vectors, encoder, head.dim
             )
+            return reply.model_copy(update={"duplicates": found}), catalog
         except EncoderChanged:
             logger.info("domain %s: the served encoder changed during an upload; encoding again", domain)
     raise Conflict(f"domain {domain!r}: its encoder kept changing during the upload; send it again")
@@ -185,6 +206,22 @@ def delete(
     if catalog is None:
         raise no_version(domain)
     return DeleteReply(version=catalog.version, deleted=counts["deleted"], count=catalog.count), catalog
+
+
+def set_meta(repo: Repository, domain: str, kind: str, **meta: Any) -> Catalog:
+    """A new version with the head's items and ``meta`` added (e.g. an on-demand calibration)."""
+
+    def change(head: Catalog | None) -> tuple[dict[str, Any], Catalog] | None:
+        if head is None:
+            raise no_version(domain)
+        return repo.new_manifest(
+            domain, head, kind, list(head.meta["segments"]), list(head.meta.get("tombstones", [])), **meta
+        )
+
+    catalog = repo.commit(domain, change)
+    if catalog is None:
+        raise no_version(domain)
+    return catalog
 
 
 # -- compaction ----------------------------------------------------------------------------------

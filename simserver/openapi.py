@@ -66,7 +66,12 @@ _DELETE_BODY: dict[str, Any] = {
 TASK_STATUSES = ["pending", "in_progress", "completed", "failed", "canceled"]
 # BentoML's task cancel marks a task canceled but cannot stop it (the training goes on and may
 # publish): the gateway refuses it, and the document does not offer it.
-UNSUPPORTED = {("/{domain}/train/cancel", "put")}
+# The duplicates scan's direct call (BentoML adds one per task) is refused too: it is a task.
+UNSUPPORTED = {
+    ("/{domain}/train/cancel", "put"),
+    ("/{domain}/duplicates/cancel", "put"),
+    ("/{domain}/duplicates", "post"),
+}
 
 
 def _statuses(method: str, path: str) -> list[int]:
@@ -81,7 +86,7 @@ def _statuses(method: str, path: str) -> list[int]:
         codes += [411, 413]
     if path.endswith("/relevance"):
         codes.append(429)
-    if "/train" in path:
+    if "/train" in path or "/duplicates" in path:
         codes += [404, 409, 503]
         if path.endswith("/get"):
             codes.append(413)  # a failed job answers with the status its refusal had

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field
 
+from simserver.duplicates import Decision
 from simserver.finetune import TrainingMode
 
 
@@ -49,6 +50,13 @@ SiteThreshold = Annotated[
     Field(description="default: the domain's relevance.site_threshold"),
 ]
 Nearest = Annotated[int, _NUMBER, Field(ge=0, le=20, description="neighbours listed per image")]
+OnDuplicate = Annotated[
+    Literal["allow", "skip", "reject"],
+    Field(
+        description="items that duplicate existing ones: added and listed (allow), left out (skip), "
+        "409 (reject)"
+    ),
+]
 # Any: BentoML json-decodes a multipart text field itself; simserver.filters.parse_filter checks
 # whatever arrives (text or decoded JSON) and says what is wrong.
 FilterText = Annotated[
@@ -169,6 +177,11 @@ class TrainReply(BaseModel):
     encoder: str | None = Field(None, description="encoder this version serves with")
     encoder_id: str | None = None
     evaluation: Evaluation | None = None
+    duplicates: DuplicateCalibration | None = Field(
+        None,
+        description="the duplicate decision calibrated on synthetic copies "
+        "(per-transform recall, look-alike FPR)",
+    )
     relevance: dict | None = Field(
         None, description="domains with a target_label: the calibrated image_threshold and how it was found"
     )
@@ -251,6 +264,9 @@ class IndexStatus(BaseModel):
     created_at: str | None = None
     store_error: str | None = Field(None, description="why the newest version could not be loaded, if so")
     runtime: EncoderRuntime | None = None
+    duplicates: DuplicateCalibration | None = Field(
+        None, description="the served version's duplicate calibration"
+    )
 
 
 class DomainInfo(IndexStatus):
@@ -303,6 +319,9 @@ class ItemsReply(BaseModel):
     replaced: int = Field(description="items whose id existed: their image, label and metadata replaced")
     skipped: list[Skipped]
     count: int = Field(description="items in the catalog now")
+    duplicates: list[NewItemDuplicate] = Field(
+        default_factory=list, description="uploaded items that duplicate existing ones, with the match"
+    )
 
 
 class ItemRecord(BaseModel):
@@ -419,3 +438,86 @@ class GroupPairsReply(BaseModel):
     against: str
     threshold: float
     pairs: list[GroupPair] = Field(description="one per item of group, best match_score first")
+
+
+# -- duplicates (simserver/duplicates.py) --------------------------------------------------------------
+class DuplicateMatch(BaseModel):
+    id: str
+    name: str
+    label: str
+    score: float = Field(ge=0, le=1, description="embedding similarity, as search reports it")
+    same_item: float = Field(
+        ge=0,
+        le=1,
+        description="calibrated probability that this match is the same item (a copy), not a look-alike",
+    )
+    inliers: int = Field(description="geometric verification: RANSAC inliers of ORB matches")
+
+
+class DuplicateResult(BaseModel):
+    name: str = Field(description="the checked file's name")
+    duplicate: bool = Field(description="some match has same_item >= threshold")
+    matches: list[DuplicateMatch] = Field(description="the candidates checked, most likely copy first")
+
+
+class DuplicateCheckReply(BaseModel):
+    domain: str
+    version: str
+    threshold: float = Field(description="same_item threshold (calibrated for duplicates.precision)")
+    calibrated: bool = Field(description="false: the version has no calibration yet, a default rule decides")
+    results: list[DuplicateResult]
+    skipped: list[Skipped] = Field(default_factory=list)
+
+
+class DuplicateGroup(BaseModel):
+    keep: str = Field(description="the group's oldest item (then smallest id)")
+    duplicates: list[str]
+    scores: list[float] = Field(description="per duplicate: its highest same_item with a group member")
+
+
+class DuplicateGroupsReply(BaseModel):
+    domain: str
+    version: str
+    groups: list[DuplicateGroup]
+    to_remove: list[str] = Field(description="every group's duplicates (keep the 'keep')")
+    items: int = Field(description="items scanned")
+    candidate_pairs: int = Field(description="neighbour pairs over the decision's min_score")
+    verified_pairs: int = Field(
+        description="of them geometrically verified (at most duplicates.max_verified_pairs)"
+    )
+    seconds: float
+
+
+class TransformRecall(BaseModel):
+    recall: dict[str, float] = Field(description="per transform: share of synthetic copies flagged")
+    recall_min: float | None = None
+    lookalike_fpr: float | None = Field(None, description="share of look-alike pairs flagged")
+    copies: int = 0
+    lookalikes: int = 0
+
+
+class DuplicateCalibration(TransformRecall):
+    """What a calibration fitted (stored in the version's meta.json under ``duplicates``)."""
+
+    decision: Decision | None = None
+    precision_target: float | None = None
+    embedding_only: TransformRecall | None = Field(
+        None, description="the same calibration without geometric verification, for comparison"
+    )
+    images: int = 0
+    seconds: float = 0.0
+    reason: str | None = Field(None, description="why there is no decision, if so")
+
+
+class NewItemDuplicate(BaseModel):
+    """An uploaded item that duplicates an item already in the catalog."""
+
+    id: str
+    name: str
+    match: DuplicateMatch
+    action: str = Field(description="on_duplicate applied: added (allow) or skipped (skip)")
+
+
+ItemsReply.model_rebuild()
+IndexStatus.model_rebuild()
+TrainReply.model_rebuild()

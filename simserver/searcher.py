@@ -179,4 +179,5 @@ class Searcher:
             created_at=meta.get("created_at"),
             store_error=store_error,
             runtime=meta.get("runtime"),
+            duplicates=meta.get("duplicates"),
         )

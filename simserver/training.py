@@ -508,6 +508,48 @@ def promote(
     return Promotion(encoder, encoder_id, outcome.head.apply(features))
 
 
+def calibrate_duplicates(
+    cfg: DomainConfig,
+    dataset: Dataset,
+    served: Promotion,
+    outcome: Outcome,
+    backend: Backend,
+    batch_size: int,
+    cache: FeatureCache | None = None,
+) -> dict:
+    """The duplicate decision (:mod:`simserver.duplicates`), on synthetic copies of a capped number
+    of the dataset's images encoded in the embedding the version serves."""
+    from simserver import duplicates
+
+    head = outcome.head if served.encoder != backend.encoder else None
+
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        # The copies are seeded, so a retraining makes the same ones: cached by their pixels.
+        keys = ["dup-" + hashlib.sha256(p.tobytes()).hexdigest() for p in pixels]
+        got = [cache.get(k) if cache is not None else None for k in keys]
+        todo = [i for i, g in enumerate(got) if g is None]
+        if todo:
+            fresh = np.asarray(backend.encode(pixels[todo]), np.float32)
+            for i, v in zip(todo, fresh, strict=True):
+                got[i] = v
+                if cache is not None:
+                    cache.put(keys[i], v)
+        f = np.stack([g for g in got if g is not None])
+        return head.apply(f) if head is not None else f
+
+    samples = dataset.samples
+    return duplicates.calibrate_rows(
+        cfg.duplicates,
+        lambda r: samples[r].data,
+        served.vectors,
+        np.asarray([s.label for s in samples]),
+        encode,
+        cfg.metric,
+        samples[0].image_size if samples else 224,
+        batch_size,
+    )
+
+
 def train_domain(
     repo: Repository,
     cfg: DomainConfig,
@@ -570,6 +612,9 @@ def train_domain(
             progress,
         )
     calibrations = calibrate_all(CalibrationData(cfg, outcome.split, served.vectors, labels, parts))
+    calibrations["duplicates"] = calibrate_duplicates(
+        cfg, dataset, served, outcome, backend, batch_size, cache
+    )
     logger.info("domain %s: %s", cfg.name, outcome.reason)
     at("indexing", 0)
     return publish_version(

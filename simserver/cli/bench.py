@@ -198,6 +198,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = bench("replica", "memory of one serving replica per domain, by index kind, at N items", run_replica)
     p.add_argument("-n", type=int, default=100_000, help="items (default 100,000)")
     p.add_argument("--kinds", default="flat,hnsw,hnsw_fp16,ivfpq", help="comma-separated index kinds")
+    p = bench(
+        "duplicates",
+        "copy vs look-alike on real photos: ours, cosine 0.9 (imagededup CNN), pHash, dHash; groups at scale",
+        run_duplicates,
+    )
+    p.add_argument(
+        "--data", type=Path, action="append", default=[], help="folder of <label>/<image> (repeatable)"
+    )
+    p.add_argument(
+        "--originals", type=int, default=60, help="originals per folder, half calibrate, half test"
+    )
+    p.add_argument("--look-alikes", type=int, default=3, help="nearest same-label items per original")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time the whole-catalog scan on N synthetic items",
+    )
 
     from simserver.bench.suite import PARTS
 
@@ -366,6 +386,29 @@ def run_quantization(args: argparse.Namespace) -> int:
     from simserver.bench.quantization import quantization_figures
 
     print_json(quantization_figures(args.seconds, args.rounds), compact=args.json)
+    return 0
+
+
+def run_duplicates(args: argparse.Namespace) -> int:
+    from simserver.bench.duplicates import duplicates_figures, groups_figures, table
+
+    if not args.data and not args.groups:
+        return fail("give --data DIR (real photos) and/or --groups N (the scan at scale)")
+    for d in args.data:
+        if not Path(d).is_dir():
+            return fail(f"--data {d}: not a folder")
+    out: dict = {
+        "sets": [duplicates_figures(d, args.originals, args.look_alikes, args.seed) for d in args.data]
+    }
+    if args.groups:
+        out["groups"] = groups_figures(args.groups)
+    if args.json:
+        print_json(out, compact=True)
+    else:
+        for r in out["sets"]:
+            print(table(r))
+        if "groups" in out:
+            print_json(out["groups"])
     return 0
 
 

@@ -162,13 +162,16 @@ def _items_add(client: Client, args: argparse.Namespace) -> Any:
             raise UsageError(f"{f}: no such file or folder")
     replies = []
     if args.archive:
-        replies.append(domain.add_items(archive=args.archive))
+        replies.append(domain.add_items(archive=args.archive, on_duplicate=args.on_duplicate))
     total = len(args.images)
     for start in range(0, total, args.batch):
         chunk = args.images[start : start + args.batch]
         replies.append(
             domain.add_items(
-                images=chunk, label=args.label, ids=ids[start : start + args.batch] if ids else None
+                images=chunk,
+                label=args.label,
+                ids=ids[start : start + args.batch] if ids else None,
+                on_duplicate=args.on_duplicate,
             )
         )
         if not args.quiet:
@@ -185,6 +188,7 @@ def _items_add(client: Client, args: argparse.Namespace) -> Any:
         "replaced": sum(r.replaced for r in replies),
         "skipped": [s.model_dump() for r in replies for s in r.skipped],
         "count": last.count,
+        "duplicates": [d.model_dump() for r in replies for d in r.duplicates],
     }
 
 
@@ -268,6 +272,26 @@ def _train_progress(client: Client, args: argparse.Namespace) -> Any:
 
 
 # -- parsers -------------------------------------------------------------------------------------------
+def _duplicates_check(client: Client, args: argparse.Namespace) -> Any:
+    if not args.images and not args.archive:
+        raise UsageError("give image files and/or --archive")
+    for f in [*args.images, *([args.archive] if args.archive else [])]:
+        if not Path(f).exists():
+            raise UsageError(f"{f}: no such file or folder")
+    return client.domain(args.domain).check_duplicates(images=args.images, archive=args.archive)
+
+
+def _duplicates_groups(client: Client, args: argparse.Namespace) -> Any:
+    domain = client.domain(args.domain)
+    if args.no_wait:
+        return {"task_id": domain.submit_duplicates()}
+    return domain.find_duplicates(poll=args.poll, timeout=args.timeout)
+
+
+def _duplicates_calibrate(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).calibrate_duplicates()
+
+
 def _connection_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("server")
@@ -327,14 +351,21 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None, help="results, 1..100 (default: the domain's)")
     p.add_argument("--filter", default=None, help="JSON filter")
 
-    items = subparsers.add_parser("items", help="add, delete or list a domain's items (no training)")
-    actions = items.add_subparsers(dest="items_command", metavar="ACTION", required=True)
+    def actions_of(group: str, help: str) -> Callable[[str, Handler, str], argparse.ArgumentParser]:
+        """``simserver <group> ACTION DOMAIN ...``: a parser per action."""
+        actions = subparsers.add_parser(group, help=help).add_subparsers(
+            dest=f"{group}_command", metavar="ACTION", required=True
+        )
 
-    def action(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(name, parents=common, help=help, description=help)
-        p.set_defaults(func=_run(handler))
-        p.add_argument("domain")
-        return p
+        def action(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+            p = actions.add_parser(name, parents=common, help=help, description=help)
+            p.set_defaults(func=_run(handler))
+            p.add_argument("domain")
+            return p
+
+        return action
+
+    action = actions_of("items", "add, delete or list a domain's items (no training)")
 
     p = action("add", _items_add, "add or replace items by id (POST /{domain}/items)")
     p.add_argument("images", nargs="*", help="image files, all of --label")
@@ -343,6 +374,13 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--archive", default=None, help="zip or folder in the training layout (+ metadata.csv)")
     p.add_argument("--batch", type=int, default=100, help="files per request (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar on stderr")
+    p.add_argument(
+        "--on-duplicate",
+        choices=("allow", "skip", "reject"),
+        default=None,
+        help="items duplicating existing ones: add and list (allow, default), leave out (skip), "
+        "refuse (reject)",
+    )
     p = action("delete", _items_delete, "delete items by id or filter (POST /{domain}/items/delete)")
     p.add_argument("ids", nargs="*", help="item ids")
     p.add_argument("--filter", default=None, help="JSON filter instead of ids")
@@ -406,6 +444,26 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help='JSON, e.g. \'{"image": 0.3, "text": 0.7}\'')
     p.add_argument("--fusion", choices=("weighted", "rrf"), default=None)
     p.add_argument("--threshold", type=float, default=None, help="same-product threshold, 0..1")
+    dup_action = actions_of("duplicates", "duplicate listings: check images, whole-catalog groups")
+
+    p = dup_action(
+        "check",
+        _duplicates_check,
+        "are these images copies of catalog items? (POST /{domain}/duplicates/check)",
+    )
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--archive", default=None, help="zip (or folder) of images")
+    p = dup_action(
+        "groups", _duplicates_groups, "the whole catalog's duplicate groups (task /{domain}/duplicates)"
+    )
+    p.add_argument("--no-wait", action="store_true", help="print the task id and return at once")
+    p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="status poll interval")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up waiting after")
+    dup_action(
+        "calibrate",
+        _duplicates_calibrate,
+        "calibrate the duplicate decision now (POST /{domain}/duplicates/calibrate)",
+    )
 
     p = command("train-status", _train_status, "a training task's status (GET /{domain}/train/status)")
     p.add_argument("domain")

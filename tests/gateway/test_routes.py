@@ -351,9 +351,21 @@ def test_add_items(gw):
         ],
     )
     assert r.status_code == 200, r.text
-    assert r.json() == {"version": "v2", "added": 2, "replaced": 0, "skipped": [], "count": 4}
+    assert r.json() == {
+        "version": "v2",
+        "added": 2,
+        "replaced": 0,
+        "skipped": [],
+        "count": 4,
+        "duplicates": [],
+    }
     method, kwargs = gw.index["shop"].calls[-1]
     assert method == "upsert" and kwargs["label"] == "coat" and kwargs["ids"] == ["sku-1", "sku/2"]
+    assert kwargs["on_duplicate"] == "allow"
+    one = [("images", ("a.png", png(), "image/png")), ("label", "coat")]
+    r = multipart(gw, "/shop/items", [*one, ("on_duplicate", "skip")])
+    assert r.status_code == 200, r.text and gw.index["shop"].calls[-1][1]["on_duplicate"] == "skip"
+    error_of(multipart(gw, "/shop/items", [*one, ("on_duplicate", "maybe")]), 400, "on_duplicate")
     assert kwargs["names"] == ["a.png", "b.png"] and kwargs["archive"] is None
     r = gw.client.post("/shop/items", files={"archive": ("a.zip", zip_of({"a/x.png": png()}))})
     assert r.status_code == 200, r.text and gw.index["shop"].calls[-1][1]["archive"]
@@ -409,3 +421,15 @@ def test_similarity_with_a_domain_uses_its_index_service(gw):
     )
     r = gw.client.post("/similarity", files=files)
     assert r.status_code == 200 and r.json()["metric"] == "cosine" and r.json()["same_label"] is None
+
+
+def test_duplicates_routes_refuse_input_and_cancel(gw):
+    for route in ("submit", "calibrate"):
+        error_of(gw.client.post(f"/shop/duplicates/{route}", json=[None, None]), 400, "takes no input")
+        error_of(gw.client.post(f"/shop/duplicates/{route}", content=b"not json"), 400, "takes no input")
+    error_of(gw.client.put("/shop/duplicates/cancel", params={"task_id": "x"}), 405, "cannot be cancelled")
+    error_of(gw.client.post("/shop/duplicates", json={}), 405, "duplicates/submit")
+    error_of(
+        gw.client.post("/nope/duplicates/check", files={"image": ("a.png", png())}), 404, "unknown domain"
+    )
+    error_of(gw.client.post("/shop/duplicates/check", data={"x": "1"}), 400)

@@ -235,3 +235,63 @@ def test_training_with_catalog_merge(shop):
     page = requests.get(f"{shop.url}/shop/items", params={"label": "tools", "limit": 100}, timeout=10).json()
     assert {"tools/h1.webp", "tools/h2.webp"} <= {i["id"] for i in page["items"]}
     assert requests.get(f"{shop.url}/shop/versions", timeout=10).json()[0]["kind"] == "train"
+
+
+def test_on_duplicate_and_calibration_on_demand(shop):
+    """Runs last on ``shop``: an exact copy of an item under a new id, refused, skipped, then
+    added and found by the groups task; an on-demand calibration as a new version."""
+    import time
+
+    dress = (DEMO / "fashion" / "dress" / "google.png").read_bytes()
+    before = requests.get(f"{shop.url}/shop/items", params={"limit": 1}, timeout=10).json()["total"]
+
+    def upload(on_duplicate: str | None) -> requests.Response:
+        data = [("label", "dress"), ("ids", "sku-copy")]
+        if on_duplicate is not None:
+            data.append(("on_duplicate", on_duplicate))
+        return requests.post(
+            f"{shop.url}/shop/items",
+            files=[("images", ("copy.png", dress))],
+            data=data,
+            headers=KEY,
+            timeout=120,
+        )
+
+    assert_error(upload("reject"), 409, "sku-copy ~ dress/google.png", "on_duplicate=reject")
+    assert_error(upload("maybe"), 400, "on_duplicate")
+    r = upload("skip")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["added"] == 0 and body["count"] == before
+    assert [(d["id"], d["match"]["id"], d["action"]) for d in body["duplicates"]] == [
+        ("sku-copy", "dress/google.png", "skipped")
+    ]
+    r = upload(None)  # allow: added, and listed
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["added"] == 1 and body["duplicates"][0]["action"] == "added"
+    task = requests.post(f"{shop.url}/shop/duplicates/submit", timeout=30).json()["task_id"]
+    for _ in range(600):
+        if (
+            requests.get(f"{shop.url}/shop/duplicates/status", params={"task_id": task}, timeout=10).json()[
+                "status"
+            ]
+            != "in_progress"
+        ):
+            break
+        time.sleep(0.3)
+    groups = requests.get(f"{shop.url}/shop/duplicates/get", params={"task_id": task}, timeout=10).json()
+    group = next(g for g in groups["groups"] if "sku-copy" in [g["keep"], *g["duplicates"]])
+    assert group["keep"] == "dress/google.png" and "sku-copy" in group["duplicates"]  # the older item kept
+    assert "sku-copy" in groups["to_remove"]
+    # on demand: a new version of kind calibrate, the same items, its calibration in /domains
+    assert_error(requests.post(f"{shop.url}/shop/duplicates/calibrate", timeout=60), 401)
+    r = requests.post(f"{shop.url}/shop/duplicates/calibrate", headers=KEY, timeout=300)
+    assert r.status_code == 200, r.text
+    cal = r.json()
+    assert cal["decision"] is not None and cal["copies"] > 0
+    versions = requests.get(f"{shop.url}/shop/versions", timeout=10).json()
+    assert versions[0]["kind"] == "calibrate" and versions[0]["count"] == before + 1
+    info = requests.get(f"{shop.url}/domains", timeout=10).json()[0]
+    assert info["duplicates"]["seconds"] == cal["seconds"]
+    requests.delete(f"{shop.url}/shop/items/sku-copy", headers=KEY, timeout=30).raise_for_status()

@@ -1,0 +1,262 @@
+"""Duplicate detection (simserver/duplicates.py, simserver/duplicate_checks.py): synthetic copies,
+geometric verification on real photos, the calibrated decision against brute force, the
+whole-catalog kNN and groups against brute-force oracles, on-insert screening."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simserver import duplicates as dup
+from simserver.catalog import Catalog, Segment
+from simserver.duplicate_checks import screen
+from simserver.errors import Conflict
+from simserver.index import Item
+from simserver.ingest import Sample
+from simserver.schemas import DuplicateMatch, DuplicateResult
+from tests.conftest import TEST_DATA
+
+
+def photo(name: str) -> Image.Image:
+    return dup.open_for_calibration((TEST_DATA / name).read_bytes())
+
+
+# -- synthetic copies ---------------------------------------------------------------------------------
+def test_every_transform_changes_the_image_and_is_seeded():
+    img = photo("hammer1.webp")
+    base = np.asarray(img, np.float32)
+    for t in dup.TRANSFORMS:
+        a = dup.synthetic_copy(img, t, np.random.default_rng(3))
+        b = dup.synthetic_copy(img, t, np.random.default_rng(3))
+        assert a.mode == "RGB"
+        assert np.array_equal(np.asarray(a), np.asarray(b)), t  # deterministic per seed
+        same_size = a.size == img.size
+        assert not same_size or np.abs(np.asarray(a, np.float32) - base).mean() > 1.0, t
+    crop = dup.synthetic_copy(img, "crop", np.random.default_rng(0))
+    assert 0.64 * img.size[0] <= crop.size[0] <= 0.91 * img.size[0]
+    small = dup.synthetic_copy(img, "downscale", np.random.default_rng(0))
+    assert 0.34 * img.size[0] <= small.size[0] <= 0.61 * img.size[0]
+    mirrored = dup.synthetic_copy(img, "mirror", np.random.default_rng(0))
+    assert np.array_equal(np.asarray(mirrored)[:, ::-1], np.asarray(img.convert("RGB")))
+
+
+# -- geometric verification ---------------------------------------------------------------------------
+@pytest.mark.parametrize("transform", ["crop", "rotate", "border", "mirror", "text", "downscale"])
+def test_a_copy_has_many_inliers_a_look_alike_few(transform):
+    original = photo("plier1.webp")
+    copy = dup.synthetic_copy(original, transform, np.random.default_rng(1))
+    look_alike = photo("plier2.webp")  # another plier: same kind of product, another item
+    target = dup.features(original, mirror=False)
+    copy_inliers = dup.inliers(dup.features(copy), target)
+    other = dup.inliers(dup.features(look_alike), target)
+    assert copy_inliers >= 20, (transform, copy_inliers)
+    assert other <= 12, other
+    assert copy_inliers > 2 * other
+
+
+def test_unrelated_photos_do_not_match_through_a_degenerate_transform():
+    # Before matches were made one-to-one, many points matched to one let RANSAC fit a
+    # scale ~0 transform with dozens of "inliers" between unrelated photos.
+    names = ["hammer1.webp", "hammer2.webp", "scissors1.webp", "plier1.webp", "plier2.webp", "wrench.webp"]
+    feats = {n: dup.features(photo(n)) for n in names}
+    for a, b in itertools.permutations(names, 2):
+        assert dup.inliers(feats[a], feats[b]) <= 12, (a, b)
+
+
+# -- the decision ---------------------------------------------------------------------------------------
+def brute_threshold(p: np.ndarray, same: np.ndarray, precision: float) -> float | None:
+    """The lowest threshold t (among the p values) with TPR / (TPR + FPR) >= precision."""
+    best = None
+    for t in sorted(set(p.tolist())):
+        if t < 0:
+            continue
+        flag = p >= t
+        tpr = flag[same].mean()
+        fpr = flag[~same].mean()
+        if tpr + fpr > 0 and tpr / (tpr + fpr) >= precision and (best is None or t < best):
+            best = t
+    return best
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_balanced_threshold_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    same = rng.random(n) < 0.7
+    p = np.round(np.where(same, rng.uniform(0.3, 1, n), rng.uniform(0, 0.8, n)), 2)  # ties on purpose
+    precision = float(rng.choice([0.9, 0.95, 0.99]))
+    got = dup.balanced_threshold(p, same, precision)
+    want = brute_threshold(p, same, precision)
+    if want is None:  # none reaches it: just above every look-alike
+        assert got > p[~same].max()
+    else:
+        assert got == pytest.approx(want)
+
+
+def test_fit_decision_separates_and_is_monotone():
+    rng = np.random.default_rng(0)
+    # copies: high score, many inliers; look-alikes: high score too, few inliers
+    score = np.concatenate([rng.uniform(0.75, 1.0, 90), rng.uniform(0.7, 0.95, 30)])
+    inl = np.concatenate([rng.integers(15, 200, 90), rng.integers(0, 9, 30)])
+    same = np.arange(120) < 90
+    d = dup.fit_decision(score, inl, same, 0.99, 0.5, verify=True)
+    assert d.weights[1] >= 0 and d.weights[2] > 0
+    flagged = d.duplicate(score, inl)
+    assert flagged[same].mean() >= 0.95 and not flagged[~same].any()
+    emb = dup.fit_decision(score, inl, same, 0.99, 0.5, verify=False)
+    assert emb.duplicate(score, inl)[same].mean() < flagged[same].mean()  # the score alone is not enough
+    # monotone: more inliers never lower same_item
+    s = np.full(50, 0.8)
+    assert np.all(np.diff(d.same_item(s, np.arange(50))) >= 0)
+
+
+# -- whole-catalog kNN and groups ------------------------------------------------------------------------
+def catalog_of(vectors: np.ndarray, dead: frozenset[int] = frozenset(), split: int | None = None) -> Catalog:
+    """A two-segment catalog (base + delta) of unit vectors, ``dead`` rows deleted."""
+    n = len(vectors)
+    split = n // 2 if split is None else split
+    items = [
+        Item(
+            f"c/{i}",
+            "c",
+            f"k/{i}",
+            "image/png",
+            {},
+            f"id-{i:04d}",
+            f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}",
+        )
+        for i in range(n)
+    ]
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    segs = [
+        Segment("base", items[:split], vectors[:split], None, "base"),
+        Segment("d1", items[split:], vectors[split:], None, "delta"),
+    ]
+    alive = [
+        np.array([i not in dead for i in range(split)]),
+        np.array([i not in dead for i in range(split, n)]),
+    ]
+    meta = {"version": "v1", "metric": "cosine", "dim": vectors.shape[1], "segments": [], "tombstones": []}
+    return Catalog(meta, segs, alive)
+
+
+def test_catalog_knn_equals_brute_force_over_live_items():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    dead = frozenset({3, 7, 150, 151, 299})
+    cat = catalog_of(x, dead)
+    items, nb, sc = dup.catalog_knn(cat, k=5, batch=64)  # several batches
+    live = [i for i in range(300) if i not in dead]
+    assert [it.id for it in items] == [f"id-{i:04d}" for i in live]
+    xl = x[live] / np.linalg.norm(x[live], axis=1, keepdims=True)
+    sims = xl @ xl.T
+    np.fill_diagonal(sims, -np.inf)
+    want = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+    assert np.array_equal(np.sort(nb, 1), np.sort(want, 1))
+    assert np.allclose(np.sort(sc, 1), np.sort(np.take_along_axis(sims, want, 1), 1), atol=1e-5)
+
+
+def test_catalog_knn_on_an_hnsw_base_with_deletions_matches_brute_force():
+    import faiss
+
+    from simserver.catalog import CatalogPolicy
+
+    rng = np.random.default_rng(2)
+    n, d = 3000, 32
+    centres = rng.normal(size=(30, d))
+    x = (centres[rng.integers(0, 30, n)] + 0.3 * rng.normal(size=(n, d))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = faiss.IndexHNSWFlat(d, 16, faiss.METRIC_INNER_PRODUCT)
+    index.add(x)
+    index.hnsw.efSearch = 64
+    items = [Item(f"c/{i}", "c", f"k/{i}", "image/png", {}, f"id-{i:05d}") for i in range(n)]
+    dead = rng.choice(n, 200, replace=False)
+    alive = np.ones(n, bool)
+    alive[dead] = False
+    meta = {"version": "v", "metric": "cosine", "dim": d, "segments": [], "tombstones": []}
+    cat = Catalog(meta, [Segment("b", items, x, index, "base")], [alive], CatalogPolicy(exact_scan_max=100))
+    _, nb, sc = dup.catalog_knn(cat, k=5, batch=512)
+    live = np.flatnonzero(alive)
+    sims = x[live] @ x[live].T
+    np.fill_diagonal(sims, -np.inf)
+    want = np.argsort(-sims, axis=1)[:, :5]
+    recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(nb.tolist(), want.tolist(), strict=True)])
+    assert recall >= 0.95, recall
+    assert (nb >= 0).all()  # deleted rows never come back, and each item gets its 5
+    got = np.take_along_axis(sims, nb, 1)
+    assert np.allclose(got, sc, atol=1e-5)  # the scores are exact
+
+
+def components(n: int, pairs: list[tuple[int, int]]) -> list[set[int]]:
+    adj: dict[int, set[int]] = {}
+    for a, b in pairs:
+        adj.setdefault(a, set()).add(b)
+        adj.setdefault(b, set()).add(a)
+    seen: set[int] = set()
+    out = []
+    for s in adj:
+        if s in seen:
+            continue
+        comp, todo = set(), [s]
+        while todo:
+            v = todo.pop()
+            if v not in comp:
+                comp.add(v)
+                todo += list(adj[v] - comp)
+        seen |= comp
+        out.append(comp)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_groups_equal_connected_components_of_brute_force_pairs(seed):
+    rng = np.random.default_rng(seed)
+    n = 240
+    x = rng.normal(size=(n, 32)).astype(np.float32)
+    copies = rng.choice(n, 60, replace=False)
+    for a, b in zip(copies[0::2], copies[1::2], strict=True):  # 30 planted near-copies, some chained
+        x[b] = x[a] + rng.normal(0, 0.05, 32)
+    cat = catalog_of(x)
+    decision = dup.Decision(weights=[-90.0, 100.0, 0.0], threshold=0.5, min_score=0.8, verify=False)
+    found = dup.find_groups(cat, decision, dup.DuplicatesConfig(groups_k=10), None)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = xn @ xn.T
+    # brute force: pairs within each item's 10 nearest that the decision flags
+    pairs = []
+    for i in range(n):
+        order = [j for j in np.argsort(-sims[i], kind="stable") if j != i][:10]
+        pairs += [(i, int(j)) for j in order if decision.duplicate(np.array([sims[i, j]]), np.array([0]))[0]]
+    want = sorted(sorted(f"id-{m:04d}" for m in c) for c in components(n, pairs))
+    got = sorted(sorted([g["keep"], *g["duplicates"]]) for g in found["groups"])
+    assert got == want
+    assert len(want) >= 25
+    for g in found["groups"]:  # the oldest item is kept
+        assert g["keep"] == min([g["keep"], *g["duplicates"]])
+        assert len(g["scores"]) == len(g["duplicates"])
+    assert found["to_remove"] == sorted(d for g in found["groups"] for d in g["duplicates"])
+    assert found["items"] == n
+
+
+# -- on insert --------------------------------------------------------------------------------------------
+def test_screen_allow_skip_reject():
+    samples = [Sample(f"c/{i}.png", "c", b"", "image/png") for i in range(3)]
+    match = DuplicateMatch(id="old", name="c/old.png", label="c", score=0.99, same_item=0.999, inliers=80)
+    results = [
+        DuplicateResult(name="c/0.png", duplicate=True, matches=[match]),
+        DuplicateResult(name="c/1.png", duplicate=False, matches=[]),
+        DuplicateResult(
+            name="c/2.png", duplicate=False, matches=[match.model_copy(update={"same_item": 0.1})]
+        ),
+    ]
+    keep, found = screen(results, samples, "allow")
+    assert keep == [0, 1, 2] and [(d.id, d.match.id, d.action) for d in found] == [
+        ("c/0.png", "old", "added")
+    ]
+    keep, found = screen(results, samples, "skip")
+    assert keep == [1, 2] and found[0].action == "skipped"
+    with pytest.raises(Conflict, match="c/0.png ~ old"):
+        screen(results, samples, "reject")
+    assert screen(results[1:], samples[1:], "reject")[0] == [0, 1]
