@@ -217,7 +217,9 @@ def test_train_progress_route(server):
     refused("/scratch/train/progress", {"task_id": "no-such-task"}, 404, "unknown task")
     refused("/fashion/train/progress", {"task_id": task_id}, 404, "unknown task")
     refused("/nowhere/train/progress", {"task_id": task_id}, 404, "unknown domain")
-    refused("/scratch/train/progress", {"task_id": "../../etc"}, 400, "not a task id")
+    refused(
+        "/scratch/train/progress", {"task_id": "../../etc"}, 400, "task_id"
+    )  # the route declares the pattern
     refused("/scratch/train/progress", {}, 400, "task_id")
     cli = subprocess.run(
         [sys.executable, "-m", "simserver.cli", "train-progress", "scratch", task_id, "--url", server.url],
