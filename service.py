@@ -307,7 +307,9 @@ class ImageSimilarity:
         async def work() -> DuplicateGroupsReply:
             return await self.indexes[cfg.name].to_async.duplicate_groups()
 
-        return await self.jobs.run(getattr(ctx.request.state, "task_id", None), cfg.name, work)
+        return await self.jobs.run(
+            getattr(ctx.request.state, "task_id", None), cfg.name, work, kind="duplicates"
+        )
 
     @bentoml.api(route="/{domain}/duplicates/calibrate")
     async def calibrate_duplicates(self, *, ctx: bentoml.Context) -> DuplicateCalibration:

@@ -306,11 +306,10 @@ class GatewayMiddleware:
                 if message.get("more_body"):
                     return
                 start = held.pop("start")
-                if (
-                    task_query
-                    and start["status"] == 404
-                    and (answer := await self._from_records(scope, parts))
-                ):
+                answer = await self._from_records(scope, parts) if task_query else None
+                if answer and (start["status"] == 404 or answer[0] == 404):
+                    # BentoML forgot the task (another replica's, or a restart), or the id is
+                    # another kind of task's, whose failure BentoML would answer here.
                     await self._respond(send, *answer)
                     return
                 raw = b"".join(chunks)
@@ -519,6 +518,8 @@ class GatewayMiddleware:
             return None
         if not record or record.get("domain") != parts[0]:
             return None
+        if record.get("kind", "train") != parts[1]:  # another kind of task with this id
+            return 404, {"error": f"no {parts[1]} task with this task_id"}
         if parts[2] == "status":
             return 200, JobRecords.status_json(record)
         return JobRecords.result_response(record)

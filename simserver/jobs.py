@@ -82,10 +82,11 @@ class JobRecords:
         except Exception:  # the job itself must not fail because its record could not be written
             logger.exception("cannot write job record %s", task_id)
 
-    def started(self, task_id: str, domain: str) -> dict[str, Any]:
+    def started(self, task_id: str, domain: str, kind: str = "train") -> dict[str, Any]:
         record = {
             "task_id": task_id,
             "domain": domain,
+            "kind": kind,
             "status": "in_progress",
             "created_at": _now(),
             "executed_at": None,
@@ -124,12 +125,15 @@ class JobRecords:
             {**record, "status": "failed", "executed_at": _now(), "http_status": http_status, "error": error},
         )
 
-    async def run(self, task_id: str | None, domain: str, work: Callable[[], Awaitable[R]]) -> R:
+    async def run(
+        self, task_id: str | None, domain: str, work: Callable[[], Awaitable[R]], kind: str = "train"
+    ) -> R:
         """``await work()``, recorded as job ``task_id`` (in progress, then completed or failed
-        with the status and message the client gets). No record without a task id."""
+        with the status and message the client gets). No record without a task id. ``kind``: the
+        task's route (``train``, ``duplicates``): BentoML's task ids are shared by every task."""
         if not task_id:
             return await work()
-        record = await anyio.to_thread.run_sync(self.started, task_id, domain)
+        record = await anyio.to_thread.run_sync(self.started, task_id, domain, kind)
         beat = asyncio.ensure_future(self._beat(record))
         try:
             result = await work()
