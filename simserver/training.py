@@ -520,16 +520,26 @@ def calibrate_duplicates(
     """The duplicate decision (:mod:`simserver.duplicates`), on synthetic copies of a capped number
     of the dataset's images encoded in the embedding the version serves."""
     from simserver import duplicates
+    from simserver.int8 import INT8_PREFIX, int8_name
 
-    head = outcome.head if served.encoder != backend.encoder else None
+    # The copies in the embedding the version serves: its head only if it is the fine-tuned one,
+    # its backbone on the runtime it serves (float32 or int8, simserver.runtime_choice).
+    head = outcome.head if outcome.promoted else None
+    int8 = served.encoder.startswith(INT8_PREFIX) and hasattr(backend, "encode_with")
+
+    def backbone(pixels: np.ndarray) -> np.ndarray:
+        if int8:
+            return backend.encode_with(pixels, int8_name(backend.encoder))  # type: ignore[attr-defined]
+        return backend.encode(pixels)
 
     def encode(pixels: np.ndarray) -> np.ndarray:
         # The copies are seeded, so a retraining makes the same ones: cached by their pixels.
-        keys = ["dup-" + hashlib.sha256(p.tobytes()).hexdigest() for p in pixels]
+        tag = "dup8-" if int8 else "dup-"
+        keys = [tag + hashlib.sha256(p.tobytes()).hexdigest() for p in pixels]
         got = [cache.get(k) if cache is not None else None for k in keys]
         todo = [i for i, g in enumerate(got) if g is None]
         if todo:
-            fresh = np.asarray(backend.encode(pixels[todo]), np.float32)
+            fresh = np.asarray(backbone(pixels[todo]), np.float32)
             for i, v in zip(todo, fresh, strict=True):
                 got[i] = v
                 if cache is not None:

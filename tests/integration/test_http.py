@@ -112,7 +112,9 @@ def test_search_finds_the_indexed_image_first(server, domain):
     assert top["score"] > 0.999 and abs(top["distance"]) < 1e-3
     scores = [h["score"] for h in results]
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
-    assert set(top) == {"id", "name", "label", "score", "distance", "metadata"}
+    # `scores` (each modality's own) is for image + text queries only.
+    assert set(top) - {"scores"} == {"id", "name", "label", "score", "distance", "metadata"}
+    assert top.get("scores") is None
 
 
 def test_search_top_k_and_other_style_of_same_item(server):
