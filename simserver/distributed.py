@@ -127,20 +127,11 @@ class ShardEncoder:
 
     def __init__(self, job: dict[str, Any]) -> None:
         os.environ.update(job["env"])
-        from simserver.encoder_pool import EncoderPool
 
         self.job = job
         self.source = open_source(job["source"])
         self.repo = Repository(open_store(job["store"]))
-        # One TFLite thread per actor: Ray places one actor per CPU.
-        self.encoder: ShippedTFLite | Any
-        if job["encoder"] == BUILTIN and job["runtime"] != "savedmodel":
-            self.encoder = ShippedTFLite(job["builtin_model"])
-        else:
-            pool = EncoderPool(
-                builtin_model=job["builtin_model"], runtime=job["runtime"], threads=1, batch_size=job["batch"]
-            )
-            self.encoder = pool.get(job["encoder"])
+        self.encoder = job_encoder(job)
         if self.encoder.id != job["encoder_id"]:
             raise RuntimeError(
                 f"this node's encoder is {self.encoder.id}, the build's {job['encoder_id']}: "
@@ -217,14 +208,34 @@ class ShardEncoder:
         return len(kept), len(skipped)
 
 
-class ShardBackend:
-    """The training backend of a distributed build: the features are the shards' vectors."""
+def job_encoder(job: dict[str, Any]) -> Any:
+    """The build's encoder as an actor runs it (one TFLite thread: Ray places one actor per CPU)."""
+    from simserver.encoder_pool import EncoderPool
 
-    def __init__(self, encoder: str, encoder_id: str) -> None:
+    if job["encoder"] == BUILTIN and job["runtime"] != "savedmodel":
+        return ShippedTFLite(job["builtin_model"])
+    pool = EncoderPool(
+        builtin_model=job["builtin_model"], runtime=job["runtime"], threads=1, batch_size=job["batch"]
+    )
+    return pool.get(job["encoder"])
+
+
+class ShardBackend:
+    """The training backend of a distributed build: the features are the shards' vectors. The
+    few images the training still encodes itself (the duplicate calibration's synthetic copies)
+    are encoded here, on the driver, by the encoder the actors run."""
+
+    def __init__(self, encoder: str, encoder_id: str, job: dict[str, Any] | None = None) -> None:
         self.encoder, self.encoder_id = encoder, encoder_id
+        self._job = job
+        self._local: Any = None
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        raise RuntimeError("a distributed build encodes in its actors")
+        if self._job is None:
+            raise RuntimeError("a distributed build encodes in its actors")
+        if self._local is None:
+            self._local = job_encoder(self._job)
+        return np.asarray(self._local.encode(images), np.float32)
 
     def train_head(self, *args: Any) -> Any:
         raise RuntimeError("a distributed build indexes with the pretrained encoder")
@@ -351,21 +362,21 @@ def build_on_ray(
         len(shards) - len(todo),
     )
     t_encode = time.perf_counter()
+    job = {
+        "domain": cfg.name,
+        "source": source_uri,
+        "store": store_uri,
+        "prefix": prefix,
+        "encoder": cfg.encoder,
+        "encoder_id": encoder_id,
+        "builtin_model": settings.builtin_model,
+        "runtime": settings.encoder_runtime,
+        "image_size": image_size,
+        "limits": cfg.limits,
+        "batch": options.batch_size,
+        "env": {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith("AWS_")},
+    }
     if todo:
-        job = {
-            "domain": cfg.name,
-            "source": source_uri,
-            "store": store_uri,
-            "prefix": prefix,
-            "encoder": cfg.encoder,
-            "encoder_id": encoder_id,
-            "builtin_model": settings.builtin_model,
-            "runtime": settings.encoder_runtime,
-            "image_size": image_size,
-            "limits": cfg.limits,
-            "batch": options.batch_size,
-            "env": {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith("AWS_")},
-        }
         _run_actors(job, [(k, shards[k]) for k in todo], options, progress)
     encode_seconds = time.perf_counter() - t_encode
     table, skipped = read_shards(repo.store, keys, encoder_id)
@@ -378,7 +389,7 @@ def build_on_ray(
         repo,
         cfg,
         dataset,
-        ShardBackend(cfg.encoder, encoder_id),
+        ShardBackend(cfg.encoder, encoder_id, job),
         mode="pretrained",
         features=_vectors(table),
         started=t0,

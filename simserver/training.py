@@ -516,6 +516,7 @@ def calibrate_duplicates(
     backend: Backend,
     batch_size: int,
     cache: FeatureCache | None = None,
+    repo: Repository | None = None,
 ) -> dict:
     """The duplicate decision (:mod:`simserver.duplicates`), on synthetic copies of a capped number
     of the dataset's images encoded in the embedding the version serves."""
@@ -548,9 +549,15 @@ def calibrate_duplicates(
         return head.apply(f) if head is not None else f
 
     samples = dataset.samples
+
+    def original(r: int) -> bytes:
+        # A distributed build's samples carry no bytes: its actors stored the images already.
+        s = samples[r]
+        return s.data if s.data or repo is None or not s.image_key else repo.image(s.image_key)
+
     return duplicates.calibrate_rows(
         cfg.duplicates,
-        lambda r: samples[r].data,
+        original,
         served.vectors,
         np.asarray([s.label for s in samples]),
         encode,
@@ -623,7 +630,7 @@ def train_domain(
         )
     calibrations = calibrate_all(CalibrationData(cfg, outcome.split, served.vectors, labels, parts))
     calibrations["duplicates"] = calibrate_duplicates(
-        cfg, dataset, served, outcome, backend, batch_size, cache
+        cfg, dataset, served, outcome, backend, batch_size, cache, repo
     )
     logger.info("domain %s: %s", cfg.name, outcome.reason)
     at("indexing", 0)

@@ -628,7 +628,9 @@ def test_export_bento_writes_archive_and_docker_context(tmp_path, demo_store):
     if not (home / "models" / model_name / "latest").exists():
         pytest.skip(f"no {model_name} model in {home}: run `make encoder` first")
     scratch = tmp_path / "bentoml"
-    shutil.copytree(home / "models" / model_name, scratch / "models" / model_name)
+    # The Bento carries both built-in models: the image encoder and the text encoder.
+    for name in (model_name, "paraphrase-minilm-l3-text"):
+        shutil.copytree(home / "models" / name, scratch / "models" / name)
     env = dict(os.environ, BENTOML_HOME=str(scratch), BENTOML_DO_NOT_TRACK="True")
     out = tmp_path / "export"
     proc = subprocess.run(
