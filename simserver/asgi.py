@@ -19,6 +19,30 @@ Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 
 
+async def _read_and_replay(receive: Callable) -> tuple[bytes, Callable]:
+    """The request body read whole (its size is checked already), and a ``receive`` that gives it
+    once more to the app behind, then whatever the client does next (a disconnect)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return body, replay
+
+
 class GatewayMiddleware:
     """In front of every gateway route, before BentoML reads a body:
 
@@ -343,24 +367,7 @@ class GatewayMiddleware:
 
     async def _checked_empty_body(self, receive: Callable) -> tuple[Callable, str | None]:
         """The body read once (its size is checked already) and replayed: no body or ``{}``."""
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
+        body, replay = await _read_and_replay(receive)
         try:
             ok = not body.strip() or json.loads(body) == {}
         except ValueError:
@@ -373,24 +380,7 @@ class GatewayMiddleware:
         from starlette.datastructures import Headers, UploadFile
         from starlette.formparsers import MultiPartException, MultiPartParser
 
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:  # after the body: what the client does next (a disconnect)
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        body, replay = await _read_and_replay(receive)
 
         async def stream():
             yield body
