@@ -221,6 +221,8 @@ def server_env(store: Path, domains_dir: Path, tmp: Path) -> dict[str, str]:
         BENTOML_RESULT_STORE=str(tmp / "task-results.db"),
         POINTER_POLL_SECONDS="1",
         PYTHONPATH=str(ROOT),
+        # The services' log lines reach server.log as they are written (tests read them).
+        PYTHONUNBUFFERED="1",
     )
     return env
 

@@ -44,7 +44,9 @@ def tiny_zip() -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running in this thread until it
+# stops, and every later test that calls asyncio.run() (the unit tests run after these) would fail.
+@pytest.fixture(scope="module")
 def browser():
     try:
         from playwright.sync_api import sync_playwright
