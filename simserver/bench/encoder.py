@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from functools import partial
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from simserver.bench.common import DEMO_DOMAINS, bench_environment, rate
 from simserver.bench.int8 import runtime_row, trained_decisions
 
 logger = logging.getLogger(__name__)
+
+ROUNDS = 5  # interleaved rounds per batch size (see encoder_figures)
 
 
 def random_images(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
@@ -40,11 +43,15 @@ def domain_runtimes(domains: tuple[str, ...] = DEMO_DOMAINS) -> dict[str, dict |
 
 
 def encoder_figures(
-    seconds: float = 8.0, domains: tuple[str, ...] = DEMO_DOMAINS, data: list[Path] | None = None
+    seconds: float = 8.0,
+    domains: tuple[str, ...] = DEMO_DOMAINS,
+    data: list[Path] | None = None,
+    threads: int = 0,
 ) -> dict:
     """img/s per runtime and batch size (``{"savedmodel": {"batch_1": …, "batch_32": …}, …}``), the
     served int8 over the raw float32 TFLite ratio, the load average, the bundled domains' decisions
-    and, per ``data`` folder, the decision of a real training (:mod:`simserver.bench.int8`)."""
+    and, per ``data`` folder, the decision of a real training (:mod:`simserver.bench.int8`).
+    ``threads``: TFLite threads of every runtime (0: every usable CPU)."""
     bench_environment()
     from simserver.encoder import TFLITE_FILE, Encoder, TFLiteInterpreter, builtin_model_path
     from simserver.encoder_pool import EncoderPool
@@ -52,7 +59,7 @@ def encoder_figures(
     from simserver.settings import get_settings
 
     settings = get_settings()
-    served = Encoder("builtin", runtime="tflite")
+    served = Encoder("builtin", runtime="tflite", threads=threads)
     raw = TFLiteInterpreter(
         (builtin_model_path(settings.builtin_model)[1].parent / TFLITE_FILE).read_bytes(), served.threads
     )
@@ -66,13 +73,36 @@ def encoder_figures(
     images = random_images(32)
     load_before = os.getloadavg()
     out: dict = {name: {} for name in runtimes}
+    ratios: dict[str, list[float]] = {}
+    cpu_ratios: dict[str, list[float]] = {}
     for batch in (1, 32):
-        for name, encode in runtimes.items():  # alternate runtimes per batch size: same noise for all
-            speed, _ = rate(partial(encode, images[:batch]), batch, seconds)
-            out[name][f"batch_{batch}"] = round(speed, 1)
-            logger.info("encoder %s batch %d: %.1f img/s", name, batch, speed)
-    out["int8_over_raw_float32"] = {
-        b: round(out["tflite_int8"][b] / out["tflite_float32_raw"][b], 2) for b in ("batch_1", "batch_32")
+        # Short rounds, the runtimes in turn within each round, so that a burst of the machine's other
+        # load hits every runtime of a round alike; each round's speed is its median call (a call that
+        # the scheduler preempted does not count as the model's speed), the figure the median round.
+        per_round: dict[str, list[float]] = {name: [] for name in runtimes}
+        per_cpu: dict[str, list[float]] = {name: [] for name in runtimes}
+        for _ in range(ROUNDS):
+            for name, encode in runtimes.items():
+                cpu0 = time.process_time()
+                _, times = rate(partial(encode, images[:batch]), batch, seconds / ROUNDS)
+                cpu = time.process_time() - cpu0
+                per_round[name].append(batch * 1000.0 / float(np.median(times)))
+                # Images per CPU second of this process (the warm-up call of `rate` included): what
+                # the model costs, which other processes on the machine do not change.
+                per_cpu[name].append(batch * (len(times) + 1) / max(cpu, 1e-9))
+        key = f"batch_{batch}"
+        for name, speeds in per_round.items():
+            out[name][key] = round(float(np.median(speeds)), 1)
+            out[name][f"{key}_per_cpu_second"] = round(float(np.median(per_cpu[name])), 1)
+            logger.info("encoder %s batch %d: %.1f img/s", name, batch, out[name][key])
+        # Paired: each round's int8 against the same round's raw float32.
+        for into, figures in ((ratios, per_round), (cpu_ratios, per_cpu)):
+            pairs = zip(figures["tflite_int8"], figures["tflite_float32_raw"], strict=True)
+            into[key] = [i / r for i, r in pairs]
+    out["int8_over_raw_float32"] = {b: round(float(np.median(v)), 2) for b, v in ratios.items()}
+    out["int8_over_raw_float32_rounds"] = {b: [round(x, 2) for x in v] for b, v in ratios.items()}
+    out["int8_over_raw_float32_per_cpu_second"] = {
+        b: round(float(np.median(v)), 2) for b, v in cpu_ratios.items()
     }
     out["threads"] = served.threads
     out["load_average"] = {
