@@ -20,6 +20,9 @@ from simserver.settings import PROJECT_ROOT
 from simserver.text_config import TextConfig
 
 DOMAIN_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+# Taken by the server itself: the web interface is mounted at /ui, so /ui/search would never reach
+# a domain named `ui`.
+RESERVED_NAMES = frozenset({"ui"})
 BUILTIN = "builtin"
 
 
@@ -85,6 +88,8 @@ class DomainConfig(BaseModel):
     def _name(cls, v: str) -> str:
         if not DOMAIN_NAME.match(v):
             raise ValueError("domain names are lower-case letters, digits and '-', at most 63 characters")
+        if v in RESERVED_NAMES:
+            raise ValueError(f"{v!r} is reserved: the server's own routes use /{v}/")
         return v
 
     def demo_path(self) -> Path | None:

@@ -93,6 +93,7 @@ def test_every_metric_is_accepted(tmp_path, metric):
         ("shop_1", "", "lower-case"),
         ("-shop", "", "lower-case"),
         ("a" * 64, "", "lower-case"),
+        ("ui", "", "reserved"),  # the web interface's mount
     ],
     ids=[
         "metric",
@@ -109,6 +110,7 @@ def test_every_metric_is_accepted(tmp_path, metric):
         "underscore",
         "leading-dash",
         "too-long",
+        "reserved",
     ],
 )
 def test_invalid_files_are_refused(tmp_path, stem, text, words):
