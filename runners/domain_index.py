@@ -375,7 +375,7 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             return self.searcher.status(self.live.last_error)
 
     DomainIndexService.__name__ = DomainIndexService.__qualname__ = "Index_" + cfg.name.replace("-", "_")
-    return bentoml.service(
+    service = bentoml.service(
         name=service_name(cfg.name),
         workers=1,
         threads=4,  # the sync routes (status, item, reload) must not queue behind a slow reload
@@ -383,3 +383,5 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
         runner_connection=RUNNER_CONNECTION,
         **INTERNAL_SERVICE,
     )(DomainIndexService)
+    service.add_asgi_middleware(request_ids.BaggageIdMiddleware)
+    return service

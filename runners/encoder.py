@@ -138,3 +138,6 @@ class EncoderService:
         """Save ``encoder`` + head as one SavedModel at ``key`` in the store; returns the new
         encoder (``store:<key>``)."""
         return self.pool.export(encoder, Head.unpack(head), key, info)
+
+
+EncoderService.add_asgi_middleware(request_ids.BaggageIdMiddleware)  # type: ignore[attr-defined]  # a Service

@@ -169,3 +169,6 @@ class TrainerService:
         finally:
             with self._lock:
                 self._training.discard(domain)
+
+
+TrainerService.add_asgi_middleware(request_ids.BaggageIdMiddleware)  # type: ignore[attr-defined]  # a Service

@@ -2,9 +2,11 @@
 (``{"error": ..., "request_id": ...}``) and in every log line written while the request runs, so
 a client's complaint leads to the server's log lines.
 
-The internal services (encoder, index, trainer) get the id as OpenTelemetry baggage: BentoML's
-client injects the current OpenTelemetry context into every call between services, and its
-server restores it, so their log lines carry the gateway's id too.
+The internal services (encoder, index, trainer) get the id as W3C baggage: BentoML's client
+injects the current OpenTelemetry context (ours holds the id) into every call between services as
+a ``baggage`` header, and :class:`BaggageIdMiddleware` on each internal service reads it from the
+request itself, so their log lines carry the gateway's id too. (Not from the OpenTelemetry context
+BentoML's server restores: on a kept-alive connection its log lines showed an earlier request's.)
 
 A client may send its own ``X-Request-ID`` (a load balancer's, for one id end to end); anything
 that is not 1-64 characters of ``[A-Za-z0-9._-]`` is replaced, so a header cannot inject text
@@ -59,6 +61,38 @@ def current_id() -> str | None:
         return rid
     got = baggage.get_baggage(BAGGAGE_KEY)
     return got if isinstance(got, str) and _VALID.match(got.encode()) else None
+
+
+def from_baggage(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Our id in a request's W3C ``baggage`` header, if there is a valid one."""
+    mine = BAGGAGE_KEY.encode() + b"="
+    for key, value in headers:
+        if key.lower() != b"baggage":
+            continue
+        for entry in value.split(b","):
+            entry = entry.strip().split(b";", 1)[0]  # an entry may carry ;properties
+            if entry.startswith(mine) and _VALID.match(got := entry[len(mine) :].strip()):
+                return got.decode()
+    return None
+
+
+class BaggageIdMiddleware:
+    """On an internal service: the gateway's request id, from the request's baggage header, is
+    the current id while the request runs (log lines written in its worker threads included)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        rid = from_baggage(scope.get("headers") or []) if scope["type"] == "http" else None
+        if rid is None:
+            await self.app(scope, receive, send)
+            return
+        token = current.set(rid)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current.reset(token)
 
 
 def from_header(value: bytes | None) -> str:

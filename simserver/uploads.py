@@ -56,3 +56,23 @@ async def image_pixels(path: Path, limits: Limits, field: str) -> np.ndarray:
     """``uint8 [S, S, 3]`` of an uploaded image; refuses non-images and oversized ones (4xx).
     Read and decoded in one worker-thread hop: this is on every search's path."""
     return await anyio.to_thread.run_sync(_pixels, path, limits, field, limiter=_decode_limiter())
+
+
+def _decode_samples() -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    out = None
+    for fmt in ("PNG", "JPEG"):  # PIL imports a format's plugin on its first image
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (128, 64, 32)).save(buf, format=fmt)
+        out = prepare(buf.getvalue(), IMAGE_SIZE, 64, "warm-up", 10**6)
+    assert out is not None
+    return out
+
+
+async def warm_up_decoding() -> np.ndarray:
+    """Decode two tiny images the way an upload is (worker thread, limiter): the first search
+    after start-up then pays for no thread start or plugin import. Returns pixels to search with."""
+    return await anyio.to_thread.run_sync(_decode_samples, limiter=_decode_limiter())

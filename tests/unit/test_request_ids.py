@@ -53,3 +53,27 @@ def test_the_id_joins_the_clients_baggage_and_replaces_a_forged_one():
     assert [v for k, v in out if k == b"baggage"] == [b"tenant=a,simserver.request_id=r1"]
     assert (b"host", b"h") in out
     assert request_ids.with_baggage([], "r2") == [(b"baggage", b"simserver.request_id=r2")]
+
+
+def test_the_baggage_header_names_the_id_an_internal_service_logs():
+    import asyncio
+
+    seen: list[str | None] = []
+
+    async def app(scope, receive, send):
+        seen.append(request_ids.current_id())
+
+    mw = request_ids.BaggageIdMiddleware(app)
+
+    def call(*headers: tuple[bytes, bytes]) -> str | None:
+        asyncio.run(mw({"type": "http", "headers": list(headers)}, None, None))
+        return seen.pop()
+
+    # What the gateway's calls carry: BentoML's client serializes the current baggage, ours among others.
+    assert call((b"baggage", b"other=1,simserver.request_id=gw-7;prop=x")) == "gw-7"
+    assert call((b"baggage", b"other=1"), (b"Baggage", b"simserver.request_id=gw-8")) == "gw-8"
+    assert call((b"baggage", b"simserver.request_id=bad%0Aline")) is None  # not a safe token
+    assert call() is None
+    assert request_ids.current.get() is None  # nothing left behind after the request
+    # One after the other, each request its own id (a kept-alive connection once repeated the first).
+    assert [call((b"baggage", f"simserver.request_id=r{i}".encode())) for i in range(3)] == ["r0", "r1", "r2"]
