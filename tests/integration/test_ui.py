@@ -402,6 +402,8 @@ def test_duplicates_check_shows_a_copy_beside_its_original(page, server):
     )
     assert "Not a copy" in page.text_content("#dupe-results .dupe-result[data-name='hammer1.webp'] .facts")
     shot(page, "duplicates")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: no sideways scrolling
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
 
 def ensure_trained(server, domain: str = "scratch") -> None:
