@@ -118,6 +118,42 @@ def _rank_metrics(
     )
 
 
+# -- the queries that went wrong ------------------------------------------------------------------
+WORST_QUERIES = 8  # how many the training reply lists (what the web interface shows)
+
+
+def worst_order(result: RetrievalResult, names: list[str], n: int) -> list[int]:
+    """Indices of the ``n`` queries whose first correct result is furthest down (ties by name)."""
+    return sorted(range(len(names)), key=lambda i: (-int(result.first_correct[i]), names[i]))[:n]
+
+
+def worst_queries(
+    result: RetrievalResult,
+    query_ids: list[str],
+    query_labels: list[str],
+    gallery_ids: list[str],
+    gallery_labels: list[str],
+    n: int = WORST_QUERIES,
+) -> list[dict]:
+    """The hold-out queries whose first result has another label, worst first: each query's id and
+    label, its wrong first result, and the rank (1 = first) of its first result with the right label
+    (None if no gallery image has it). Ids, so a reader can look both images up in the catalog."""
+    wrong = [i for i in worst_order(result, query_ids, len(query_ids)) if result.first_correct[i] > 0]
+    out = []
+    for i in wrong[:n]:
+        first = int(result.top5[i][0])
+        rank = int(result.first_correct[i])
+        out.append(
+            {
+                "id": query_ids[i],
+                "label": query_labels[i],
+                "first": {"id": gallery_ids[first], "label": gallery_labels[first]},
+                "correct_rank": rank + 1 if rank < len(gallery_ids) else None,
+            }
+        )
+    return out
+
+
 # -- small-set statistics and open-set evaluation ---------------------------------------------------
 def hits_at_1(result: RetrievalResult) -> np.ndarray:
     """Per query: 1.0 if its nearest gallery item has its label."""

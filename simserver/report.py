@@ -10,7 +10,7 @@ import io
 
 from PIL import Image
 
-from simserver.evaluation import CURVE_KS, RetrievalResult
+from simserver.evaluation import CURVE_KS, RetrievalResult, worst_order
 from simserver.ingest import Sample
 
 COLORS = {"pretrained": "#8c8c8c", "finetuned": "#1f77b4"}
@@ -75,7 +75,7 @@ def _curve(results: dict[str, RetrievalResult]) -> str:
 def _gallery(
     res: RetrievalResult, queries: list[Sample], gallery: list[Sample], n: int, thumbs: dict[int, str]
 ) -> str:
-    worst = sorted(range(len(queries)), key=lambda i: (-int(res.first_correct[i]), queries[i].name))[:n]
+    worst = worst_order(res, [q.name for q in queries], n)
     rows = []
     for i in worst:
         q = queries[i]

@@ -128,6 +128,20 @@ class OpenSetEvaluation(BaseModel):
     gain: Gain
 
 
+class WorstQueryHit(BaseModel):
+    id: str
+    label: str
+
+
+class WorstQuery(BaseModel):
+    """A hold-out query whose first result has another label (both are catalog items)."""
+
+    id: str = Field(description="the hold-out image's item id")
+    label: str = Field(description="its label (the right one)")
+    first: WorstQueryHit = Field(description="its nearest training image, of another label")
+    correct_rank: int | None = Field(description="rank (1 = first) of its first result with the right label")
+
+
 class Evaluation(BaseModel):
     mode: str
     pretrained: RetrievalMetrics | None = Field(description="the domain's configured encoder on the hold-out")
@@ -144,6 +158,11 @@ class Evaluation(BaseModel):
     pair: dict | None = Field(
         None,
         description="hold-out x training pairs: same-label threshold, ROC AUC, accuracy (POST /similarity)",
+    )
+    worst_queries: list[WorstQuery] | None = Field(
+        None,
+        description="the served embedding's hold-out queries whose first result has the wrong label, "
+        "worst first (at most 8)",
     )
 
 

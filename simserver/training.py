@@ -47,6 +47,7 @@ from simserver.evaluation import (
     interval_summary,
     open_set_split,
     stratified_split,
+    worst_queries,
 )
 from simserver.finetune import Head, TrainingConfig
 from simserver.ingest import Dataset, Sample, check_unique_ids
@@ -234,6 +235,18 @@ class Outcome:
             "augmented_views": self.augmented_views,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
+
+    def worst_queries(self, samples: list[Sample]) -> list[dict] | None:
+        """The served embedding's hold-out queries whose first result has the wrong label
+        (:func:`simserver.evaluation.worst_queries`); None without a hold-out evaluation."""
+        served = self.finetuned if self.promoted else self.pretrained
+        if served is None:
+            return None
+        ids, labels = [s.id for s in samples], [s.label for s in samples]
+        q, g = self.split.holdout.tolist(), self.split.train.tolist()
+        return worst_queries(
+            served, [ids[i] for i in q], [labels[i] for i in q], [ids[i] for i in g], [labels[i] for i in g]
+        )
 
 
 def fit_and_evaluate(
@@ -646,7 +659,11 @@ def train_domain(
         version=version,
         previous=previous,
         extra_meta={
-            "evaluation": {**outcome.evaluation(), "pair": calibrations.get("pair")},
+            "evaluation": {
+                **outcome.evaluation(),
+                "pair": calibrations.get("pair"),
+                "worst_queries": outcome.worst_queries(dataset.samples),
+            },
             **calibrations,
             "runtime": runtime.summary(cfg.encoder_runtime.int8_max_loss),
         },

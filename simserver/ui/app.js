@@ -199,6 +199,21 @@ const UI = (() => {
     return h("form", { class: "controls", onsubmit }, ...children, button, box);
   }
 
+  /** Files as multipart parts: zips as `archive`, the rest as `images`, each under a name unique in
+   *  the request (the reply names them). Returns {form, sent}: sent maps each name to its file. */
+  function uploadForm(files) {
+    const form = new FormData();
+    const sent = new Map();
+    for (const f of files) {
+      const base = f.name || "pasted.png";
+      let name = base;
+      for (let n = 2; sent.has(name); n++) name = base.replace(/(\.[^.]*)?$/, ` (${n})$1`);
+      sent.set(name, f);
+      form.append(name.toLowerCase().endsWith(".zip") ? "archive" : "images", f, name);
+    }
+    return { form, sent };
+  }
+
   /** A labelled form control. */
   function field(label, control, note) {
     return h("label", { class: "field" }, h("span", {}, label), control, note ? h("small", {}, note) : null);
@@ -253,6 +268,7 @@ const UI = (() => {
     const key = document.getElementById("api-key");
     key.value = sessionStorage.getItem(KEY) || "";
     key.addEventListener("change", () => {
+      if (key.value === (sessionStorage.getItem(KEY) || "")) return; // unchanged: keep the page as it is
       if (key.value) sessionStorage.setItem(KEY, key.value);
       else sessionStorage.removeItem(KEY);
       show(); // a server whose searches need the key refused everything before it
@@ -280,5 +296,5 @@ const UI = (() => {
     await render();
   }
 
-  return { h, api, path, thumb, errorBox, showError, clearError, busy, form, dropZone, gallery, field, pct, num, page, start, state, currentDomain, refreshDomains, ApiError };
+  return { h, api, path, thumb, errorBox, showError, clearError, busy, form, dropZone, gallery, field, uploadForm, pct, num, page, start, state, currentDomain, refreshDomains, ApiError };
 })();

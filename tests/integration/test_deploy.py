@@ -654,6 +654,7 @@ def test_export_bento_writes_archive_and_docker_context(tmp_path, demo_store):
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
     assert {"./bento.yaml", "./src/service.py", "./env/docker/Dockerfile"} <= names
+    assert {"./src/simserver/ui/index.html", "./src/simserver/ui/pages/dupes.js"} <= names
     assert f"./models/{model_name}/{model_tag}/model.yaml" in names
 
     # the Docker build context
@@ -718,5 +719,16 @@ def test_export_bento_writes_archive_and_docker_context(tmp_path, demo_store):
         hit = requests.post(f"{srv.url}/fashion/search", files={"image": ("q.png", query)}, timeout=60)
         assert hit.status_code == 200, hit.text
         assert hit.json()["results"][0]["name"] == "dress/google.png"
+        # The web interface ships in the Bento (bentofile.yaml includes simserver/ui/**): the page
+        # and every script and style sheet it loads, byte for byte the source tree's.
+        ui_dir = ROOT / "simserver" / "ui"
+        page = requests.get(f"{srv.url}/ui/", timeout=30)
+        assert page.status_code == 200 and page.content == (ui_dir / "index.html").read_bytes()
+        assets = re.findall(r'(?:src|href)="([^":]+\.(?:js|css))"', page.text)
+        assert {"app.js", "style.css", "pages/dupes.js", "pages/training.js"} <= set(assets)
+        assert len(assets) == len(list(ui_dir.glob("pages/*.js"))) + 2  # every page is loaded
+        for asset in assets:
+            got = requests.get(f"{srv.url}/ui/{asset}", timeout=30)
+            assert got.status_code == 200 and got.content == (ui_dir / asset).read_bytes(), asset
     finally:
         srv.stop()

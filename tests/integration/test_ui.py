@@ -8,6 +8,7 @@ tests skip, saying how to install it; with ``SIMSERVER_REQUIRE_BROWSER=1`` (CI) 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import pytest
 import requests
 
 from simserver.progress import STAGES
-from tests.integration.conftest import DEMO, ROOT
+from tests.integration.conftest import DEMO, ROOT, SCRATCH_YAML, TEST_DATA, Server, server_env
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRED = os.environ.get("SIMSERVER_REQUIRE_BROWSER") == "1"
@@ -34,6 +35,19 @@ TINY_SET = {
     for label in ("dress", "boot")
     for p in sorted((DEMO / "fashion" / label).iterdir())[:4]
 }
+
+
+def mirrored(data: bytes) -> bytes:
+    """The image mirrored (alpha kept): a copy as a re-lister makes it, not a look-alike."""
+    from PIL import Image, ImageOps
+
+    buf = io.BytesIO()
+    ImageOps.mirror(Image.open(io.BytesIO(data))).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def png(name: str, data: bytes) -> dict:
+    return {"name": name, "mimeType": "image/png", "buffer": data}
 
 
 def tiny_zip() -> bytes:
@@ -83,6 +97,10 @@ def shot(pg, name: str) -> None:
     from PIL import Image
 
     SHOTS.mkdir(parents=True, exist_ok=True)
+    # The page's images first (thumbnails load lazily): those in the window, loaded or failed.
+    pg.wait_for_function(
+        "[...document.images].filter(i => i.getBoundingClientRect().top < innerHeight).every(i => i.complete)"
+    )
     png = Image.open(io.BytesIO(pg.screenshot(full_page=True))).convert("RGB")
     png.quantize(256, method=Image.Quantize.MEDIANCUT).save(SHOTS / f"{name}.png", optimize=True)
 
@@ -317,3 +335,214 @@ def test_catalog_browse_and_delete(page, server):
     page.wait_for_function(f"!document.querySelector(\"#catalog-grid .card[data-id='{victim}']\")")
     assert requests.get(f"{server.url}/scratch/items/{victim}", timeout=10).status_code == 404
     shot(page, "catalog")
+
+
+def test_drop_a_query_image(page, server):
+    """A drag and drop: a DataTransfer holding the file, dispatched on the drop zone."""
+    open_page(page, "search", "fashion")
+    zone = "label.drop[for=query-file]"
+    transfer = page.evaluate_handle(
+        """([b64, name]) => {
+          const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+          const dt = new DataTransfer();
+          dt.items.add(new File([bytes], name, { type: "image/png" }));
+          return dt;
+        }""",
+        [base64.b64encode(DRESS.read_bytes()).decode(), "dropped.png"],
+    )
+    page.dispatch_event(zone, "dragover", {"dataTransfer": transfer})
+    assert "over" in page.get_attribute(zone, "class")  # the zone shows it will take the drop
+    page.dispatch_event(zone, "drop", {"dataTransfer": transfer})
+    page.wait_for_selector("#results .card")
+    expected = api_search(server, "fashion", DRESS.read_bytes(), top_k=page.input_value("#top-k"))
+    assert (
+        card_ids(page) == [h["id"] for h in expected["results"]] and card_ids(page)[0] == "dress/google.png"
+    )
+    assert page.get_attribute(".drop-preview img", "alt") == "dropped.png"
+    assert "over" not in page.get_attribute(zone, "class")
+    shot(page, "search-drop")
+
+
+def test_duplicates_check_shows_a_copy_beside_its_original(page, server):
+    copy, hammer = mirrored(DRESS.read_bytes()), (TEST_DATA / "hammer1.webp").read_bytes()
+    files = [("copy.png", copy), ("hammer1.webp", hammer)]
+    r = requests.post(
+        f"{server.url}/fashion/duplicates/check",
+        files=[("images", (n, d)) for n, d in files],
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    threshold = reply["threshold"]
+    assert [res["duplicate"] for res in reply["results"]] == [True, False]
+    open_page(page, "dupes", "fashion")
+    page.set_input_files(
+        "#dupe-files",
+        [png("copy.png", copy), {"name": "hammer1.webp", "mimeType": "image/webp", "buffer": hammer}],
+    )
+    page.wait_for_selector("#dupe-results .dupe-result")
+    rows = page.eval_on_selector_all(
+        "#dupe-results .dupe-result",
+        """els => els.map(e => [e.dataset.name, e.dataset.duplicate,
+              [...e.querySelectorAll('.match')].map(m => [m.dataset.id, m.dataset.kind])])""",
+    )
+    assert rows == [
+        [
+            res["name"],
+            str(res["duplicate"]).lower(),
+            [[m["id"], "copy" if m["same_item"] >= threshold else "look-alike"] for m in res["matches"]],
+        ]
+        for res in reply["results"]
+    ]
+    copy_row = "#dupe-results .dupe-result[data-name='copy.png']"
+    assert "A copy of dress/google.png" in page.text_content(f"{copy_row} .facts")
+    assert rows[0][2][0] == ["dress/google.png", "copy"]  # the original, side by side with the upload
+    page.wait_for_function(
+        f"document.querySelector(\"{copy_row} .match[data-id='dress/google.png'] img\").naturalWidth > 0"
+    )
+    assert "Not a copy" in page.text_content("#dupe-results .dupe-result[data-name='hammer1.webp'] .facts")
+    shot(page, "duplicates")
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone: no sideways scrolling
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def ensure_trained(server, domain: str = "scratch") -> None:
+    """The tiny set, if the domain has no version yet (run alone; in file order a test above trained it)."""
+    from simserver.client import Client
+
+    with Client(server.url) as client:
+        if client.domain(domain).info().version is None:
+            client.domain(domain).train(tiny_zip(), mode="pretrained", poll=0.2)
+
+
+def test_catalog_add_images_then_remove_duplicate_extras(page, server):
+    """Two uploads of a dress already in the catalog, added from the catalog page; the duplicates
+    page finds the group (as the API does), keeps the oldest and removes the extras."""
+    ensure_trained(server)
+    original = DRESS.read_bytes()
+    open_page(page, "catalog", "scratch")
+    page.set_input_files("#add-files", [png("original.png", original), png("again.png", original)])
+    page.fill("#add-label", "listing")
+    page.click("#add-button")
+    page.wait_for_selector("#add-result:has-text('Added')")
+    listed = requests.get(f"{server.url}/scratch/items", params={"label": "listing"}, timeout=10).json()
+    added = sorted(i["id"] for i in listed["items"])
+    assert added == ["listing/again.png", "listing/original.png"]
+    total = requests.get(f"{server.url}/scratch/items", params={"limit": 1}, timeout=10).json()["total"]
+    assert page.text_content("#add-result").startswith("Added 2, replaced 0, skipped 0;")
+    assert f"{total} items now" in page.text_content("#add-result")
+    shot(page, "catalog-add")
+
+    open_page(page, "dupes", "scratch")
+    page.click("#groups-button")
+    page.wait_for_selector("#groups-status[data-status=done]", timeout=180_000)
+    task = requests.post(f"{server.url}/scratch/duplicates/submit", timeout=30).json()["task_id"]
+    deadline = time.monotonic() + 120  # the index service kept the page's scan of this version
+    while requests.get(
+        f"{server.url}/scratch/duplicates/status", params={"task_id": task}, timeout=10
+    ).json()["status"] in ("pending", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    reply = requests.get(f"{server.url}/scratch/duplicates/get", params={"task_id": task}, timeout=10).json()
+    shown = page.eval_on_selector_all(
+        "#groups .group",
+        "els => els.map(e => [e.dataset.keep, [...e.querySelectorAll('.match.extra')]"
+        ".map(m => m.dataset.id)])",
+    )
+    assert shown == [[g["keep"], g["duplicates"]] for g in reply["groups"]]
+    ours = next(g for g in reply["groups"] if set(added) <= {g["keep"], *g["duplicates"]})
+    shot(page, "duplicate-groups")
+    page.click(f"#groups .group[data-keep='{ours['keep']}'] button.remove-extras")  # confirmed
+    page.wait_for_selector(f"#groups .group.removed[data-keep='{ours['keep']}'] .done")
+    for extra in ours["duplicates"]:
+        assert requests.get(f"{server.url}/scratch/items/{extra}", timeout=10).status_code == 404
+    assert requests.get(f"{server.url}/scratch/items/{ours['keep']}", timeout=10).status_code == 200
+
+
+KEY = "ui-secret"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory, builtin_tag):
+    """A server whose one domain is empty and whose changes need API key ``KEY``."""
+    tmp = tmp_path_factory.mktemp("keyed-server")
+    domains = tmp / "domains"
+    domains.mkdir()
+    keyed = SCRATCH_YAML.replace("name: scratch", "name: keyed") + "training: {holdout_fraction: 0.5}\n"
+    (domains / "keyed.yaml").write_text(keyed)
+    env = server_env(tmp / "store", domains, tmp)
+    env["API_KEY"] = KEY
+    srv = Server(env, tmp / "server.log")
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def shuffled_zip() -> bytes:
+    """18 products dealt into 3 labels that mean nothing: hold-out queries (half, per the yaml) whose
+    first result has another label are all but certain (each has two chances in three)."""
+    products = sorted(p for p in (DEMO / "fashion").iterdir() if (p / "google.png").exists())[:18]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i, p in enumerate(products):
+            zf.writestr(f"set{i % 3}/{p.name}.png", (p / "google.png").read_bytes())
+    return buf.getvalue()
+
+
+def test_api_key_field_and_worst_queries(browser, keyed_server):
+    """Training without the key shows the server's 401, a wrong key its 403; the right key (kept in
+    the tab's sessionStorage) goes through to a new version, whose worst queries the page shows
+    (their thumbnails fetched with the key)."""
+    url = f"{keyed_server.url}/keyed/train/submit"
+    archive = {"archive": ("set.zip", shuffled_zip())}
+    missing = requests.post(url, files=archive, timeout=60)
+    wrong = requests.post(url, files=archive, headers={"Authorization": "Bearer nope"}, timeout=60)
+    assert (missing.status_code, wrong.status_code) == (401, 403)
+    context = browser.new_context(viewport={"width": 1100, "height": 860}, base_url=keyed_server.url)
+    context.set_default_timeout(60_000)
+    pg = context.new_page()
+    try:
+        open_page(pg, "training", "keyed")
+
+        def train() -> None:
+            pg.set_input_files(
+                "#train-file", {"name": "set.zip", "mimeType": "application/zip", "buffer": shuffled_zip()}
+            )
+            pg.select_option("#train-mode", "pretrained")
+            pg.click("#train-button")
+
+        def set_key(key: str) -> None:
+            pg.eval_on_selector("#train-button", "b => (b.dataset.stale = '1')")
+            pg.fill("#api-key", key)
+            pg.locator("#api-key").blur()  # a change event, as when a person leaves the field
+            pg.wait_for_selector("#train-button:not([data-stale])")  # the page is drawn again
+
+        for status, reply, key in ((401, missing, None), (403, wrong, "nope")):
+            if key:
+                set_key(key)
+            train()
+            box = pg.wait_for_selector("form .error:not([hidden])")
+            assert box.text_content() == f"{status}: {reply.json()['error']} (enter the API key at the top)"
+        set_key(KEY)
+        assert pg.evaluate("sessionStorage.getItem('simserver.apiKey')") == KEY
+        train()
+        pg.wait_for_selector("#train-stage[data-stage=done]", timeout=240_000)
+        newest = requests.get(f"{keyed_server.url}/keyed/versions", timeout=10).json()[0]
+        pg.wait_for_selector(
+            f"#versions tr.active[data-version='{newest['version']}']"
+        )  # the list, with the key
+        assert newest["version"] in pg.text_content("#train-result h3") and not pg.is_visible("form .error")
+        worst = newest["evaluation"]["worst_queries"]
+        shown = pg.eval_on_selector_all(
+            "#worst-queries .worst-query",
+            "els => els.map(e => [...e.querySelectorAll('.match')].map(m => m.dataset.id))",
+        )
+        assert worst and shown == [[w["id"], w["first"]["id"]] for w in worst]
+        assert all(w["first"]["label"] != w["label"] for w in worst)
+        # With a key set the thumbnails are fetched with it (an <img src> could not send it).
+        pg.wait_for_function(
+            "[...document.querySelectorAll('#worst-queries img')].every(i => i.naturalWidth > 0)"
+        )
+        shot(pg, "api-key")
+    finally:
+        context.close()

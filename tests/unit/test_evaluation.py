@@ -169,3 +169,53 @@ def test_decide_needs_the_interval_above_zero_and_open_set_within_tolerance():
     # promote_on=open_set: the open-set gain must be significant.
     ok, why = decide(Comparison.of(better, pre), Comparison.of(open_same, open_pre), promote_on="open_set")
     assert not ok and why.startswith("not promoted: open-set")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_worst_queries_match_a_brute_force_ranking(seed):
+    """Every query whose nearest gallery image has another label, worst first, against a hand ranking."""
+    from simserver.evaluation import worst_queries
+
+    rng = np.random.default_rng(seed)
+    labels = ["a", "b", "c"]
+    centers = rng.normal(size=(3, 8))
+    gl = [labels[i % 3] for i in range(15)]
+    g = np.stack([centers[labels.index(x)] + rng.normal(scale=1.5, size=8) for x in gl])
+    ql = [labels[i % 3] for i in range(12)]
+    q = np.stack([centers[labels.index(x)] + rng.normal(scale=1.5, size=8) for x in ql])
+    qids, gids = [f"q{i:02d}" for i in range(12)], [f"g{j:02d}" for j in range(15)]
+    got = worst_queries(evaluate_retrieval(q, ql, g, gl), qids, ql, gids, gl, n=100)
+
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    expected = []
+    for i in range(12):
+        ranked = [j for _, j in sorted((-float(qn[i] @ gn[j]), j) for j in range(15))]
+        rank = next(r for r, j in enumerate(ranked) if gl[j] == ql[i])
+        if rank > 0:
+            first = {"id": gids[ranked[0]], "label": gl[ranked[0]]}
+            expected.append({"id": qids[i], "label": ql[i], "first": first, "correct_rank": rank + 1})
+    expected.sort(key=lambda w: (-w["correct_rank"], w["id"]))
+    assert expected and got == expected  # the noise makes some queries go wrong
+    assert worst_queries(evaluate_retrieval(q, ql, g, gl), qids, ql, gids, gl, n=2) == expected[:2]
+
+
+def test_worst_queries_of_a_perfect_embedding_is_empty_and_no_answer_is_none():
+    from simserver.evaluation import worst_queries
+
+    g = np.eye(3, dtype=np.float32)
+    assert (
+        worst_queries(
+            evaluate_retrieval(g, list("abc"), g, list("abc")),
+            list("xyz"),
+            list("abc"),
+            list("ijk"),
+            list("abc"),
+        )
+        == []
+    )
+    # A query whose label no gallery image has: no rank to give.
+    lost = worst_queries(
+        evaluate_retrieval(g[:1], ["z"], g, list("abc")), ["x"], ["z"], list("ijk"), list("abc")
+    )
+    assert lost == [{"id": "x", "label": "z", "first": {"id": "i", "label": "a"}, "correct_rank": None}]

@@ -109,6 +109,34 @@ def test_auto_promotes_only_a_better_head(repo, head, promoted):
         )
 
 
+@pytest.mark.parametrize(("mode", "head"), [("pretrained", "good"), ("finetune", "bad")])
+def test_worst_queries_are_the_served_embeddings_wrong_first_results(repo, mode, head):
+    """Two images in the other label's colours: held out, the served embedding (pretrained, or the
+    promoted head) ranks them wrong; brute force over the version's own vectors says which."""
+    from simserver.evaluation import stratified_split
+
+    mixed = dataset(warm=WARM[:3] + COOL[3:], cool=COOL[:3] + WARM[3:])
+    report = train_domain(repo, cfg(holdout_fraction=0.4), mixed, Backend(head), mode=mode)
+    ev = report.meta["evaluation"]
+    index = repo.load("shop", report.version)
+    ids, labels = [i.id for i in index.items], [i.label for i in index.items]
+    assert ids == [s.id for s in mixed.samples]
+    split = stratified_split(labels, 0.4, 1, 0)
+    (base,) = index.segments  # a training's version: one base segment, its rows in sample order
+    v = base.vectors / np.linalg.norm(base.vectors, axis=1, keepdims=True)
+    expected = []
+    for q in split.holdout.tolist():
+        ranked = sorted(split.train.tolist(), key=lambda j: (-float(v[q] @ v[j]), j))
+        rank = next(r for r, j in enumerate(ranked) if labels[j] == labels[q])
+        if rank:
+            first = {"id": ids[ranked[0]], "label": labels[ranked[0]]}
+            expected.append({"id": ids[q], "label": labels[q], "first": first, "correct_rank": rank + 1})
+    expected.sort(key=lambda w: (-w["correct_rank"], w["id"]))
+    assert ev["worst_queries"] == expected
+    if mode == "pretrained":  # colour decides the fake encoder: the mislabelled images go wrong
+        assert expected and all(w["first"]["label"] != w["label"] for w in expected)
+
+
 def test_degenerate_sets(repo):
     one_class = dataset(cool=[])
     with pytest.raises(RequestRefused) as err:

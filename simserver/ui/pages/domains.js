@@ -37,6 +37,7 @@ UI.page({
               { class: "actions" },
               h("a", { href: "#search", onclick: () => pick(d.name) }, "Search"), " · ",
               h("a", { href: "#catalog", onclick: () => pick(d.name) }, "Catalog"), " · ",
+              h("a", { href: "#dupes", onclick: () => pick(d.name) }, "Duplicates"), " · ",
               h("a", { href: "#training", onclick: () => pick(d.name) }, "Train"),
             ),
           );

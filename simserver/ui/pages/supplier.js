@@ -16,15 +16,7 @@ UI.page({
     );
     async function check() {
       if (!files.length) throw new Error("choose the site's images first");
-      const form = new FormData();
-      const sent = new Map(); // the name each file is sent under -> the file (the reply names them)
-      for (const f of files) {
-        const zip = f.name.toLowerCase().endsWith(".zip");
-        let name = f.name;
-        for (let n = 2; sent.has(name); n++) name = f.name.replace(/(\.[^.]*)?$/, ` (${n})$1`);
-        sent.set(name, f);
-        form.append(zip ? "archive" : "images", f, name);
-      }
+      const { form, sent } = UI.uploadForm(files);
       show(await api("POST", path("relevance"), { form }), sent);
     }
     const form = UI.form(

@@ -126,8 +126,35 @@ UI.page({
             ),
           );
         }
+        if (ev.worst_queries) parts.push(...worstQueries(r.version, ev));
       }
       result.replaceChildren(...parts.filter(Boolean));
+    }
+
+    /** The served encoder's hold-out queries whose first result has another label: each query beside
+     *  that wrong first result (both are catalog items of the new version). */
+    function worstQueries(version, ev) {
+      const figure = (id, label, kind) =>
+        h("figure", { class: `match ${kind}`, dataset: { id } }, UI.thumb(domain, id, version, id), h("figcaption", {}, h("strong", {}, label), " ", h("span", { class: "name" }, id)));
+      const heading = h("h4", {}, `Worst queries (${ev.promoted ? "fine-tuned" : "pretrained"} encoder): first result of another label`);
+      if (!ev.worst_queries.length) return [heading, h("p", { class: "empty", id: "worst-queries" }, "None: every hold-out query's first result has its label.")];
+      return [
+        heading,
+        h(
+          "ol",
+          { class: "worst", id: "worst-queries" },
+          ev.worst_queries.map((w) =>
+            h(
+              "li",
+              { class: "worst-query", dataset: { id: w.id } },
+              figure(w.id, w.label, "query"),
+              h("span", { "aria-hidden": "true" }, "→"),
+              figure(w.first.id, w.first.label, "wrong"),
+              h("p", { class: "facts" }, `${w.label} queried, ${w.first.label} came first; `, w.correct_rank ? `the first ${w.label} at rank ${w.correct_rank}` : `no ${w.label} found`),
+            ),
+          ),
+        ),
+      ];
     }
 
     async function loadVersions() {
