@@ -363,6 +363,34 @@ def test_drop_a_query_image(page, server):
     shot(page, "search-drop")
 
 
+def test_keyboard_pick_then_paste_a_query_image(page, server):
+    """Keyboard only: Enter on the focused drop zone opens the file picker; then Ctrl+V of an image
+    (a paste event carrying the file) runs a new search with it."""
+    open_page(page, "search", "fashion")
+    zone = "label.drop[for=query-file]"
+    page.focus(zone)
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(DRESS))
+    page.wait_for_selector("#results .card")
+    assert card_ids(page)[0] == "dress/google.png"
+    boot = sorted((DEMO / "fashion" / "boot").iterdir())[0]
+    page.evaluate(
+        """([b64, name]) => {
+          const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+          const dt = new DataTransfer();
+          dt.items.add(new File([bytes], name, { type: "image/png" }));
+          document.dispatchEvent(new ClipboardEvent("paste", { clipboardData: dt }));
+        }""",
+        [base64.b64encode(boot.read_bytes()).decode(), "pasted.png"],
+    )
+    first = f"boot/{boot.name}"
+    page.wait_for_function(f"document.querySelector('#results .card')?.dataset.id === {first!r}")
+    expected = api_search(server, "fashion", boot.read_bytes(), top_k=page.input_value("#top-k"))
+    assert card_ids(page) == [h["id"] for h in expected["results"]]
+    assert page.get_attribute(".drop-preview img", "alt") == "pasted.png"
+
+
 def test_duplicates_check_shows_a_copy_beside_its_original(page, server):
     copy, hammer = mirrored(DRESS.read_bytes()), (TEST_DATA / "hammer1.webp").read_bytes()
     files = [("copy.png", copy), ("hammer1.webp", hammer)]
