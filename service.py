@@ -107,7 +107,12 @@ class ImageSimilarity:
         self.repo = Repository(artifact_store())
         self.jobs = JobRecords(artifact_store())
         # In a thread: listing the job records of a large S3 store must not delay start-up.
-        threading.Thread(target=self.jobs.fail_interrupted, name="fail-interrupted", daemon=True).start()
+        threading.Thread(
+            target=self.jobs.housekeeping,
+            args=(get_settings().job_retention_days,),
+            name="job-housekeeping",
+            daemon=True,
+        ).start()
         # The internal services, each call's refusals raised again here with their status.
         self.indexes = {name: Remote(getattr(self, attr)) for name, attr in _DEP_ATTR.items()}
         self.training = Remote(self.trainer)

@@ -4,6 +4,9 @@ BentoML keeps task results in a per-container SQLite file that is wiped on start
 balancer, ``/train/status`` often lands on another replica. Each job therefore also writes
 ``jobs/<task_id>.json`` (in progress, then completed with its result or failed with its error).
 
+Finished records are kept ``JOB_RETENTION_DAYS`` (then deleted with their progress snapshot by
+:meth:`JobRecords.prune`, which every gateway runs at start-up and every ``PRUNE_EVERY_SECONDS``).
+
 A running job's record carries a heartbeat, renewed every ``HEARTBEAT_SECONDS``: a record still in
 progress whose heartbeat stopped (its server was killed, so nothing wrote "failed") is answered as
 failed, "interrupted", instead of leaving clients polling for ever.
@@ -38,6 +41,7 @@ _TASK_ID = re.compile(TASK_ID_PATTERN)
 HEARTBEAT_SECONDS = 30.0
 # Missed heartbeats before an in-progress record counts as interrupted (store latency, GC pauses).
 STALE_AFTER_SECONDS = 4 * HEARTBEAT_SECONDS
+PRUNE_EVERY_SECONDS = 6 * 3600.0
 
 
 def checked_task_id(task_id: str) -> str:
@@ -173,6 +177,47 @@ class JobRecords:
         if failed:
             logger.info("marked %d interrupted training jobs failed: %s", len(failed), ", ".join(failed))
         return failed
+
+    def prune(self, older_than_days: float, now: datetime | None = None) -> list[str]:
+        """Delete the records (and progress snapshots) of tasks that finished more than
+        ``older_than_days`` ago. Running, unreadable or undated records are left alone. Safe on
+        several replicas at once: deleting what another replica deleted is a no-op."""
+        from simserver.progress import progress_key
+
+        now = now or datetime.now(UTC)
+        pruned = []
+        for key in self.store.list("jobs/"):
+            task_id = key.removeprefix("jobs/").removesuffix(".json")
+            try:
+                record = json.loads(self.store.get(key))
+                finished = datetime.fromisoformat(str(record["executed_at"]))
+            except (KeyError, ValueError, TypeError):
+                continue
+            age = (now - finished).total_seconds()
+            if record.get("status") == "in_progress" or age < older_than_days * 86400:
+                continue
+            self.store.delete(progress_key(task_id))
+            self.store.delete(key)  # the record last: a prune cut short is done again next time
+            pruned.append(task_id)
+        if pruned:
+            logger.info("deleted %d task records finished over %g days ago", len(pruned), older_than_days)
+        return pruned
+
+    def housekeeping(self, retention_days: float, stop: Callable[[], bool] = lambda: False) -> None:
+        """The gateway's background thread: interrupted jobs failed at once, then old records
+        pruned now and every ``PRUNE_EVERY_SECONDS``. A failure is logged, never fatal."""
+        import time
+
+        try:
+            self.fail_interrupted()
+        except Exception:
+            logger.exception("cannot check for interrupted jobs")
+        while not stop():
+            try:
+                self.prune(retention_days)
+            except Exception:
+                logger.exception("cannot prune old task records")
+            time.sleep(PRUNE_EVERY_SECONDS)
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         try:

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     encoder_threads: int = Field(
         0, ge=0, le=256, description="TFLite threads; 0: every CPU the process may use"
     )
+    job_retention_days: float = Field(
+        7.0,
+        gt=0,
+        le=3650,
+        description="finished task records (jobs/, progress/) older than this are deleted",
+    )
 
 
 def api_keys(settings: Settings) -> list[str]:

@@ -132,3 +132,33 @@ def test_at_start_up_jobs_of_dead_processes_of_this_host_are_failed_at_once(stor
         "in_progress",
         "completed",
     ]
+
+
+def test_prune_deletes_old_finished_records_and_their_progress_only(store):
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from simserver.progress import progress_key
+
+    jobs = JobRecords(store)
+    now = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def record(task_id: str, status: str, days_ago: float | None) -> None:
+        finished = None if days_ago is None else (now - timedelta(days=days_ago)).isoformat()
+        body = {"task_id": task_id, "status": status, "executed_at": finished}
+        store.put(f"jobs/{task_id}.json", json.dumps(body).encode())
+        store.put(progress_key(task_id), b'{"stage": "done"}')
+
+    record("old-done", "completed", 8)
+    record("old-failed", "failed", 30)
+    record("recent", "completed", 6.9)
+    record("running", "in_progress", None)
+    record("odd-date", "completed", None)
+    store.put("jobs/garbled.json", b"not json")
+
+    assert sorted(jobs.prune(7, now=now)) == ["old-done", "old-failed"]
+    left = store.list("jobs/")
+    assert left == sorted(f"jobs/{t}.json" for t in ("recent", "running", "odd-date", "garbled"))
+    assert store.list("progress/") == sorted(progress_key(t) for t in ("recent", "running", "odd-date"))
+    assert jobs.prune(7, now=now) == []  # nothing more; deleting twice (another replica) is harmless
+    assert jobs.prune(1, now=now) == ["recent"]
