@@ -23,7 +23,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -31,9 +31,6 @@ from simserver.encoder import Encoder, check_reproduces, probe_images
 from simserver.finetune import Head, TrainingConfig, export_finetuned, load_head, train_head, write_head_files
 from simserver.int8 import Int8Encoder, float_name, int8_name, is_int8
 from simserver.store import ArtifactStore
-
-if TYPE_CHECKING:
-    from simserver.text_encoder import TextEncoderPool
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +325,6 @@ class LocalBackend:
         self.pool = pool
         self.encoder = encoder
         self.encoder_id = pool.get(encoder).id
-        self.text_pool: TextEncoderPool | None = None
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         return self.pool.get(self.encoder).encode(images)
@@ -337,11 +333,9 @@ class LocalBackend:
         return self.pool.get(encoder).encode(images)
 
     def encode_text(self, texts: list[str], encoder: str) -> np.ndarray:
-        from simserver.text_encoder import TextEncoderPool
+        from simserver.text_encoder import shared_pool
 
-        if self.text_pool is None:  # loaded on first use: most domains have no text
-            self.text_pool = TextEncoderPool()
-        return self.text_pool.get(encoder).encode(texts)
+        return shared_pool().get(encoder).encode(texts)
 
     def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
         return train_head(features, labels, config)

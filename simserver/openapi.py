@@ -71,6 +71,7 @@ UNSUPPORTED = {
     ("/{domain}/train/cancel", "put"),
     ("/{domain}/duplicates/cancel", "put"),
     ("/{domain}/duplicates", "post"),
+    ("/{domain}/match/groups/cancel", "put"),
 }
 
 
@@ -86,7 +87,7 @@ def _statuses(method: str, path: str) -> list[int]:
         codes += [411, 413]
     if path.endswith("/relevance"):
         codes.append(429)
-    if "/train" in path or "/duplicates" in path:
+    if "/train" in path or "/duplicates" in path or "/match/groups" in path:
         codes += [404, 409, 503]
         if path.endswith("/get"):
             codes.append(413)  # a failed job answers with the status its refusal had
