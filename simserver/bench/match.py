@@ -189,3 +189,46 @@ def _latency(url: str, texts: list[str], images: list[tuple[str, bytes]], reques
             logger.info("%s, %d clients: %s", kind, clients, out[f"{kind}_{clients}_clients"])
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return out
+
+
+def group_scan(n_group: int = 300, n_against: int = 6000, seed: int = 0) -> dict:
+    """The match-groups scan (:meth:`simserver.hybrid.TextIndex.rows_against` + fusion) on random
+    unit vectors of the served sizes, beside the whole-catalog scan per item it replaced (timed on
+    100 items, scaled)."""
+    from simserver.metrics import l2_normalize
+
+    rng = np.random.default_rng(seed)
+    n = n_group + n_against
+    items = [
+        Item(
+            f"i{i}",
+            "x",
+            "",
+            "image/png",
+            {"title": f"thing {i % 977} {i % 13} g", "shop": "ab"[i >= n_group]},
+        )
+        for i in range(n)
+    ]
+    image = l2_normalize(rng.normal(size=(n, 1280)).astype(np.float32))
+    text = l2_normalize(rng.normal(size=(n, 384)).astype(np.float32))
+    ti = text_index(items, image, text, TextConfig(fields=["title"], group="shop"), "cosine")
+    rows, against = np.arange(n_group), np.arange(n_group, n)
+    mask = np.zeros(n, bool)
+    mask[against] = True
+    load = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.perf_counter()
+    for scores in ti.rows_against(rows, against):
+        ti.search(scores, 1, np.ones(n_against, bool), Weights(), "weighted")
+    scan = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for r in rows[:100]:
+        ti.search(ti.row_scores(int(r)), 1, mask, Weights(), "weighted")
+    whole = (time.perf_counter() - t0) * n_group / 100
+    return {
+        "group": n_group,
+        "against": n_against,
+        "seconds": round(scan, 3),
+        "comparisons_per_s": round(n_group * n_against / scan),
+        "whole_catalog_per_item_seconds": round(whole, 3),
+        "load_average": load,
+    }

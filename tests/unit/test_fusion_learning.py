@@ -146,3 +146,29 @@ def test_nothing_to_learn_from_keeps_the_yaml(cfg, encode, why):
     out = learn_for_training(cfg, items, vectors, encode, "cosine", 0.25, seed=0)
     assert out["learned"] is False and why in out["reason"]
     assert out["weights"] == cfg.weights.model_dump() and out["match_threshold"] == cfg.match_threshold
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_scores_against_a_group_are_the_whole_catalogs_restricted(metric):
+    """``rows_against`` (what the match-groups scan uses) against ``row_scores`` (every live row),
+    on two segments with deleted rows."""
+    from simserver.catalog import Catalog, Segment
+    from simserver.hybrid import TextIndex
+
+    items, vectors = product_set()
+    text = trigram_vectors([it.metadata["title"] for it in items])
+    cut = 25
+    segs = [
+        Segment("a", items[:cut], vectors[:cut], None, "base"),
+        Segment("b", items[cut:], vectors[cut:], None, "delta"),
+    ]
+    alive = [np.arange(cut) % 7 != 3, np.arange(len(items) - cut) % 5 != 1]
+    catalog = Catalog({"version": "v", "metric": metric, "dim": vectors.shape[1]}, segs, alive)
+    cfg = TextConfig(fields=["title"], group="shop", product="sku")
+    ti = TextIndex(catalog, cfg, {"a": text[:cut], "b": text[cut:]})
+    shops = np.asarray([it.metadata["shop"] for it in ti.items])
+    rows, against = np.flatnonzero(shops == "north"), np.flatnonzero(shops == "west")
+    for r, got in zip(rows, ti.rows_against(rows, against), strict=True):
+        want = ti.row_scores(int(r))
+        for m in ("image", "text"):
+            np.testing.assert_allclose(got[m], want[m][against], atol=1e-6)  # float32 products
