@@ -44,6 +44,7 @@ from simserver.schemas import (
     EncoderStats,
     FilterText,
     FusionName,
+    GroupName,
     GroupPairsReply,
     ImageThreshold,
     ItemPage,
@@ -393,8 +394,8 @@ class ImageSimilarity:
     @bentoml.task(route="/{domain}/match/groups")
     async def match_groups(
         self,
-        group: str,
-        against: str,
+        group: GroupName,
+        against: GroupName,
         weights: WeightsText = None,
         fusion: FusionName = None,
         threshold: MatchThreshold = None,

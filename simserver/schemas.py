@@ -467,6 +467,9 @@ MatchThreshold = Annotated[
 ]
 
 
+GroupName = Annotated[str, Field(min_length=1, description="a value of the domain's text.group column")]
+
+
 class GroupPair(BaseModel):
     id: str = Field(description="an item of the group")
     hit: Hit = Field(description="its best match in the other group, by fused score")

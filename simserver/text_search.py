@@ -246,7 +246,7 @@ class TextSearcher:
         max_scan: int = MAX_GROUP_SCAN,
     ) -> GroupPairsReply:
         """Every item of ``group`` with its best match in ``against`` (stored vectors, no encoding),
-        best ``match_score`` first; ``max_scan``: the most comparisons (items of group x catalog)."""
+        best ``match_score`` first; ``max_scan``: the most comparisons (items of group x of against)."""
         column = self._group_column()
         w, f = check_fusion(weights, fusion, self.text)
         if group == against:
