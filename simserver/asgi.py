@@ -390,6 +390,13 @@ class GatewayMiddleware:
         for name in ("group", "against"):
             if not isinstance(form.get(name), str) or not form[name]:
                 return replay, f"{name}: required, a group's name (a value of the domain's text.group column)"
+        if form.get("fusion") not in (None, "weighted", "rrf"):
+            return replay, "fusion: one of weighted, rrf"
+        limit = form.get("threshold")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 <= limit <= 1
+        ):
+            return replay, "threshold: a number from 0 to 1"
         return replay, None
 
     async def _checked_empty_body(self, receive: Callable) -> tuple[Callable, str | None]:

@@ -200,7 +200,7 @@ def complete(
                 param = copy.deepcopy(domain_param)
                 if path.endswith("/relevance") and relevance_domains is not None:
                     param["schema"]["enum"] = sorted(relevance_domains)
-                if path.endswith(("/match", "/match/groups")) and text_domains is not None:
+                if ("/match" in path) and text_domains is not None:  # /match, /match/groups and its task
                     param["schema"]["enum"] = sorted(text_domains)
                 # FastAPI's routes declare it already, without the names: replaced.
                 params[:] = [param, *(p for p in params if p.get("name") != "domain")]

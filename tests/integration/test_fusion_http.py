@@ -151,6 +151,10 @@ def test_match_groups_task_refusals(server, trained):
     assert_error(requests.post(submit, json={"group": "google"}, timeout=30), 400, "against")
     assert_error(requests.post(submit, json=["google", "twitter"], timeout=30), 400, "json object")
     assert_error(requests.post(submit, data=b"{not json", timeout=30), 400, "json object")
+    body = {"group": "google", "against": "twitter"}
+    assert_error(requests.post(submit, json={**body, "threshold": {}}, timeout=30), 400, "threshold")
+    assert_error(requests.post(submit, json={**body, "threshold": 1.5}, timeout=30), 400, "threshold")
+    assert_error(requests.post(submit, json={**body, "fusion": "max"}, timeout=30), 400, "fusion")
     r = requests.post(
         f"{server.url}/nope/match/groups/submit", json={"group": "a", "against": "b"}, timeout=30
     )
