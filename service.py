@@ -44,6 +44,7 @@ from simserver.schemas import (
     EncoderStats,
     FilterText,
     FusionName,
+    GroupName,
     GroupPairsReply,
     ImageThreshold,
     ItemPage,
@@ -67,7 +68,14 @@ from simserver.schemas import (
 )
 from simserver.settings import get_settings
 from simserver.store import ArtifactStore, open_store
-from simserver.text_search import check_fusion, check_query_text, parse_weights, text_config
+from simserver.text_search import (
+    MAX_GROUP_SCAN,
+    MAX_GROUP_SCAN_TASK,
+    check_fusion,
+    check_query_text,
+    parse_weights,
+    text_config,
+)
 from simserver.uploads import image_pixels, read_upload_async, upload_name, warm_up_decoding
 
 logger = logging.getLogger(__name__)
@@ -407,11 +415,11 @@ class ImageSimilarity:
             image=pixels, text=text, item_id=id, group=group, weights=w, fusion=fusion, threshold=threshold
         )
 
-    @bentoml.api(route="/{domain}/match/groups")
+    @bentoml.task(route="/{domain}/match/groups")
     async def match_groups(
         self,
-        group: str,
-        against: str,
+        group: GroupName,
+        against: GroupName,
         weights: WeightsText = None,
         fusion: FusionName = None,
         threshold: MatchThreshold = None,
@@ -419,14 +427,26 @@ class ImageSimilarity:
         ctx: bentoml.Context,
     ) -> GroupPairsReply:
         """Every item of ``group`` with its best match in ``against`` (both values of the domain's
-        ``text.group`` column), from the stored vectors, best ``match_score`` first."""
+        ``text.group`` column), from the stored vectors, best ``match_score`` first. A task
+        (``/submit``, ``/status``, ``/get``) for the whole catalog; called directly, a synchronous
+        answer for small ones (at most ``MAX_GROUP_SCAN`` comparisons)."""
         cfg = domain_of(ctx)
         tc = text_config(cfg)
         w = parse_weights(weights)
         check_fusion(w, fusion, tc)
-        return await self.indexes[cfg.name].to_async.match_groups(
-            group=group, against=against, weights=w, fusion=fusion, threshold=threshold
-        )
+        task_id = getattr(ctx.request.state, "task_id", None)
+
+        async def work() -> GroupPairsReply:
+            return await self.indexes[cfg.name].to_async.match_groups(
+                group=group,
+                against=against,
+                weights=w,
+                fusion=fusion,
+                threshold=threshold,
+                max_scan=MAX_GROUP_SCAN if task_id is None else MAX_GROUP_SCAN_TASK,
+            )
+
+        return await self.jobs.run(task_id, cfg.name, work, kind="match/groups")
 
 
 # One dependency per domain index service; bentoml.service() collects them from the class.

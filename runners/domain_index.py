@@ -51,7 +51,7 @@ from simserver.schemas import (
 from simserver.searcher import Searcher, served_encoder
 from simserver.settings import get_settings
 from simserver.store import open_store
-from simserver.text_search import TextSearcher
+from simserver.text_search import MAX_GROUP_SCAN, TextSearcher
 
 logger = logging.getLogger(__name__)
 
@@ -199,9 +199,12 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             weights: dict | None = None,
             fusion: str | None = None,
             threshold: float | None = None,
+            max_scan: int = MAX_GROUP_SCAN,
         ) -> GroupPairsReply:
             """Every item of one group with its best match in another."""
-            return await self._text_search().match_groups(group, against, weights, fusion, threshold)
+            return await self._text_search().match_groups(
+                group, against, weights, fusion, threshold, max_scan
+            )
 
         @bentoml.api
         async def pair(self, images: np.ndarray) -> SimilarityReply:

@@ -66,6 +66,10 @@ class EncoderServiceBackend:
         """Another encoder's vectors (the int8 runtime's, :mod:`simserver.runtime_choice`)."""
         return once_more_if_reset(lambda: self.client.encode(images=images, encoder=encoder))
 
+    def encode_text(self, texts: list[str], encoder: str) -> np.ndarray:
+        """Text vectors (domains with ``text:``: the fusion weights a training learns)."""
+        return once_more_if_reset(lambda: self.client.encode_text(texts=texts, encoder=encoder))
+
     def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
         packed = self.client.train_head(features=features, labels=labels, config=config.model_dump())
         return Head.unpack(packed)

@@ -122,6 +122,7 @@ class GatewayMiddleware:
             "domain_routes": (
                 *("search", "train", "images", "relevance", "items", "similar", "versions"),
                 "duplicates",
+                "match",
             ),
             # Multi-image requests: a site's images, a catalog upload.
             "heavy_routes": ("relevance", "items"),
@@ -227,13 +228,14 @@ class GatewayMiddleware:
                 **scope,
                 "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"authorization"],
             }
-        if len(parts) == 3 and parts[1] in ("train", "duplicates") and parts[2] == "cancel":
-            await self._refuse(
-                send,
-                405,
-                "a training cannot be cancelled: it ends by itself, and publishes only if it completes",
-                [(b"allow", b"GET")],
+        task = task_route(parts)  # (kind, action) of /{domain}/<kind>/<action>
+        if task is not None and task[1] == "cancel":
+            why = (
+                "a training cannot be cancelled: it ends by itself, and publishes only if it completes"
+                if task[0] == "train"
+                else f"a {task[0]} task cannot be cancelled: it ends by itself"
             )
+            await self._refuse(send, 405, why, [(b"allow", b"GET")])
             return
         if method in ("POST", "PUT"):
             length_header = headers.get(b"content-length")
@@ -277,13 +279,15 @@ class GatewayMiddleware:
             if problem:
                 await self._refuse(send, 400, problem)
                 return
-        task_query = (
-            len(parts) == 3
-            and parts[1] in ("train", "duplicates")
-            and parts[2] in ("status", "get")
-            and method == "GET"
-        )
-        task_result = task_query and parts[2] == "get"
+        if task == ("match/groups", "submit") and method == "POST":
+            # BentoML stores the task and answers 200 before it reads the body: checked here.
+            receive, problem = await self._checked_match_groups(parts[0], receive)
+            if problem:
+                await self._refuse(send, 400, problem)
+                return
+        task_query = task is not None and task[1] in ("status", "get") and method == "GET"
+        task_result = task_query and task is not None and task[1] == "get"
+        kind = task[0] if task is not None else ""
         heavy = len(parts) == 2 and parts[1] in self.heavy_routes and method == "POST"
         heavy = heavy or (parts[1:] == ["duplicates", "check"] and method == "POST")
         if heavy and self._heavy_in_flight >= self.max_heavy_requests:
@@ -319,9 +323,8 @@ class GatewayMiddleware:
                     body = json.loads(raw)
                 except ValueError:
                     body = None
-                key = "indexed" if parts[1] == "train" else "groups"
-                if not isinstance(body, dict) or key not in body:
-                    await self._refuse(send, 404, f"no {parts[1]} task with this task_id")
+                if not isinstance(body, dict) or TASK_RESULT_KEYS[kind] not in body:
+                    await self._refuse(send, 404, f"no {kind} task with this task_id")
                     return
                 await send(start)
                 await send({"type": "http.response.body", "body": raw})
@@ -330,7 +333,11 @@ class GatewayMiddleware:
                 if message.get("more_body"):
                     return
                 start = held.pop("start")
-                answer = await self._from_records(scope, parts) if task_query else None
+                answer = (
+                    await self._from_records(scope, parts[0], *task)
+                    if task is not None and task_query
+                    else None
+                )
                 if answer and (start["status"] == 404 or answer[0] == 404):
                     # BentoML forgot the task (another replica's, or a restart), or the id is
                     # another kind of task's, whose failure BentoML would answer here.
@@ -364,6 +371,33 @@ class GatewayMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self._heavy_in_flight -= 1
+
+    async def _checked_match_groups(self, domain: str, receive: Callable) -> tuple[Callable, str | None]:
+        """A match-groups submit: a domain with text configured and a JSON object naming two
+        groups (whether they exist is the task's to say: the catalog is not here)."""
+        body, replay = await _read_and_replay(receive)
+        if self.text_domains is not None and domain not in self.text_domains:
+            return (
+                replay,
+                f"domain {domain!r} has no text configured: add text: {{fields: [title]}} to its yaml",
+            )
+        try:
+            form = json.loads(body)
+        except ValueError:
+            return replay, 'send a JSON object, e.g. {"group": "google", "against": "twitter"}'
+        if not isinstance(form, dict):
+            return replay, 'send a JSON object, e.g. {"group": "google", "against": "twitter"}'
+        for name in ("group", "against"):
+            if not isinstance(form.get(name), str) or not form[name]:
+                return replay, f"{name}: required, a group's name (a value of the domain's text.group column)"
+        if form.get("fusion") not in (None, "weighted", "rrf"):
+            return replay, "fusion: one of weighted, rrf"
+        limit = form.get("threshold")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 <= limit <= 1
+        ):
+            return replay, "threshold: a number from 0 to 1"
+        return replay, None
 
     async def _checked_empty_body(self, receive: Callable) -> tuple[Callable, str | None]:
         """The body read once (its size is checked already) and replayed: no body or ``{}``."""
@@ -494,7 +528,9 @@ class GatewayMiddleware:
         if not probe.cancelled() and probe.exception() is not None:
             logger.info("a late /readyz probe failed: %r", probe.exception())
 
-    async def _from_records(self, scope: Scope, parts: list[str]) -> tuple[int, Any] | None:
+    async def _from_records(
+        self, scope: Scope, domain: str, kind: str, action: str
+    ) -> tuple[int, Any] | None:
         import anyio
 
         from simserver.jobs import JobRecords
@@ -506,13 +542,27 @@ class GatewayMiddleware:
             record = await anyio.to_thread.run_sync(self.job_lookup, task_id)
         except Exception:
             return None
-        if not record or record.get("domain") != parts[0]:
+        if not record or record.get("domain") != domain:
             return None
-        if record.get("kind", "train") != parts[1]:  # another kind of task with this id
-            return 404, {"error": f"no {parts[1]} task with this task_id"}
-        if parts[2] == "status":
+        if record.get("kind", "train") != kind:  # another kind of task with this id
+            return 404, {"error": f"no {kind} task with this task_id"}
+        if action == "status":
             return 200, JobRecords.status_json(record)
         return JobRecords.result_response(record)
+
+
+# The task routes (/{domain}/<kind>/submit|status|get) and the key each one's result has.
+TASK_RESULT_KEYS = {"train": "indexed", "duplicates": "groups", "match/groups": "pairs"}
+TASK_ACTIONS = ("submit", "status", "get", "retry", "cancel")
+
+
+def task_route(parts: list[str]) -> tuple[str, str] | None:
+    """(kind, action) of a task route's path parts (``["food", "match", "groups", "get"]`` ->
+    ``("match/groups", "get")``), None for any other path."""
+    if len(parts) < 3 or parts[-1] not in TASK_ACTIONS:
+        return None
+    kind = "/".join(parts[1:-1])
+    return (kind, parts[-1]) if kind in TASK_RESULT_KEYS else None
 
 
 def _takes_a_list(annotation: Any) -> bool:

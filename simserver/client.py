@@ -41,7 +41,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Literal, TypeVar
+from typing import IO, Any, Literal, TypedDict, TypeVar, Unpack
 from urllib.parse import quote, unquote
 
 import httpx
@@ -728,17 +728,50 @@ class DomainClient:
         weights: dict[str, float] | None = None,
         fusion: str | None = None,
         threshold: float | None = None,
+        *,
+        task: bool = False,
+        poll: float = 0.5,
+        timeout: float | None = 3600.0,
     ) -> GroupPairsReply:
-        """``POST /{domain}/match/groups``: every item of ``group`` with its best match in ``against``."""
-        body: dict[str, Any] = {"group": group, "against": against}
-        body.update(
-            {
-                k: v
-                for k, v in (("weights", weights), ("fusion", fusion), ("threshold", threshold))
-                if v is not None
-            }
-        )
+        """``POST /{domain}/match/groups``: every item of ``group`` with its best match in ``against``;
+        synchronous (small catalogs), or with ``task`` submitted as a task for the whole catalog,
+        waited for (``/status`` every ``poll`` s, :class:`TrainingTimeout` after ``timeout`` s)."""
+        options = MatchGroupsOptions(weights=weights, fusion=fusion, threshold=threshold)
+        if task:
+            task_id = self.submit_match_groups(group, against, **options)
+            self._wait(self.match_groups_status, task_id, "match groups", poll, timeout)
+            return self.match_groups_result(task_id)
+        body = _match_groups_body(group, against, options)
         return self.client._model(GroupPairsReply, "POST", f"{self._prefix}/match/groups", json=body)
+
+    def submit_match_groups(self, group: str, against: str, **options: Unpack[MatchGroupsOptions]) -> str:
+        """``POST /{domain}/match/groups/submit``: start matching ``group`` against ``against`` as a
+        task (options as :meth:`match_groups`'); returns the task id."""
+        body = _match_groups_body(group, against, options)
+        return self._submitted(self.client._json("POST", f"{self._prefix}/match/groups/submit", json=body))
+
+    def match_groups_status(self, task_id: str) -> TaskStatus:
+        """``GET /{domain}/match/groups/status``."""
+        return self._task(TaskStatus, "status", task_id, "match/groups")
+
+    def match_groups_result(self, task_id: str) -> GroupPairsReply:
+        """``GET /{domain}/match/groups/get``: a failed task raises its error (e.g. an unknown group)."""
+        return self._task(GroupPairsReply, "get", task_id, "match/groups")
+
+    def _submitted(self, body: Any) -> str:
+        if not isinstance(body, dict) or not isinstance(body.get("task_id"), str):
+            raise ProtocolError(200, f"submit reply has no task_id: {str(body)[:200]}", url=self.client.url)
+        return body["task_id"]
+
+    @staticmethod
+    def _wait(
+        status: Callable[[str], TaskStatus], task_id: str, what: str, poll: float, timeout: float | None
+    ) -> None:
+        start = time.monotonic()
+        while not status(task_id).done:
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TrainingTimeout(None, f"{what} {task_id} still running", task_id=task_id)
+            time.sleep(poll)
 
     # -- duplicates ---------------------------------------------------------------------------------
     def check_duplicates(
@@ -753,10 +786,7 @@ class DomainClient:
 
     def submit_duplicates(self) -> str:
         """``POST /{domain}/duplicates/submit``: start the whole-catalog scan; returns the task id."""
-        body = self.client._json("POST", f"{self._prefix}/duplicates/submit", json={})
-        if not isinstance(body, dict) or not isinstance(body.get("task_id"), str):
-            raise ProtocolError(200, f"submit reply has no task_id: {str(body)[:200]}", url=self.client.url)
-        return body["task_id"]
+        return self._submitted(self.client._json("POST", f"{self._prefix}/duplicates/submit", json={}))
 
     def duplicates_status(self, task_id: str) -> TaskStatus:
         return self._task(TaskStatus, "status", task_id, "duplicates")
@@ -767,11 +797,7 @@ class DomainClient:
     def find_duplicates(self, poll: float = 0.5, timeout: float | None = 3600.0) -> DuplicateGroupsReply:
         """Submit the whole-catalog scan, wait for it, return its groups and ``to_remove``."""
         task_id = self.submit_duplicates()
-        start = time.monotonic()
-        while not self.duplicates_status(task_id).done:
-            if timeout is not None and time.monotonic() - start > timeout:
-                raise TrainingTimeout(None, f"duplicates scan {task_id} still running", task_id=task_id)
-            time.sleep(poll)
+        self._wait(self.duplicates_status, task_id, "duplicates scan", poll, timeout)
         return self.duplicates_result(task_id)
 
     def calibrate_duplicates(self) -> DuplicateCalibration:
@@ -779,3 +805,17 @@ class DomainClient:
         return self.client._model(
             DuplicateCalibration, "POST", f"{self._prefix}/duplicates/calibrate", json={}
         )
+
+
+class MatchGroupsOptions(TypedDict, total=False):
+    """The optional fields of a match-groups request (as ``POST /{domain}/match``'s)."""
+
+    weights: dict[str, float] | None
+    fusion: str | None
+    threshold: float | None
+
+
+def _match_groups_body(group: str, against: str, options: MatchGroupsOptions) -> dict[str, Any]:
+    body: dict[str, Any] = {"group": group, "against": against}
+    body.update({k: v for k, v in options.items() if v is not None})
+    return body

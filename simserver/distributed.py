@@ -237,6 +237,12 @@ class ShardBackend:
             self._local = job_encoder(self._job)
         return np.asarray(self._local.encode(images), np.float32)
 
+    def encode_text(self, texts: list[str], encoder: str) -> np.ndarray:
+        """Titles for the fusion weights a training learns (a capped number): on the driver."""
+        from simserver.text_encoder import shared_pool
+
+        return shared_pool().get(encoder).encode(texts)
+
     def train_head(self, *args: Any) -> Any:
         raise RuntimeError("a distributed build indexes with the pretrained encoder")
 

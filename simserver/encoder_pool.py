@@ -332,6 +332,11 @@ class LocalBackend:
     def encode_with(self, images: np.ndarray, encoder: str) -> np.ndarray:
         return self.pool.get(encoder).encode(images)
 
+    def encode_text(self, texts: list[str], encoder: str) -> np.ndarray:
+        from simserver.text_encoder import shared_pool
+
+        return shared_pool().get(encoder).encode(texts)
+
     def train_head(self, features: np.ndarray, labels: list[str], config: TrainingConfig) -> Head:
         return train_head(features, labels, config)
 

@@ -19,6 +19,7 @@ matrix product over the live rows, which is milliseconds up to ~100k items here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,22 +110,60 @@ class TextIndex:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
     def image_scores(self, vector: np.ndarray) -> np.ndarray:
-        metric = self.catalog.metric
         q = np.asarray(vector, dtype=np.float32).ravel()
+        parts = [
+            self._distances(seg.vectors, q)[alive]
+            for seg, alive in zip(self.catalog.segments, self.catalog.alive, strict=True)
+        ]
+        d = np.concatenate(parts) if parts else np.zeros(0)
+        return np.asarray(metrics.distance_to_score(self.catalog.metric, d), dtype=np.float64)
+
+    def _distances(self, x: np.ndarray, q: np.ndarray) -> np.ndarray:
+        metric = self.catalog.metric
         if metric == "cosine":
             q = metrics.l2_normalize(q)
-        parts = []
-        for seg, alive in zip(self.catalog.segments, self.catalog.alive, strict=True):
-            x = seg.vectors
-            if metric in ("cosine", "ip"):
-                d = 1.0 - (x @ q).astype(np.float64)
-            elif metric == "l2":
-                d = np.sqrt(np.maximum(((x - q) ** 2).sum(axis=1), 0.0)).astype(np.float64)
+        if metric in ("cosine", "ip"):
+            return 1.0 - (x @ q).astype(np.float64)
+        if metric == "l2":
+            return np.sqrt(np.maximum(((x - q) ** 2).sum(axis=1), 0.0)).astype(np.float64)
+        return np.abs(x - q).sum(axis=1).astype(np.float64)
+
+    def image_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored image vectors of live rows ``rows`` (a copy of those rows only)."""
+        starts = np.cumsum([0] + [int(a.sum()) for a in self.catalog.alive])
+        out = np.empty((len(rows), self.catalog.dim), np.float32)
+        for s, (seg, alive) in enumerate(zip(self.catalog.segments, self.catalog.alive, strict=True)):
+            inside = (rows >= starts[s]) & (rows < starts[s + 1])
+            if inside.any():
+                out[inside] = seg.vectors[np.flatnonzero(alive)[rows[inside] - starts[s]]]
+        return out
+
+    def rows_against(
+        self, rows: np.ndarray, against: np.ndarray, chunk: int = 256
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """For each live row of ``rows``, both modalities' scores against the live rows ``against``
+        only (stored vectors; what :meth:`row_scores` gives, restricted to those rows, without
+        scanning the rest of the catalog), computed ``chunk`` rows at a time as matrix products."""
+        targets = self.image_vectors(against)
+        target_text = self.text_vectors[against].astype(np.float64)
+        matrix = self.lexical.matrix
+        lex_t = matrix[against].T.tocsc() if matrix is not None else None
+        metric = self.catalog.metric
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            queries = self.image_vectors(part)
+            if metric in ("cosine", "ip"):  # the stored vectors are unit for cosine
+                d = 1.0 - (queries @ targets.T).astype(np.float64)
             else:
-                d = np.abs(x - q).sum(axis=1).astype(np.float64)
-            parts.append(d[alive])
-        d = np.concatenate(parts) if parts else np.zeros(0)
-        return np.asarray(metrics.distance_to_score(metric, d), dtype=np.float64)
+                d = np.stack([self._distances(targets, q) for q in queries])
+            image = np.asarray(metrics.distance_to_score(metric, d), dtype=np.float64)
+            text = np.clip(self.text_vectors[part].astype(np.float64) @ target_text.T, 0.0, 1.0)
+            if matrix is not None and lex_t is not None:
+                # Each row's own TF-IDF row: its text as transformed when the TF-IDF was fitted.
+                lexical = np.asarray((matrix[part] @ lex_t).todense(), dtype=np.float64)
+                text = (1.0 - self.cfg.lexical) * text + self.cfg.lexical * np.clip(lexical, 0.0, 1.0)
+            for i in range(len(part)):
+                yield {"image": image[i], "text": text[i]}
 
     def image_vector(self, row: int) -> np.ndarray:
         vector = self.catalog.vector(self.items[row].id)

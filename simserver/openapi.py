@@ -71,6 +71,7 @@ UNSUPPORTED = {
     ("/{domain}/train/cancel", "put"),
     ("/{domain}/duplicates/cancel", "put"),
     ("/{domain}/duplicates", "post"),
+    ("/{domain}/match/groups/cancel", "put"),
 }
 
 
@@ -86,7 +87,7 @@ def _statuses(method: str, path: str) -> list[int]:
         codes += [411, 413]
     if path.endswith("/relevance"):
         codes.append(429)
-    if "/train" in path or "/duplicates" in path:
+    if "/train" in path or "/duplicates" in path or "/match/groups" in path:
         codes += [404, 409, 503]
         if path.endswith("/get"):
             codes.append(413)  # a failed job answers with the status its refusal had
@@ -199,7 +200,7 @@ def complete(
                 param = copy.deepcopy(domain_param)
                 if path.endswith("/relevance") and relevance_domains is not None:
                     param["schema"]["enum"] = sorted(relevance_domains)
-                if path.endswith(("/match", "/match/groups")) and text_domains is not None:
+                if ("/match" in path) and text_domains is not None:  # /match, /match/groups and its task
                     param["schema"]["enum"] = sorted(text_domains)
                 # FastAPI's routes declare it already, without the names: replaced.
                 params[:] = [param, *(p for p in params if p.get("name") != "domain")]

@@ -142,6 +142,33 @@ class WorstQuery(BaseModel):
     correct_rank: int | None = Field(description="rank (1 = first) of its first result with the right label")
 
 
+class FusionHoldout(BaseModel):
+    """Recall@1 of cross-group matching on the hold-out products, per modality."""
+
+    queries: int = Field(description="(item, other group) pairs of the held-out products")
+    image_only: float
+    text_only: float
+    fused: float = Field(description="with the learned weights")
+    fused_domain_weights: float = Field(description="with the yaml's text.weights")
+
+
+class FusionLearning(BaseModel):
+    """The fusion weights and match threshold a version serves with (simserver/fusion_learning.py)."""
+
+    learned: bool = Field(description="false: nothing to learn from; the yaml's values are served")
+    reason: str
+    fusion: str = Field(description="the fusion the weights were learned for (text.fusion)")
+    weights: dict[str, float] = Field(description="image/text weights served by /search and /match")
+    match_threshold: float = Field(description="/match's same_product threshold served")
+    items: int | None = None
+    products: dict[str, int] | None = Field(None, description="products fitted on / held out")
+    fit: dict | None = Field(
+        None, description="Recall@1 and the threshold's balanced accuracy on the fit part"
+    )
+    holdout: FusionHoldout | None = None
+    seconds: float | None = None
+
+
 class Evaluation(BaseModel):
     mode: str
     pretrained: RetrievalMetrics | None = Field(description="the domain's configured encoder on the hold-out")
@@ -163,6 +190,9 @@ class Evaluation(BaseModel):
         None,
         description="the served embedding's hold-out queries whose first result has the wrong label, "
         "worst first (at most 8)",
+    )
+    fusion: FusionLearning | None = Field(
+        None, description="domains with text: the fusion weights learned across groups (text.product)"
     )
 
 
@@ -402,6 +432,15 @@ class TrainProgress(BaseModel):
 
 
 # -- image + text: product matching across groups ---------------------------------------------------
+class AppliedWeights(BaseModel):
+    """Which fusion weights a /match answer applied."""
+
+    weights: dict[str, float] | None = Field(None, description="the image/text weights applied")
+    weights_from: Literal["request", "version", "domain"] | None = Field(
+        None, description="request: sent; version: learned at its training; domain: the yaml's text.weights"
+    )
+
+
 class GroupMatch(BaseModel):
     group: str = Field(description="the group (the domain's text.group column) this match is from")
     hit: Hit = Field(description="the group's best item by fused score")
@@ -409,7 +448,7 @@ class GroupMatch(BaseModel):
     same_product: bool = Field(description="match_score >= threshold")
 
 
-class MatchReply(BaseModel):
+class MatchReply(AppliedWeights):
     domain: str
     version: str
     group: str | None = Field(None, description="the query's own group (skipped), if known")
@@ -426,7 +465,8 @@ WeightsText = Annotated[
     Any,
     Field(
         description='JSON object {"image": 0.3, "text": 0.7}: how much each modality counts when both are '
-        "sent (non-negative, positive sum). Default: the domain's text.weights"
+        "sent (non-negative, positive sum). Default: the weights learned at the version's training "
+        "(text.product), else the domain's text.weights"
     ),
 ]
 FusionName = Annotated[
@@ -439,8 +479,14 @@ FusionName = Annotated[
 MatchThreshold = Annotated[
     Annotated[float, Field(ge=0, le=1)] | None,
     _NUMBER,
-    Field(description="same-product threshold on match_score; default: the domain's text.match_threshold"),
+    Field(
+        description="same-product threshold on match_score; default: the one learned at the version's "
+        "training (text.product), else the domain's text.match_threshold"
+    ),
 ]
+
+
+GroupName = Annotated[str, Field(min_length=1, description="a value of the domain's text.group column")]
 
 
 class GroupPair(BaseModel):
@@ -450,7 +496,7 @@ class GroupPair(BaseModel):
     same_product: bool = Field(description="match_score >= threshold")
 
 
-class GroupPairsReply(BaseModel):
+class GroupPairsReply(AppliedWeights):
     domain: str
     version: str
     group: str

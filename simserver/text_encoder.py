@@ -13,6 +13,7 @@ Every encoder returns one L2-normalised float32 vector per text.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -146,3 +147,9 @@ class TextEncoderPool:
             if enc is None:
                 enc = self._loaded[encoder] = TextEncoder(encoder)
             return enc
+
+
+@functools.cache
+def shared_pool() -> TextEncoderPool:
+    """This process's text encoders (training backends outside the encoder service)."""
+    return TextEncoderPool()

@@ -580,6 +580,29 @@ def calibrate_duplicates(
     )
 
 
+def learn_fusion(cfg: DomainConfig, dataset: Dataset, vectors: np.ndarray, backend: Backend) -> dict | None:
+    """Domains with ``text:``: the fusion weights and match threshold this version serves with
+    (:mod:`simserver.fusion_learning`), in the embedding it serves."""
+    text = cfg.text
+    if text is None:
+        return None
+    from simserver.fusion_learning import learn_for_training
+    from simserver.index import Item
+
+    # Backends without a text encoder (tests' encode-only ones) keep the yaml's weights.
+    encode_text = getattr(backend, "encode_text", None)
+    items = [Item(s.name, s.label, "", s.media_type, dict(s.metadata), id=s.id) for s in dataset.samples]
+    return learn_for_training(
+        text,
+        items,
+        vectors,
+        (lambda texts: encode_text(texts, text.encoder)) if encode_text is not None else None,
+        cfg.metric,
+        cfg.training.holdout_fraction,
+        cfg.training.seed,
+    )
+
+
 def train_domain(
     repo: Repository,
     cfg: DomainConfig,
@@ -645,6 +668,7 @@ def train_domain(
     calibrations["duplicates"] = calibrate_duplicates(
         cfg, dataset, served, outcome, backend, batch_size, cache, repo
     )
+    fusion = learn_fusion(cfg, dataset, served.vectors, backend)
     logger.info("domain %s: %s", cfg.name, outcome.reason)
     at("indexing", 0)
     return publish_version(
@@ -663,8 +687,10 @@ def train_domain(
                 **outcome.evaluation(),
                 "pair": calibrations.get("pair"),
                 "worst_queries": outcome.worst_queries(dataset.samples),
+                "fusion": fusion,
             },
             **calibrations,
+            **({"fusion": fusion} if fusion is not None else {}),
             "runtime": runtime.summary(cfg.encoder_runtime.int8_max_loss),
         },
         started=t0,

@@ -25,14 +25,19 @@ from pathlib import Path
 import numpy as np
 
 from simserver.bench.match_set import FOOD, metadata_rows
-from simserver.catalog import Catalog, Segment
-from simserver.hybrid import TextIndex, absolute, fuse
+from simserver.fusion_learning import (
+    all_scores,
+    learn_weights,
+    match_queries,
+    recall_at_1,
+    text_index,
+    threshold,
+)
+from simserver.hybrid import TextIndex
 from simserver.index import Item
 from simserver.text_config import TextConfig, Weights
 
 logger = logging.getLogger(__name__)
-
-GRID = [round(x, 2) for x in np.linspace(0.0, 1.0, 11)]
 
 
 def build_set(folder: Path = FOOD) -> tuple[TextIndex, dict]:
@@ -61,10 +66,6 @@ def build_set(folder: Path = FOOD) -> tuple[TextIndex, dict]:
     t1 = time.perf_counter()
     tv = text.encode([it.metadata["title"] for it in items])
     t_txt = time.perf_counter() - t1
-    seg = Segment("bench", items, vectors, None, "delta")
-    catalog = Catalog(
-        {"version": "bench", "metric": "cosine", "dim": vectors.shape[1]}, [seg], [np.ones(len(items), bool)]
-    )
     info = {
         "items": len(items),
         "products": len({it.metadata["product"] for it in items}),
@@ -73,81 +74,14 @@ def build_set(folder: Path = FOOD) -> tuple[TextIndex, dict]:
         "text_encode_s": round(t_txt, 2),
         "text_ms_per_title": round(1000 * t_txt / len(items), 2),
     }
-    return TextIndex(catalog, cfg, {"bench": tv}), info
-
-
-def _queries(ti: TextIndex) -> tuple[list[tuple[int, str]], np.ndarray, np.ndarray]:
-    shops = np.asarray([it.metadata["shop"] for it in ti.items], dtype=object)
-    products = np.asarray([it.metadata["product"] for it in ti.items], dtype=object)
-    return [(r, g) for r in range(len(ti)) for g in sorted(set(shops)) if g != shops[r]], shops, products
-
-
-def recall_at_1(
-    ti: TextIndex,
-    scores: list[dict[str, np.ndarray]],
-    weights: Weights,
-    fusion: str,
-    modalities: tuple[str, ...],
-    products_in: set[str] | None = None,
-) -> float:
-    """Share of (item, other shop) queries whose best match in that shop is the same product
-    (``products_in``: only queries and candidates of these products)."""
-    queries, shops, products = _queries(ti)
-    keep = np.ones(len(ti), bool) if products_in is None else np.isin(products, list(products_in))
-    right = total = 0
-    for r, g in queries:
-        if not keep[r]:
-            continue
-        s = {m: scores[r][m] for m in modalities}
-        found = fuse(s, 1, (shops == g) & keep, weights, fusion, ti.cfg.candidates, exclude=r)
-        total += 1
-        right += bool(found) and products[found[0].row] == products[r]
-    return right / max(total, 1)
-
-
-def learn_weights(
-    ti: TextIndex, scores: list[dict[str, np.ndarray]], fusion: str, products_in: set[str]
-) -> tuple[Weights, float]:
-    """The image weight (text = 1 - it) with the best Recall@1 on ``products_in``'s queries."""
-    best = (Weights(), -1.0)
-    for w in GRID[1:-1]:
-        weights = Weights(image=w, text=round(1 - w, 2))
-        r = recall_at_1(ti, scores, weights, fusion, ("image", "text"), products_in)
-        if r > best[1]:
-            best = (weights, r)
-    return best
-
-
-def threshold(ti: TextIndex, scores: list[dict[str, np.ndarray]], weights: Weights) -> dict:
-    """The ``match_threshold`` that best tells a right best-match from a wrong one: over every
-    query's fused best match, the weighted absolute score (``/match``'s ``match_score``) with the
-    best balanced accuracy."""
-    queries, shops, products = _queries(ti)
-    values, right = [], []
-    for r, g in queries:
-        found = fuse(scores[r], 1, shops == g, weights, "weighted", ti.cfg.candidates, exclude=r)
-        values.append(absolute(found[0].scores, weights))
-        right.append(products[found[0].row] == products[r])
-    v, ok = np.asarray(values), np.asarray(right)
-    best = (0.0, 0.5)
-    for t in np.unique(np.round(v, 3)):
-        tpr = float((v[ok] >= t).mean()) if ok.any() else 0.0
-        tnr = float((v[~ok] < t).mean()) if (~ok).any() else 0.0
-        if (tpr + tnr) / 2 > best[1]:
-            best = (float(t), (tpr + tnr) / 2)
-    return {
-        "threshold": round(best[0], 3),
-        "balanced_accuracy": round(best[1], 4),
-        "right": int(ok.sum()),
-        "wrong": int((~ok).sum()),
-    }
+    return text_index(items, vectors, tv, cfg, "cosine"), info
 
 
 def quality(ti: TextIndex) -> dict:
-    scores = [ti.row_scores(r) for r in range(len(ti))]
+    scores = all_scores(ti)
     default = Weights()
     out: dict = {
-        "queries": len(_queries(ti)[0]),
+        "queries": len(match_queries(ti)[0]),
         "image_only": recall_at_1(ti, scores, default, "weighted", ("image",)),
         "text_only": recall_at_1(ti, scores, default, "weighted", ("text",)),
         "fused_weighted": recall_at_1(ti, scores, default, "weighted", ("image", "text")),
@@ -255,3 +189,46 @@ def _latency(url: str, texts: list[str], images: list[tuple[str, bytes]], reques
             logger.info("%s, %d clients: %s", kind, clients, out[f"{kind}_{clients}_clients"])
     out["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return out
+
+
+def group_scan(n_group: int = 300, n_against: int = 6000, seed: int = 0) -> dict:
+    """The match-groups scan (:meth:`simserver.hybrid.TextIndex.rows_against` + fusion) on random
+    unit vectors of the served sizes, beside the whole-catalog scan per item it replaced (timed on
+    100 items, scaled)."""
+    from simserver.metrics import l2_normalize
+
+    rng = np.random.default_rng(seed)
+    n = n_group + n_against
+    items = [
+        Item(
+            f"i{i}",
+            "x",
+            "",
+            "image/png",
+            {"title": f"thing {i % 977} {i % 13} g", "shop": "ab"[i >= n_group]},
+        )
+        for i in range(n)
+    ]
+    image = l2_normalize(rng.normal(size=(n, 1280)).astype(np.float32))
+    text = l2_normalize(rng.normal(size=(n, 384)).astype(np.float32))
+    ti = text_index(items, image, text, TextConfig(fields=["title"], group="shop"), "cosine")
+    rows, against = np.arange(n_group), np.arange(n_group, n)
+    mask = np.zeros(n, bool)
+    mask[against] = True
+    load = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.perf_counter()
+    for scores in ti.rows_against(rows, against):
+        ti.search(scores, 1, np.ones(n_against, bool), Weights(), "weighted")
+    scan = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for r in rows[:100]:
+        ti.search(ti.row_scores(int(r)), 1, mask, Weights(), "weighted")
+    whole = (time.perf_counter() - t0) * n_group / 100
+    return {
+        "group": n_group,
+        "against": n_against,
+        "seconds": round(scan, 3),
+        "comparisons_per_s": round(n_group * n_against / scan),
+        "whole_catalog_per_item_seconds": round(whole, 3),
+        "load_average": load,
+    }

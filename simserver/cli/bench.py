@@ -49,6 +49,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--url", default=None, help="measure that running server (with the food demo domain) instead"
     )
     p.add_argument("--requests", type=int, default=60, help="requests per load level (default 60)")
+    p.add_argument(
+        "--group-scan",
+        action="store_true",
+        help="also /match/groups' scan speed (300 x 6,000 synthetic items)",
+    )
 
     p = bench(
         "encoder",
@@ -251,6 +256,10 @@ def run_match(args: argparse.Namespace) -> int:
 
     ti, info = build_set()
     out = {"set": info, "recall_at_1": quality(ti)}
+    if args.group_scan:
+        from simserver.bench.match import group_scan
+
+        out["group_scan"] = group_scan()
     if args.http or args.url:
         out["http"] = http_latency(args.requests, args.url)
     print_json(out, args.json)

@@ -25,7 +25,7 @@ from typing import Any, get_args
 from pydantic import BaseModel
 
 from simserver.cli.progress import StageBars
-from simserver.client import DEFAULT_URL, Client, SimserverError, StoredImage, TaskStatus
+from simserver.client import DEFAULT_URL, Client, MatchGroupsOptions, SimserverError, StoredImage, TaskStatus
 from simserver.finetune import TrainingMode
 
 Handler = Callable[[Client, argparse.Namespace], Any]
@@ -122,13 +122,23 @@ def _json_weights(text: str | None) -> dict | None:
 
 
 def _match_groups(client: Client, args: argparse.Namespace) -> Any:
-    return client.domain(args.domain).match_groups(
-        args.group,
-        args.against,
-        weights=_json_weights(args.weights),
-        fusion=args.fusion,
-        threshold=args.threshold,
+    domain = client.domain(args.domain)
+    options = MatchGroupsOptions(
+        weights=_json_weights(args.weights), fusion=args.fusion, threshold=args.threshold
     )
+    if args.no_wait:
+        return {"task_id": domain.submit_match_groups(args.group, args.against, **options)}
+    return domain.match_groups(
+        args.group, args.against, **options, task=args.task, poll=args.poll, timeout=args.timeout
+    )
+
+
+def _match_groups_status(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).match_groups_status(args.task_id)
+
+
+def _match_groups_result(client: Client, args: argparse.Namespace) -> Any:
+    return client.domain(args.domain).match_groups_result(args.task_id)
 
 
 def _match(client: Client, args: argparse.Namespace) -> Any:
@@ -444,6 +454,21 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help='JSON, e.g. \'{"image": 0.3, "text": 0.7}\'')
     p.add_argument("--fusion", choices=("weighted", "rrf"), default=None)
     p.add_argument("--threshold", type=float, default=None, help="same-product threshold, 0..1")
+    p.add_argument("--task", action="store_true", help="as a task (/match/groups/submit), waited for")
+    p.add_argument("--no-wait", action="store_true", help="submit the task, print its id and return")
+    p.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="status poll interval")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="give up waiting after")
+    for name, run, route in (
+        ("status", _match_groups_status, "status"),
+        ("result", _match_groups_result, "get"),
+    ):
+        p = command(
+            f"match-groups-{name}",
+            run,
+            f"a match-groups task's {name} (GET /{{domain}}/match/groups/{route})",
+        )
+        p.add_argument("domain")
+        p.add_argument("task_id")
     dup_action = actions_of("duplicates", "duplicate listings: check images, whole-catalog groups")
 
     p = dup_action(

@@ -433,3 +433,11 @@ def test_duplicates_routes_refuse_input_and_cancel(gw):
         gw.client.post("/nope/duplicates/check", files={"image": ("a.png", png())}), 404, "unknown domain"
     )
     error_of(gw.client.post("/shop/duplicates/check", data={"x": "1"}), 400)
+
+
+def test_match_groups_task_routes_refuse_before_storing_a_task(gw):
+    body = {"group": "a", "against": "b"}
+    error_of(gw.client.post("/shop/match/groups/submit", json=body), 400, "no text configured")
+    error_of(gw.client.post("/nope/match/groups/submit", json=body), 404, "unknown domain")
+    error_of(gw.client.put("/shop/match/groups/cancel", params={"task_id": "x"}), 405, "cannot be cancelled")
+    error_of(gw.client.get("/shop/match/groups/status", params={"task_id": "x"}), 404)

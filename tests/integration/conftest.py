@@ -33,6 +33,20 @@ limits:
   max_image_pixels: 4000000
 """
 
+# A domain with titles, shops and product ids and no demo data: tests/integration/test_fusion_http.py
+# trains it (its yaml's weights are image only, so learned weights show).
+SHOPS_YAML = """\
+name: shops
+description: "fusion-learning test domain"
+limits: {max_entries: 200}
+training: {mode: pretrained}
+text:
+  fields: [title]
+  group: shop
+  product: product
+  weights: {image: 1.0, text: 0.0}
+"""
+
 
 @pytest.fixture(scope="session")
 def builtin_tag() -> str:
@@ -57,6 +71,7 @@ def domains_dir(tmp_path_factory) -> Path:
     for f in (ROOT / "domains").glob("*.yaml"):
         shutil.copy(f, d / f.name)
     (d / "scratch.yaml").write_text(SCRATCH_YAML)
+    (d / "shops.yaml").write_text(SHOPS_YAML)
     return d
 
 

@@ -41,7 +41,8 @@ def test_the_document_declares_path_parameters_errors_and_task_shapes(fuzzed):
                 assert (
                     domain["in"] == "path"
                     and "fashion" in domain["schema"]["enum"]
-                    or path.endswith(("/relevance", "/match", "/match/groups"))
+                    or path.endswith("/relevance")
+                    or "/match" in path  # /match, /match/groups and its task: text domains only
                 ), (method, path)
             for code, reply in op["responses"].items():
                 if code.startswith(("4", "5")):
@@ -51,8 +52,10 @@ def test_the_document_declares_path_parameters_errors_and_task_shapes(fuzzed):
     relevance = spec["paths"]["/{domain}/relevance"]["post"]["parameters"][0]["schema"]["enum"]
     assert relevance == ["almonds-suppliers"]  # the only demo domain with a target label
     match = spec["paths"]["/{domain}/match"]["post"]["parameters"][0]["schema"]["enum"]
-    assert match == ["food"]  # the only demo domain with text configured
+    assert match == ["food", "shops"]  # text configured: the food demo, conftest's shops
     assert "put" not in spec["paths"].get("/{domain}/train/cancel", {})
+    assert "put" not in spec["paths"].get("/{domain}/match/groups/cancel", {})
+    assert "post" in spec["paths"]["/{domain}/match/groups/submit"]
     status = spec["components"]["schemas"]["TaskStatusResponse"]["properties"]["status"]["enum"]
     assert {"completed", "failed"} <= set(status)
     submitted = spec["paths"]["/{domain}/train/submit"]["post"]["responses"]["200"]
