@@ -364,14 +364,23 @@ def test_drop_a_query_image(page, server):
 
 
 def test_keyboard_pick_then_paste_a_query_image(page, server):
-    """Keyboard only: Enter on the focused drop zone opens the file picker; then Ctrl+V of an image
-    (a paste event carrying the file) runs a new search with it."""
+    """Keyboard only: Enter or Space on the focused drop zone opens the file picker; then Ctrl+V of
+    an image (a paste event carrying the file) runs a new search with it."""
     open_page(page, "search", "fashion")
     zone = "label.drop[for=query-file]"
+    # The picker's click is recorded and cancelled: whether headless Chromium then shows a file
+    # chooser varied between runs; what the page owes the keyboard user is the click.
+    page.evaluate(
+        """() => document.getElementById("query-file").addEventListener("click", (e) => {
+          window.pickerOpened = (window.pickerOpened || 0) + 1;
+          e.preventDefault();
+        })"""
+    )
     page.focus(zone)
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")
-    chooser.value.set_files(str(DRESS))
+    page.keyboard.press("Enter")
+    page.keyboard.press(" ")
+    assert page.evaluate("window.pickerOpened") == 2
+    page.set_input_files("#query-file", str(DRESS))  # what the picker then hands the page
     page.wait_for_selector("#results .card")
     assert card_ids(page)[0] == "dress/google.png"
     boot = sorted((DEMO / "fashion" / "boot").iterdir())[0]
