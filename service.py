@@ -127,6 +127,7 @@ class ImageSimilarity:
         self.encoding = Remote(self.encoder)
         self._connected = False
         self._searched = False
+        self._warming: asyncio.Future[None] | None = None
 
     async def __is_ready__(self) -> bool:
         """Ready once every index service has answered a call: the first search after ready then
@@ -141,15 +142,22 @@ class ImageSimilarity:
             self._connected = True
         if not self._searched:
             # One search per domain through the whole path (decode thread, the index's search call,
-            # FAISS, the reply): the first client's search was 3x the warm p50 without it.
-            pixels = await warm_up_decoding()
-            calls = (self._warm_up_search(name, pixels) for name in self.indexes)
-            try:
-                await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
-            except TimeoutError:  # an index still loading its encoder: the next probe tries again
+            # FAISS, the reply): the first client's search was 3x the warm p50 without it. One
+            # warm-up for all probes: a probe that finds it still running (an index still loading
+            # its encoder) waits for it a while, and the next probe waits again.
+            if self._warming is None:
+                self._warming = asyncio.ensure_future(self._warm_up_searches())
+            done, _ = await asyncio.wait({self._warming}, timeout=10)
+            if not done:
                 return False
+            if (exc := self._warming.exception()) is not None:  # readiness goes on, as for a fault
+                logger.warning("warm-up searches failed: %r", exc)
             self._searched = True
         return True
+
+    async def _warm_up_searches(self) -> None:
+        pixels = await warm_up_decoding()
+        await asyncio.gather(*(self._warm_up_search(name, pixels) for name in self.indexes))
 
     async def _warm_up_search(self, domain: str, pixels: np.ndarray) -> None:
         try:

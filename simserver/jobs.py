@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -203,16 +204,14 @@ class JobRecords:
             logger.info("deleted %d task records finished over %g days ago", len(pruned), older_than_days)
         return pruned
 
-    def housekeeping(self, retention_days: float, stop: Callable[[], bool] = lambda: False) -> None:
+    def housekeeping(self, retention_days: float) -> None:
         """The gateway's background thread: interrupted jobs failed at once, then old records
         pruned now and every ``PRUNE_EVERY_SECONDS``. A failure is logged, never fatal."""
-        import time
-
         try:
             self.fail_interrupted()
         except Exception:
             logger.exception("cannot check for interrupted jobs")
-        while not stop():
+        while True:
             try:
                 self.prune(retention_days)
             except Exception:
