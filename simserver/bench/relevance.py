@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from simserver.bench.common import BenchError, bench_environment
+from simserver.int8 import float_name
 from simserver.schemas import SiteVerdict
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,9 @@ def relevance_figures(
         for runtime in reference_runtimes:
             if runtime == "savedmodel":
                 tf_pool = EncoderPool(cache_dir=settings.store_cache_dir, store=store, runtime="savedmodel")
-                encoders["reference"] = tf_pool.get(encoder)
+                # As written: TF through hub with the float32 model (the notebook had no int8 runtime),
+                # whichever runtime the training chose to serve.
+                encoders["reference"] = tf_pool.get(float_name(encoder))
             else:
                 encoders["reference_on_serving_runtime"] = served
         # Site by site, each algorithm in turn: on a shared machine both see the same load.

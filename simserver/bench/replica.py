@@ -15,7 +15,6 @@ import logging
 import multiprocessing as mp
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 from simserver.bench.common import clustered
 
@@ -54,14 +53,44 @@ def _items(n: int) -> list:
     ]  # fmt: skip
 
 
-def replica_memory(n: int = 100_000, kinds: Sequence[str] = KINDS, d: int = 1280) -> dict:
+def _build_version(root: str, kind: str, n: int, d: int, out: mp.Queue) -> None:
+    """In a fresh process: build and publish one version of ``kind``. The builder's vectors, items
+    and index (~15 GB at 1M for HNSW) are freed with the process, so that the loading process is
+    the only big one alive when it is measured, and one kind's build never shares memory with the
+    next."""
     from simserver.index import DomainIndex
     from simserver.index_choice import IndexPolicy
     from simserver.repository import Repository
     from simserver.store import LocalStore
 
     x, _ = clustered(n, d)
-    items = _items(n)
+    index = DomainIndex.build(
+        x,
+        _items(n),
+        metric="cosine",
+        encoder_id="synthetic",
+        version=f"{kind}-{n}",
+        policy=IndexPolicy(kind=kind),
+    )
+    Repository(LocalStore(root)).publish(DOMAIN, index)
+    meta = index.meta
+    out.put({k: meta[k] for k in ("version", "index_kind", "bytes_per_vector", "recall_at_10")})
+
+
+def _in_process(ctx, target, *args):
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    try:
+        result = queue.get(timeout=3600)
+    finally:
+        proc.join()
+    if proc.exitcode:
+        raise RuntimeError(f"{target.__name__} exited with {proc.exitcode} (out of memory?)")
+    return result
+
+
+def replica_memory(n: int = 100_000, kinds: Sequence[str] = KINDS, d: int = 1280) -> dict:
     out: dict = {
         "n": n,
         "dim": d,
@@ -73,24 +102,9 @@ def replica_memory(n: int = 100_000, kinds: Sequence[str] = KINDS, d: int = 1280
     }
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-replica-") as tmp:
-        repo = Repository(LocalStore(Path(tmp)))
         for kind in kinds:
-            index = DomainIndex.build(
-                x,
-                items,
-                metric="cosine",
-                encoder_id="synthetic",
-                version=f"{kind}-{n}",
-                policy=IndexPolicy(kind=kind),
-            )
-            repo.publish(DOMAIN, index)
-            meta = index.meta
-            del index
-            queue: mp.Queue = ctx.Queue()
-            proc = ctx.Process(target=_load_version, args=(tmp, meta["version"], queue))
-            proc.start()
-            added, count = queue.get(timeout=3600)
-            proc.join()
+            meta = _in_process(ctx, _build_version, tmp, kind, n, d)
+            added, count = _in_process(ctx, _load_version, tmp, meta["version"])
             per_item = added / count
             out["kinds"][meta["index_kind"]] = {
                 "measured_rss_mb": round(added / 2**20, 1),
