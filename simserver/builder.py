@@ -47,13 +47,22 @@ class BuildReport:
             encoder=self.meta.get("encoder"),
             encoder_id=self.meta.get("encoder_id"),
             evaluation=self.meta.get("evaluation"),
-            relevance=self.meta.get("relevance"),
+            relevance=public_relevance(self.meta.get("relevance")),
             runtime=self.meta.get("runtime"),
             duplicates=self.meta.get("duplicates"),
         )
 
     def as_json(self) -> dict:
         return self.reply().model_dump(mode="json")
+
+
+def public_relevance(calibration: dict | None) -> dict | None:
+    """The relevance calibration as replies show it: the probe's size, not its weights (they stay
+    in the version's meta.json, where the server reads them)."""
+    if not calibration or not isinstance(calibration.get("probe"), dict):
+        return calibration
+    weights = calibration["probe"].get("weights") or []
+    return {**calibration, "probe": {"features": len(weights)}}
 
 
 def prefetched(batches: list[list[T]], load: Callable[[list[T]], R]) -> Iterator[tuple[list[T], R]]:

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from simserver.domain_config import DomainConfig
-from simserver.evaluation import Split
-from simserver.relevance import site_rule
+from simserver.evaluation import Split, fold_groups
+from simserver.relevance import fit_probe, site_rule
 from simserver.relevance_calibration import choose_threshold, loo_margins
 
 
@@ -52,10 +52,11 @@ class Calibrator(Protocol):
 
 
 class RelevanceCalibrator:
-    """The per-image margin threshold of ``/relevance``: every image of the dataset scored
-    leave-one-out against all the others (see :mod:`simserver.relevance_calibration`), in an
-    embedding whose head never trained on it (the served one's hold-out, the others by heads
-    cross-fitted without them), and the site rule that follows from it."""
+    """The per-image score threshold of ``/relevance`` and the site rule that follows from it.
+    Every image of the dataset is scored by what never saw it: a probe fitted without it
+    (``scorer: probe``) or its kNN margin against all the others (``margin``, see
+    :mod:`simserver.relevance_calibration`), in an embedding whose head never trained on it (the
+    served one's hold-out, the others by heads cross-fitted without them)."""
 
     name = "relevance"
 
@@ -67,6 +68,26 @@ class RelevanceCalibrator:
         assert cfg.target_label
         rc = cfg.relevance
         parts = data.parts or [ScoredPart(np.arange(len(lab)), data.vectors)]
+        is_target = lab == cfg.target_label
+        if rc.scorer == "probe" and is_target.sum() >= 2 and (~is_target).any():
+            out = self._probe(data, parts)
+        else:
+            out = self._margins(data, parts)
+        views = sum(len(p.view_owner) for p in parts if p.view_owner is not None)
+        out["augmented_views"] = views
+        rule = site_rule(out, rc)
+        site = {"site_rule": rule.rule, "site_threshold": round(rule.threshold, 4)}
+        if rule.basis is not None:
+            site["expected_fraction_relevant"] = round(rule.basis.expected_fraction_relevant, 4)
+            site["expected_fraction_irrelevant"] = round(rule.basis.expected_fraction_irrelevant, 4)
+        return {"target": cfg.target_label, "top_k": rc.top_k, **out, **site}
+
+    @staticmethod
+    def _margins(data: CalibrationData, parts: list[ScoredPart]) -> dict[str, Any]:
+        """scorer margin: every image's kNN margin leave-one-out, in its part's embedding."""
+        cfg, lab = data.cfg, data.labels
+        assert cfg.target_label
+        rc = cfg.relevance
         margins, owners = [], []
         for part in parts:
             margins.append(
@@ -88,15 +109,49 @@ class RelevanceCalibrator:
                 owners.append(part.view_owner)
         owner = np.concatenate(owners).astype(np.int64)
         out = choose_threshold(np.concatenate(margins), lab[owner] == cfg.target_label, rc, images=owner)
-        views = sum(len(p.view_owner) for p in parts if p.view_owner is not None)
-        out["method"] = "leave-one-out" + (f", {len(parts)} cross-fitted heads" if len(parts) > 1 else "")
-        out["augmented_views"] = views
-        rule = site_rule(out, rc)
-        site = {"site_rule": rule.rule, "site_threshold": round(rule.threshold, 4)}
-        if rule.basis is not None:
-            site["expected_fraction_relevant"] = round(rule.basis.expected_fraction_relevant, 4)
-            site["expected_fraction_irrelevant"] = round(rule.basis.expected_fraction_irrelevant, 4)
-        return {"target": cfg.target_label, "top_k": rc.top_k, **out, **site}
+        out["scorer"] = "margin"
+        if out["method"] != "default":
+            out["method"] = "leave-one-out" + (f", {len(parts)} cross-fitted heads" if len(parts) > 1 else "")
+        return out
+
+    @staticmethod
+    def _probe(data: CalibrationData, parts: list[ScoredPart]) -> dict[str, Any]:
+        """scorer probe: every image (and its views) scored by a probe fitted without it, in an
+        embedding whose head never trained on it; the served probe is fitted on every image.
+
+        With one part (no promoted head) its images are dealt into ``folds`` (at least 2) groups,
+        each scored by a probe fitted on the others; with cross-fitted heads each part is a group,
+        its probe fitted in that part's embedding on every image outside it (as the served probe
+        scores a site image in the served embedding, fitted on images the served head trained on)."""
+        cfg, lab = data.cfg, data.labels
+        assert cfg.target_label
+        rc = cfg.relevance
+        is_target = lab == cfg.target_label
+        if len(parts) == 1:
+            groups = [(parts[0], g) for g in fold_groups(lab, parts[0].indices, max(2, rc.folds), 0)]
+        else:
+            groups = [(p, p.indices) for p in parts]
+        scores, owners = [], []
+        everyone = np.arange(len(lab))
+        for part, group in groups:
+            train = np.setdiff1d(everyone, group)
+            if not is_target[train].any() or is_target[train].all():
+                continue  # a probe needs both kinds: these images go unscored
+            probe = fit_probe(part.vectors[train], is_target[train], rc.probe_c)
+            scores.append(probe.score(part.vectors[group]))
+            owners.append(group)
+            if part.view_vectors is not None and part.view_owner is not None:
+                mine = np.isin(part.view_owner, group)
+                if mine.any():
+                    scores.append(probe.score(part.view_vectors[mine]))
+                    owners.append(part.view_owner[mine])
+        owner = np.concatenate(owners).astype(np.int64)
+        out = choose_threshold(np.concatenate(scores), is_target[owner], rc, images=owner)
+        heads = f", {len(parts)} cross-fitted heads" if len(parts) > 1 else ""
+        out["scorer"] = "probe"
+        out["method"] = f"cross-fitted probe, {len(groups)} folds{heads}"
+        out["probe"] = fit_probe(data.vectors, is_target, rc.probe_c).to_json()
+        return out
 
 
 class PairCalibrator:

@@ -298,3 +298,17 @@ def decide(
             )
         what += f"; open-set Recall@1 {of:.3f} vs pretrained {op:.3f}"
     return True, f"promoted: {what}"
+
+
+def fold_groups(labels: np.ndarray, indices: np.ndarray, n_groups: int, seed: int) -> list[np.ndarray]:
+    """``indices`` dealt into ``n_groups`` groups, each class spread evenly (deterministic)."""
+    rng = np.random.default_rng(seed)
+    groups: list[list[int]] = [[] for _ in range(n_groups)]
+    turn = 0
+    for label in sorted(set(labels[indices].tolist())):
+        idx = indices[labels[indices] == label].copy()
+        rng.shuffle(idx)
+        for i in idx.tolist():
+            groups[turn % n_groups].append(i)
+            turn += 1
+    return [np.array(sorted(g), dtype=np.int64) for g in groups if g]

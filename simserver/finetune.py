@@ -94,6 +94,13 @@ class TrainingConfig(BaseModel):
         description="weight of the pretrained embedding concatenated to the head's (0: the head alone); "
         "keeps what the pretrained embedding knows about categories the head never saw",
     )
+    blend_max: float = Field(
+        8.0,
+        ge=0,
+        le=100,
+        description="mode auto: while open-set Recall@1 falls more than promotion.max_open_set_drop below "
+        "pretrained, the blend weight is doubled, up to this (no refit: the same heads re-weighted)",
+    )
 
     def output_dim(self, backbone_dim: int) -> int:
         """Dimension of the fine-tuned embedding (what the export template is traced for)."""
@@ -284,6 +291,28 @@ def blended(head: Head, features: np.ndarray, weight: float) -> Head:
     kernel = np.concatenate([weight * np.eye(d, dtype=np.float32), beta * head.kernel], axis=1)
     bias = np.concatenate([np.zeros(d, np.float32), beta * head.bias])
     return Head(kernel.astype(np.float32), bias.astype(np.float32))
+
+
+def blend_weight(head: Head) -> float | None:
+    """The pretrained half's weight of a :func:`blended` head (None for any other head)."""
+    d = head.kernel.shape[0]
+    if head.kernel.shape[1] <= d:
+        return None
+    w = float(head.kernel[0, 0])
+    if w <= 0 or not np.allclose(head.kernel[:, :d], w * np.eye(d), atol=1e-6):
+        return None
+    return w
+
+
+def reweighted(head: Head, weight: float) -> Head:
+    """A :func:`blended` head with its pretrained half's weight set to ``weight`` (the fine-tuned
+    half unchanged): a larger weight moves the embedding towards the pretrained one, no refit."""
+    d = head.kernel.shape[0]
+    if head.kernel.shape[1] <= d:
+        raise ValueError("not a blended head")
+    kernel = head.kernel.copy()
+    kernel[:, :d] = weight * np.eye(d, dtype=kernel.dtype)
+    return Head(kernel, head.bias)
 
 
 # -- export: backbone + head as one SavedModel ------------------------------------------------------

@@ -1,10 +1,15 @@
-"""Does a supplier's site sell the target product? kNN scoring of each site image, once.
+"""Does a supplier's site sell the target product? Each site image scored once, then the site.
 
-An image's ``similarity`` is its score to the nearest indexed image of the target label among its
-``top_k`` nearest neighbours (0 if none is among them); its ``margin`` is that minus the score of the
-nearest image of any other label (so an image closer to an "other"/"random" example than to any
-target example has a negative margin). An image is *similar* when its margin reaches the domain's
-``image_threshold``, calibrated at training time (:mod:`simserver.relevance_calibration`).
+An image's ``score`` is what the image threshold is compared with. With ``scorer: probe`` (the
+default) it is a linear probe's: a logistic regression of "target label or not" on the L2-normalised
+embedding, fitted on the domain's images at training time and stored with the version, its output a
+number in [0, 1]. With ``scorer: margin`` (and for versions calibrated before the probe) it is the
+kNN margin. Both kNN figures are reported either way: an image's ``similarity`` is its score to
+the nearest indexed image of the target label among its ``top_k`` nearest neighbours (0 if none is
+among them); its ``margin`` is that minus the score of the nearest image of any other label (so an
+image closer to an "other"/"random" example than to any target example has a negative margin). An
+image is *similar* when its score reaches the domain's ``image_threshold``, calibrated at training
+time (:mod:`simserver.calibration`, :mod:`simserver.relevance_calibration`).
 
 A site is *relevant* when its fraction of similar images reaches the site threshold. With
 ``site_rule: likelihood`` (default) that threshold comes from the calibrated image-level recall
@@ -45,8 +50,17 @@ class RelevanceConfig(BaseModel):
         5,
         ge=1,
         le=20,
-        description="fine-tuned versions: heads the calibration images are scored by, each never trained on "
-        "them (the served head's hold-out + folds - 1 cross-fitted heads); 1: the served head only",
+        description="calibration folds: fine-tuned versions score the images by heads never trained on them "
+        "(the served head's hold-out + folds - 1 cross-fitted heads; 1: the served head only); the probe "
+        "scores each image by one fitted without its fold (at least 2 folds)",
+    )
+    scorer: Literal["probe", "margin"] = Field(
+        "probe",
+        description="what an image's score is: probe: a linear classifier (target label vs every other) on "
+        "the embedding, fitted at training; margin: nearest target score minus nearest other score",
+    )
+    probe_c: float = Field(
+        1.0, gt=0, le=1000, description="the probe's inverse L2 regularisation (logistic regression C)"
     )
     rule: Literal["youden", "f1"] = Field(
         "youden", description="image threshold maximising Youden's J (recall - false-positive rate) or F1"
@@ -87,6 +101,39 @@ class ImageScore:
     @property
     def margin(self) -> float:
         return self.similarity - self.other
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A linear probe on the L2-normalised embedding: ``score`` is P(target) by a logistic
+    regression with balanced class weights (a ranking score in [0, 1], not a calibrated posterior)."""
+
+    weights: np.ndarray  # [D]
+    bias: float
+
+    def score(self, vectors: np.ndarray) -> np.ndarray:
+        z = metrics.l2_normalize(np.asarray(vectors, dtype=np.float32)).astype(np.float64) @ self.weights
+        return 1.0 / (1.0 + np.exp(-(z + self.bias)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"weights": [round(float(w), 7) for w in self.weights], "bias": round(self.bias, 7)}
+
+    @classmethod
+    def from_json(cls, value: Any) -> Probe | None:
+        """The probe of a version's calibration (None when it has none: scored by margin)."""
+        if not isinstance(value, dict) or not isinstance(value.get("weights"), list):
+            return None
+        return cls(np.asarray(value["weights"], dtype=np.float64), float(value.get("bias", 0.0)))
+
+
+def fit_probe(vectors: np.ndarray, is_target: np.ndarray, c: float) -> Probe:
+    """Target vs the rest, class-balanced (a few target images among many others)."""
+    from sklearn.linear_model import LogisticRegression  # import on first use: a second or so
+
+    x = metrics.l2_normalize(np.asarray(vectors, dtype=np.float32)).astype(np.float64)
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+    model.fit(x, np.asarray(is_target, dtype=bool))
+    return Probe(model.coef_[0].astype(np.float64), float(model.intercept_[0]))
 
 
 def score_neighbours(labels: list[str], scores: list[float], target: str) -> ImageScore:
@@ -182,7 +229,7 @@ def site_decision(
     margins: list[float], image_threshold: float, site_threshold: float
 ) -> tuple[list[bool], float, bool]:
     """(per-image similar, fraction similar, relevant)."""
-    similar = [m >= image_threshold for m in margins]
+    similar = [bool(m >= image_threshold) for m in margins]
     fraction = sum(similar) / len(similar) if similar else 0.0
     return similar, fraction, bool(similar) and fraction >= site_threshold
 
@@ -217,16 +264,26 @@ def judge_site(
     image_threshold: float | None = None,
     site_threshold: float | None = None,
     nearest: int = 3,
+    vectors: np.ndarray | None = None,
 ) -> SiteVerdict:
-    """The ``/relevance`` verdict from each site image's nearest indexed items (best first)."""
+    """The ``/relevance`` verdict from each site image's nearest indexed items (best first) and,
+    for a version whose calibration holds a probe, the images' ``vectors`` (as searched)."""
     t_image, rule = thresholds(config, calibration, image_threshold, site_threshold)
     scores = [score_neighbours([h.label for h in row], [h.score for h in row], target) for row in results]
-    similar, fraction, relevant = site_decision([s.margin for s in scores], t_image, rule.threshold)
+    probe = Probe.from_json((calibration or {}).get("probe"))
+    if probe is not None:
+        if vectors is None or len(vectors) != len(results):
+            raise ValueError("a probe-calibrated version needs the site images' vectors")
+        image_scores = probe.score(vectors).tolist()
+    else:
+        image_scores = [s.margin for s in scores]
+    similar, fraction, relevant = site_decision(image_scores, t_image, rule.threshold)
     llr = rule.log_likelihood_ratio(sum(similar), len(similar))
     return SiteVerdict(
         relevant=relevant,
         fraction=round(fraction, 4),
         target=target,
+        scorer="probe" if probe is not None else "margin",
         image_threshold=t_image,
         site_threshold=round(rule.threshold, 4),
         site_rule=rule.rule,
@@ -237,9 +294,10 @@ def judge_site(
                 name=name,
                 similarity=round(sc.similarity, 4),
                 margin=round(sc.margin, 4),
+                score=round(float(score), 4),
                 similar=sim,
                 nearest=row[:nearest],
             )
-            for name, sc, sim, row in zip(names, scores, similar, results, strict=True)
+            for name, sc, score, sim, row in zip(names, scores, image_scores, similar, results, strict=True)
         ],
     )

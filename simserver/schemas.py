@@ -42,7 +42,10 @@ CatalogMode = Annotated[
 ImageThreshold = Annotated[
     Annotated[float, Field(ge=-1, le=1)] | None,
     _NUMBER,
-    Field(description="margin threshold; default: calibrated at training"),
+    Field(
+        description="threshold on each image's score (the probe's, in [0, 1], or the margin, by the "
+        "version's scorer); default: calibrated at training"
+    ),
 ]
 SiteThreshold = Annotated[
     Annotated[float, Field(ge=0, le=1)] | None,
@@ -243,7 +246,11 @@ class SiteImage(BaseModel):
         description="score of the nearest target-label image among the top_k nearest (0 if none)"
     )
     margin: float = Field(description="similarity minus the score of the nearest image of another label")
-    similar: bool = Field(description="margin >= image_threshold")
+    score: float = Field(
+        description="what image_threshold is compared with: the probe's P(target) in [0, 1] (scorer probe) "
+        "or the margin (scorer margin)"
+    )
+    similar: bool = Field(description="score >= image_threshold")
     nearest: list[Hit]
 
 
@@ -267,7 +274,11 @@ class SiteVerdict(BaseModel):
     relevant: bool = Field(description="fraction >= site_threshold")
     fraction: float = Field(description="share of the site's usable images that are similar to the target")
     target: str
-    image_threshold: float = Field(description="margin threshold (calibrated at training, or the request's)")
+    scorer: Literal["probe", "margin"] = Field(
+        "margin",  # what servers before the probe scored by (their replies lack the field)
+        description="probe: a linear classifier fitted at training scores each image; margin: its kNN margin",
+    )
+    image_threshold: float = Field(description="score threshold (calibrated at training, or the request's)")
     site_threshold: float = Field(description="fraction needed for 'relevant' (derived: see site_rule)")
     site_rule: str = Field(
         "fixed",  # what servers before the likelihood rule applied (their replies lack the field)

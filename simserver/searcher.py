@@ -134,7 +134,8 @@ class Searcher:
         for batch in iter_chunks(site.samples, self.batch_size):
             pixels = await anyio.to_thread.run_sync(decode_batch, batch)
             chunks.append(await self._vectors(index, pixels))
-        results = await anyio.to_thread.run_sync(index.search, np.concatenate(chunks), rc.top_k)
+        vectors = np.concatenate(chunks)
+        results = await anyio.to_thread.run_sync(index.search, vectors, rc.top_k)
         verdict = judge_site(
             [s.name for s in site.samples],
             results,
@@ -144,6 +145,7 @@ class Searcher:
             image_threshold=image_threshold,
             site_threshold=site_threshold,
             nearest=nearest,
+            vectors=vectors,
         )
         return RelevanceReply(
             domain=self.cfg.name, version=index.version, skipped=site.skipped, **verdict.model_dump()

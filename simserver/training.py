@@ -43,13 +43,14 @@ from simserver.evaluation import (
     decide,
     evaluate_open_set,
     evaluate_retrieval,
+    fold_groups,
     hits_at_1,
     interval_summary,
     open_set_split,
     stratified_split,
     worst_queries,
 )
-from simserver.finetune import Head, TrainingConfig
+from simserver.finetune import Head, TrainingConfig, blend_weight, reweighted
 from simserver.ingest import Dataset, Sample, check_unique_ids
 from simserver.repository import Repository, new_version_id
 from simserver.runtime_choice import served_runtime
@@ -189,6 +190,7 @@ class Outcome:
     closed: Comparison | None = None
     open_split: OpenSplit | None = None
     open_set: Comparison | None = None
+    blend: float | None = None  # the blend weight of ``head`` (raised for the open set, see fit_and_evaluate)
 
     def _pretrained_summary(self) -> dict | None:
         if self.pretrained is None:
@@ -233,6 +235,7 @@ class Outcome:
             "holdout_images": len(self.split.holdout),
             "train_images": len(self.split.train),
             "augmented_views": self.augmented_views,
+            "blend": self.blend,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
@@ -327,9 +330,15 @@ def fit_and_evaluate(
         out.closed = Comparison.of(
             out.finetuned, pretrained, rule.bootstrap_samples, rule.confidence, config.seed
         )
+        if isinstance(head, Head):
+            out.blend = blend_weight(head)
         if rule.open_set:
             t0 = time.perf_counter()
-            out.open_split, out.open_set = _open_set(features, pre_vectors, x, y, lab, backend, config)
+            out.open_split, out.open_set, open_head = _open_set(
+                features, pre_vectors, x, y, lab, backend, config
+            )
+            if mode == "auto" and open_head is not None:
+                _raise_blend(out, features, lab, open_head, evaluate, config)
             out.seconds["open_set"] = time.perf_counter() - t0
     if mode == "finetune":
         out.promoted = True
@@ -342,20 +351,6 @@ def fit_and_evaluate(
             out.closed, out.open_set, rule.promote_on, rule.max_open_set_drop, rule.require_interval
         )
     return out
-
-
-def fold_groups(labels: np.ndarray, indices: np.ndarray, n_groups: int, seed: int) -> list[np.ndarray]:
-    """``indices`` dealt into ``n_groups`` groups, each class spread evenly (deterministic)."""
-    rng = np.random.default_rng(seed)
-    groups: list[list[int]] = [[] for _ in range(n_groups)]
-    turn = 0
-    for label in sorted(set(labels[indices].tolist())):
-        idx = indices[labels[indices] == label].copy()
-        rng.shuffle(idx)
-        for i in idx.tolist():
-            groups[turn % n_groups].append(i)
-            turn += 1
-    return [np.array(sorted(g), dtype=np.int64) for g in groups if g]
 
 
 def scored_parts(
@@ -425,6 +420,8 @@ def scored_parts(
         if len(set(y.tolist())) < 2:
             continue  # nothing to fit a head on: these images are not scored
         head = backend.train_head(x, y.tolist(), config)
+        if outcome.blend is not None and outcome.blend != config.blend:
+            head = reweighted(head, outcome.blend)  # as the served head was re-weighted
         parts.append(part(group, head.apply(features), head.apply))
     outcome.seconds["cross_fit"] = time.perf_counter() - t0
     return parts
@@ -438,20 +435,60 @@ def _open_set(
     lab: np.ndarray,
     backend: Backend,
     config: TrainingConfig,
-) -> tuple[OpenSplit | None, Comparison | None]:
+) -> tuple[OpenSplit | None, Comparison | None, Head | None]:
     """A second head trained without whole categories (the rows of ``x``/``y``, the training rows of
     the promoted head, whose label is not held out), evaluated on those categories' images."""
     split = open_set_split(lab.tolist(), config.promotion.open_set_fraction, config.seed)
     if not split.evaluable:
-        return None, None
+        return None, None, None
     keep = ~np.isin(y, split.held_classes)
     if len(np.unique(y[keep])) < 2:
-        return None, None
+        return None, None, None
     head = backend.train_head(x[keep], y[keep].tolist(), config)
     rule = config.promotion
     pre = evaluate_open_set(pre_vectors, lab, split)
     fine = evaluate_open_set(head.apply(features), lab, split)
-    return split, Comparison.of(fine, pre, rule.bootstrap_samples, rule.confidence, config.seed)
+    comparison = Comparison.of(fine, pre, rule.bootstrap_samples, rule.confidence, config.seed)
+    return split, comparison, head
+
+
+def _open_set_short(out: Outcome, drop: float) -> bool:
+    o = out.open_set
+    return o is not None and o.finetuned.recall_at_1 < o.pretrained.recall_at_1 - drop - 1e-9
+
+
+def _raise_blend(
+    out: Outcome,
+    features: np.ndarray,
+    lab: np.ndarray,
+    open_head: Head,
+    evaluate: Callable[[np.ndarray], RetrievalResult | None],
+    config: TrainingConfig,
+) -> None:
+    """While the open-set Recall@1 falls more than ``max_open_set_drop`` below pretrained, double
+    the blend weight of both heads (the served one and the open-set one), up to ``blend_max``:
+    the embedding moves towards the pretrained one, which new categories need, and the closed-set
+    gain is re-measured at that weight. No refit, so it costs a few evaluations. The weight is
+    chosen on the open-set split, so that check is no longer independent of the choice: the
+    closed-set gain, which the promotion rests on, is."""
+    rule = config.promotion
+    if out.blend is None or out.head is None or rule.max_open_set_drop is None or out.open_split is None:
+        return
+    weight = out.blend
+    assert out.open_set is not None and out.pretrained is not None
+    while _open_set_short(out, rule.max_open_set_drop) and weight * 2 <= config.blend_max + 1e-9:
+        weight *= 2
+        fine = evaluate_open_set(reweighted(open_head, weight).apply(features), lab, out.open_split)
+        out.open_set = Comparison.of(
+            fine, out.open_set.pretrained, rule.bootstrap_samples, rule.confidence, config.seed
+        )
+        out.head = reweighted(out.head, weight)
+        out.finetuned = evaluate(out.head.apply(features))
+        assert out.finetuned is not None
+        out.closed = Comparison.of(
+            out.finetuned, out.pretrained, rule.bootstrap_samples, rule.confidence, config.seed
+        )
+        out.blend = weight
 
 
 def merge_catalog(repo: Repository, cfg: DomainConfig, dataset: Dataset, image_size: int = 224) -> Dataset:

@@ -108,6 +108,9 @@ def quality_figures(
                 row["closed_set"] = _side(c.finetuned, c.finetuned_ci)
                 row["closed_set"]["gain"] = c.gain_summary()
                 row["open_set_seconds"] = round(open_s, 2)
+                # A real training fits the open-set head too: its seconds with them.
+                row["train_x_encode_with_open_set"] = round((train_s + open_s) / encode_s, 2)
+                row["blend"] = outcome.blend
                 row["promoted"], row["reason"] = outcome.promoted, outcome.reason
                 if outcome.open_set is not None:
                     o = outcome.open_set

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from simserver.bench.common import BenchError, bench_environment
+from simserver.builder import public_relevance
 from simserver.int8 import float_name
 from simserver.schemas import SiteVerdict
 
@@ -134,7 +135,9 @@ def ours_site(
 
     vectors = encode(np.stack([prepare(data, 224, 10**8) for _, data in images]))
     names = [name for name, _ in images]
-    return judge_site(names, index.search(vectors, config.top_k), target, config, calibration=calibration)
+    return judge_site(
+        names, index.search(vectors, config.top_k), target, config, calibration=calibration, vectors=vectors
+    )
 
 
 def image_figures(verdicts: list[SiteVerdict], target: str) -> dict:
@@ -147,6 +150,29 @@ def image_figures(verdicts: list[SiteVerdict], target: str) -> dict:
         "target_images": int(tgt.sum()),
         "other_images": int((~tgt).sum()),
     }
+
+
+def misjudged(verdicts: list[SiteVerdict], truth: list[bool], target: str) -> list[dict]:
+    """The sites ours got wrong, with what decided them: how many images, how many of the target,
+    how many judged similar (and of those, how many were not the target)."""
+    out = []
+    for i, (v, relevant) in enumerate(zip(verdicts, truth, strict=True)):
+        if v.relevant == relevant:
+            continue
+        tgt = [i.name.split("/")[1] == target for i in v.images]
+        out.append(
+            {
+                "site": i,
+                "relevant": relevant,
+                "images": len(v.images),
+                "target_images": sum(tgt),
+                "similar": sum(i.similar for i in v.images),
+                "similar_not_target": sum(i.similar and not t for i, t in zip(v.images, tgt, strict=True)),
+                "fraction": round(v.fraction, 4),
+                "site_threshold": round(v.site_threshold, 4),
+            }
+        )
+    return out
 
 
 def verdict_figures(decisions: list[bool], truth: list[bool], seconds: float) -> dict:
@@ -247,6 +273,7 @@ def relevance_figures(
             figures["cpu_seconds"] = round(clock.cpu, 2)
             if name == "ours":
                 figures["site_images"] = image_figures(verdicts, target)
+                figures["misjudged"] = misjudged(verdicts, truth, target)
             else:
                 figures["speedup"] = round(clock.wall / clocks["ours"].wall, 1)
                 figures["cpu_speedup"] = round(clock.cpu / max(clocks["ours"].cpu, 1e-9), 1)
@@ -266,5 +293,5 @@ def relevance_figures(
         "encoder": {"id": served.id, "serving_runtime": served.runtime},
         "promoted": report.meta["evaluation"]["promoted"],
         "training_seconds": round(train_s, 1),
-        "calibration": calibration,
+        "calibration": public_relevance(calibration),
     }

@@ -95,4 +95,6 @@ def test_bench_quality_reports_every_method_with_intervals(builtin_tag, tmp_path
         assert "open_set" in row, name
     new = entry["methods"]["new"]
     assert new["closed_set"]["gain"]["ci"][0] <= new["closed_set"]["gain"]["recall_at_1"]
+    assert new["blend"] >= 1.0 and entry["methods"]["head-only"]["blend"] is None  # head-only: no blend
+    assert new["train_x_encode_with_open_set"] >= new["train_x_encode"]
     assert entry["methods"]["head-only"]["train_x_encode"] > new["train_x_encode"]  # pixel views cost

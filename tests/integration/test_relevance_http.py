@@ -54,10 +54,16 @@ def test_training_calibrates_the_image_threshold(nuts):
     assert domains["nuts"]["version"] == result["version"]
     assert result["labels"]["peanuts"] == 3
     cal = result["relevance"]
-    # Every image scored leave-one-out (not one hold-out image): all 3 peanuts are positives.
-    assert cal["method"].startswith("leave-one-out") and cal["target"] == "peanuts" and cal["positives"] == 3
+    # Every image scored by a probe fitted without it (not one hold-out image): all 3 peanuts are
+    # positives. The reply shows the probe's size; its weights stay in the version's meta.json.
+    assert (
+        cal["method"].startswith("cross-fitted probe")
+        and cal["target"] == "peanuts"
+        and cal["positives"] == 3
+    )
+    assert cal["scorer"] == "probe" and cal["probe"] == {"features": 1280}
     assert cal["negatives"] == sum(result["labels"].values()) - 3 and cal["rule"] == "youden"
-    assert -1 <= cal["image_threshold"] <= 1 and cal["precision"] is not None
+    assert 0 <= cal["image_threshold"] <= 1 and cal["precision"] is not None
     lo, hi = cal["recall_ci95"]
     assert 0 <= lo <= cal["recall"] <= hi <= 1 and cal["site_rule"] == "likelihood"
     # /relevance uses it unless the request says otherwise.
@@ -66,7 +72,7 @@ def test_training_calibrates_the_image_threshold(nuts):
     assert (
         body["image_threshold"] == cal["image_threshold"] and body["site_threshold"] == cal["site_threshold"]
     )
-    assert body["site_rule"] == "likelihood" and body["basis"]["positives"] == 3
+    assert body["site_rule"] == "likelihood" and body["basis"]["positives"] == 3 and body["scorer"] == "probe"
     assert body["basis"]["image_recall"] == cal["recall"] and body["basis"]["relevant_share"] == 0.25
 
 
@@ -94,7 +100,7 @@ def test_sites_with_and_without_the_target(nuts):
             set(n) - {"scores"} == {"id", "name", "label", "score", "distance", "metadata"}
             for n in img["nearest"]
         )
-        assert img["similar"] == (img["margin"] >= body["image_threshold"])
+        assert img["similar"] == (img["score"] >= body["image_threshold"]) and 0 <= img["score"] <= 1
 
     # The same kind of site without the product, sent as repeated `images` files.
     other_site = relevance(server, images=others)

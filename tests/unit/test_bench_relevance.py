@@ -45,3 +45,39 @@ def test_verdict_figures():
     f = verdict_figures([True, True, False, False], [True, False, False, True], 2.0)
     assert f == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "seconds": 2.0}
     assert verdict_figures([False, False], [False, True], 1.0)["precision"] is None
+
+
+def test_misjudged_lists_the_wrong_verdicts_with_their_counts():
+    from simserver.bench.relevance import misjudged
+    from simserver.schemas import SiteImage, SiteVerdict
+
+    def verdict(relevant: bool, similar: list[tuple[str, bool]]) -> SiteVerdict:
+        images = [
+            SiteImage(name=f"site/{label}/{i}.jpg", similarity=0, margin=0, score=0, similar=s, nearest=[])
+            for i, (label, s) in enumerate(similar)
+        ]
+        fraction = sum(s for _, s in similar) / len(similar)
+        return SiteVerdict(
+            relevant=relevant,
+            fraction=fraction,
+            target="nut",
+            image_threshold=0.5,
+            site_threshold=0.2,
+            images=images,
+        )
+
+    right = verdict(True, [("nut", True), ("olive", False)])
+    wrong = verdict(True, [("olive", True), ("nut", False), ("olive", False), ("pea", True)])
+    out = misjudged([right, wrong], [True, False], "nut")
+    assert out == [
+        {
+            "site": 1,
+            "relevant": False,
+            "images": 4,
+            "target_images": 1,
+            "similar": 2,
+            "similar_not_target": 2,
+            "fraction": 0.5,
+            "site_threshold": 0.2,
+        }
+    ]

@@ -257,3 +257,136 @@ def test_judge_site_thresholds_come_from_request_then_calibration_then_config():
     # The request's own image threshold has no calibrated recall: the config's fixed site threshold.
     own = judge_site(["a", "b", "c"], hits, "nut", cfg, calibration=counts, image_threshold=0.5).model_dump()
     assert own["site_rule"] == "fixed" and own["site_threshold"] == 0.25 and own["relevant"] is False
+
+
+def _look_alike_set(seed: int = 0, n_target: int = 12, n_other: int = 60, dim: int = 24):
+    """Target vectors and look-alikes that share most of their direction with them: a linear
+    probe separates them along the one axis they differ on, nearest neighbours do less well."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=dim)
+    axis = np.zeros(dim)
+    axis[0] = 1.0
+    t = base + 0.8 * axis + rng.normal(scale=0.6, size=(n_target, dim))
+    o = base - 0.8 * axis + rng.normal(scale=0.6, size=(n_other, dim))
+    vectors = np.concatenate([t, o]).astype(np.float32)
+    labels = np.asarray(["nut"] * n_target + ["other"] * n_other)
+    return vectors, labels
+
+
+def test_probe_calibration_scores_every_image_by_a_probe_fitted_without_it(monkeypatch):
+    """Oracle: every fitted probe is recorded with the rows it trained on; every score the
+    calibration uses comes from a probe that did not train on that image (its views included),
+    each image is scored exactly once (and each view once), and the threshold is the rule's on
+    those scores. The served probe trains on every image."""
+    import simserver.calibration as calibration_module
+    from simserver.calibration import CalibrationData, RelevanceCalibrator, ScoredPart
+    from simserver.domain_config import DomainConfig
+    from simserver.evaluation import stratified_split
+    from simserver.relevance import Probe, fit_probe
+
+    vectors, labels = _look_alike_set()
+    rng = np.random.default_rng(1)
+    owner = np.repeat(np.arange(len(labels)), 2)  # two views per image
+    views = (vectors[owner] + rng.normal(scale=0.05, size=(len(owner), vectors.shape[1]))).astype(np.float32)
+    fits: list[np.ndarray] = []
+    scored: list[tuple[int, np.ndarray]] = []  # (fit number, rows scored)
+
+    def recording_fit(x, y, c):
+        fits.append(np.asarray(x))
+        probe = fit_probe(x, y, c)
+        number = len(fits) - 1
+
+        class Recorder(Probe):
+            def score(self, v):
+                scored.append((number, np.asarray(v)))
+                return super().score(v)
+
+        return Recorder(probe.weights, probe.bias)
+
+    monkeypatch.setattr(calibration_module, "fit_probe", recording_fit)
+    cfg = DomainConfig(name="shop", target_label="nut")
+    split = stratified_split(labels.tolist(), 0.2, 0)
+    data = CalibrationData(
+        cfg, split, vectors, labels, [ScoredPart(np.arange(len(labels)), vectors, views, owner)]
+    )
+    out = RelevanceCalibrator().calibrate(data)
+    assert out["scorer"] == "probe" and out["method"] == "cross-fitted probe, 5 folds"
+    assert len(fits) == 6 and len(fits[-1]) == len(labels)  # 5 folds + the served probe (every image)
+
+    def rows_of(x: np.ndarray, table: np.ndarray) -> set[int]:
+        return {int(np.flatnonzero((table == r).all(1))[0]) for r in x}
+
+    seen_images: list[int] = []
+    seen_views: list[int] = []
+    for number, x in scored:
+        trained_on = rows_of(fits[number], vectors)
+        in_table = [(vectors == r).all(1).any() for r in x]
+        if all(in_table):
+            rows = rows_of(x, vectors)
+            assert not rows & trained_on
+            seen_images += sorted(rows)
+        else:
+            rows = rows_of(x, views)
+            assert not {int(owner[r]) for r in rows} & trained_on  # a view's image was not trained on
+            seen_views += sorted(rows)
+    assert sorted(seen_images) == list(range(len(labels))) and sorted(seen_views) == list(range(len(owner)))
+    # Counts stay in images: each image and its two views weigh one.
+    assert (out["positives"], out["negatives"], out["scored"]) == (12, 60, 72 * 3)
+    assert out["recall"] >= 0.9 and out["false_positive_rate"] <= 0.1 and len(out["probe"]["weights"]) == 24
+
+
+def test_probe_separates_look_alikes_the_margin_confuses():
+    """On look-alikes (same direction but one axis), the cross-fitted probe's calibration finds a
+    better Youden's J than the kNN margin's on the same images."""
+    from simserver.calibration import CalibrationData, RelevanceCalibrator
+    from simserver.domain_config import DomainConfig
+    from simserver.evaluation import stratified_split
+
+    vectors, labels = _look_alike_set(seed=3, n_target=20, n_other=100, dim=64)
+    split = stratified_split(labels.tolist(), 0.2, 0)
+    j = {}
+    for scorer in ("probe", "margin"):
+        cfg = DomainConfig(name="shop", target_label="nut", relevance={"scorer": scorer})
+        out = RelevanceCalibrator().calibrate(CalibrationData(cfg, split, vectors, labels))
+        assert out["scorer"] == scorer and ("probe" in out) == (scorer == "probe")
+        j[scorer] = out["recall"] - out["false_positive_rate"]
+    assert j["probe"] > j["margin"] + 0.05, j
+
+
+def test_probe_needs_two_target_images_else_margins():
+    from simserver.calibration import CalibrationData, RelevanceCalibrator
+    from simserver.domain_config import DomainConfig
+    from simserver.evaluation import stratified_split
+
+    vectors, labels = _look_alike_set(n_target=1, n_other=20)
+    cfg = DomainConfig(name="shop", target_label="nut")
+    out = RelevanceCalibrator().calibrate(
+        CalibrationData(cfg, stratified_split(labels.tolist(), 0.2, 0), vectors, labels)
+    )
+    assert out["scorer"] == "margin" and "probe" not in out and out["positives"] == 1
+
+
+def test_judge_site_scores_by_the_versions_probe():
+    from simserver.builder import public_relevance
+    from simserver.relevance import Probe, fit_probe, judge_site
+    from simserver.schemas import Hit
+
+    vectors, labels = _look_alike_set()
+    probe = fit_probe(vectors, labels == "nut", 1.0)
+    again = Probe.from_json(probe.to_json())
+    assert again is not None and np.allclose(again.score(vectors), probe.score(vectors), atol=1e-5)
+    site = vectors[[0, 1, 20, 21]]
+    hits = [[Hit(id="x", name="x", label="other", score=0.9, distance=0.1)]] * 4  # kNN says: no target
+    cal = {"image_threshold": 0.5, "probe": probe.to_json()}
+    cfg = RelevanceConfig()
+    v = judge_site(["a", "b", "c", "d"], hits, "nut", cfg, calibration=cal, vectors=site).model_dump()
+    expected = probe.score(site)
+    assert v["scorer"] == "probe" and [i["similar"] for i in v["images"]] == (expected >= 0.5).tolist()
+    assert [i["score"] for i in v["images"]] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert all(i["margin"] == pytest.approx(-0.9) for i in v["images"])  # still reported
+    with pytest.raises(ValueError):
+        judge_site(["a"], hits[:1], "nut", cfg, calibration=cal)  # a probe needs the vectors
+    plain = judge_site(["a"], hits[:1], "nut", cfg, calibration={"image_threshold": -1.0}).model_dump()
+    assert plain["scorer"] == "margin" and plain["images"][0]["score"] == pytest.approx(-0.9)
+    shown = public_relevance({"image_threshold": 0.5, "probe": probe.to_json()})
+    assert shown == {"image_threshold": 0.5, "probe": {"features": 24}}

@@ -201,11 +201,12 @@ def test_training_needs_the_target_label_folder(repo):
     ok = DomainConfig(name="shop", target_label="warm", training={"augment_views": 0})
     report = train_domain(repo, ok, dataset(), Backend())
     cal = report.meta["relevance"]
-    # Every image scored leave-one-out: all five warm ones are positives, not one hold-out image.
-    assert cal["target"] == "warm" and cal["method"].startswith("leave-one-out")
+    # Every image scored by a probe fitted without it: all five warm ones are positives, not one
+    # hold-out image.
+    assert cal["target"] == "warm" and cal["method"].startswith("cross-fitted probe")
     assert (cal["positives"], cal["negatives"]) == (5, 5) and cal["recall"] == 1.0
     assert cal["site_rule"] == "likelihood" and 0 < cal["site_threshold"] < 1 and cal["recall_ci95"][1] == 1.0
-    assert report.as_json()["relevance"] == cal
+    assert report.as_json()["relevance"] == {**cal, "probe": {"features": len(cal["probe"]["weights"])}}
 
 
 def test_relevance_calibration_scores_every_image_with_a_head_that_never_saw_it(repo):
@@ -236,7 +237,7 @@ def test_relevance_calibration_in_the_training_reply(repo):
     shop = DomainConfig(name="shop", target_label="warm", training={"augment_views": 2})
     report = train_domain(repo, shop, dataset(), be, mode="finetune")
     cal = report.meta["relevance"]
-    assert be.heads == 5 and cal["method"] == "leave-one-out, 5 cross-fitted heads"
+    assert be.heads == 5 and cal["method"] == "cross-fitted probe, 5 folds, 5 cross-fitted heads"
     # Each image and its 2 augmented views are scored; the counts stay in images.
     assert (cal["positives"], cal["negatives"], cal["scored"], cal["augmented_views"]) == (5, 5, 30, 20)
     one = DomainConfig(
@@ -244,7 +245,11 @@ def test_relevance_calibration_in_the_training_reply(repo):
     )
     be = Backend()
     cal = train_domain(repo, one, dataset(), be, mode="finetune").meta["relevance"]
-    assert be.heads == 1 and cal["method"] == "leave-one-out" and cal["scored"] == 10
+    assert be.heads == 1 and cal["method"] == "cross-fitted probe, 2 folds" and cal["scored"] == 10
+    # The kNN margin scorer: each image leave-one-out instead of a probe.
+    margin = one.model_copy(update={"relevance": one.relevance.model_copy(update={"scorer": "margin"})})
+    cal = train_domain(repo, margin, dataset(), Backend(), mode="finetune").meta["relevance"]
+    assert cal["method"] == "leave-one-out" and cal["scorer"] == "margin" and "probe" not in cal
 
 
 def test_default_rule_needs_the_gain_interval_above_zero(repo):
@@ -291,3 +296,58 @@ def test_open_set_head_is_trained_without_the_held_out_categories(repo):
     assert ev["open_set"]["queries"] == 5 and ev["open_set"]["train_images"] == 15
     for side in ("pretrained", "finetuned"):
         assert len(ev["open_set"][side]["recall_at_1_ci"]) == 2
+
+
+class Scattering(Backend):
+    """A blended head whose fine-tuned half is noise for every image: it ranks nothing well, so at
+    blend 1 the held-out categories lose most of their Recall@1; a larger blend weight moves the
+    embedding back towards the pretrained one."""
+
+    def train_head(self, features, labels, config):
+        from simserver.finetune import blended
+
+        self.heads += 1
+        d = features.shape[1]
+        kernel = np.zeros((d, 8), np.float32)
+        kernel[d - 8 :, :] = 40 * np.eye(8, dtype=np.float32)  # the noise dims, amplified
+        return blended(Head(kernel, np.zeros(8, np.float32)), features, config.blend)
+
+
+def _open_set_samples():
+    from simserver.ingest import Sample
+
+    rng = np.random.default_rng(0)
+    labels = [c for c in "abcdef" for _ in range(6)]
+    features = np.zeros((len(labels), 14), np.float32)
+    for i, lab in enumerate(labels):
+        features[i, "abcdef".index(lab)] = 1.0  # the pretrained embedding separates every category
+    features[:, :6] += rng.normal(scale=0.3, size=(len(labels), 6))
+    features[:, 6:] = rng.normal(scale=0.1, size=(len(labels), 8))  # noise the bad head amplifies
+    samples = [Sample(f"{lab}/{i}.png", lab, b"", "image/png") for i, lab in enumerate(labels)]
+    return samples, features
+
+
+@pytest.mark.parametrize("blend_max", [1.0, 8.0])
+def test_blend_weight_is_raised_until_the_open_set_holds(blend_max):
+    from simserver.finetune import TrainingConfig, blend_weight
+    from simserver.training import fit_and_evaluate
+
+    samples, features = _open_set_samples()
+    config = TrainingConfig(blend_max=blend_max)
+    out = fit_and_evaluate(samples, features, Scattering(), config, "auto")
+    o = out.open_set
+    assert o is not None and out.head is not None
+    ev = out.evaluation()
+    assert ev["blend"] == out.blend == blend_weight(out.head)
+    if blend_max == 1.0:  # never raised: the open set stays short, and nothing is promoted
+        assert out.blend == 1.0 and o.finetuned.recall_at_1 < o.pretrained.recall_at_1 - 0.01
+        assert not out.promoted
+    else:  # doubled until the held-out categories are found as the pretrained embedding finds them
+        assert 1.0 < out.blend <= 8.0
+        assert o.finetuned.recall_at_1 >= o.pretrained.recall_at_1 - 0.01
+        # and the closed set was re-measured at that weight (the served head's embedding)
+        again = fit_and_evaluate(
+            samples, features, Scattering(), TrainingConfig(blend=out.blend, blend_max=0), "auto"
+        )
+        assert again.finetuned is not None and out.finetuned is not None
+        assert again.finetuned.recall_at_1 == out.finetuned.recall_at_1
