@@ -181,6 +181,10 @@ class Evaluation(BaseModel):
     holdout_images: int
     train_images: int
     augmented_views: int
+    blend: float | None = Field(
+        None,
+        description="the served head's blend weight (raised while the open set fell short); None: no blend",
+    )
     seconds: dict[str, float]
     gain: Gain | None = Field(None, description="closed-set (stratified hold-out) Recall@1 gain")
     open_set: OpenSetEvaluation | None = Field(None, description="whole categories held out")
