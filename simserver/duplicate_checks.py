@@ -65,27 +65,41 @@ def check_vectors(
     for s, found in zip(samples, hits, strict=True):
         found = [h for h in found if not (exclude_ids and h.id == s.id)][: cfg.duplicates.candidates]
         cands = [h for h in found if h.score >= decision.min_score]
-        matches = []
+        matches: list[DuplicateMatch] = []
+        duplicate_of: list[bool] = []
         if cands:
             q = dup.features(dup.open_for_calibration(s.data)) if decision.verify else None
             for h in cands:
-                inl = 0
+                ev = dup.Evidence()
                 if q is not None:
                     item = catalog.get(h.id)
                     try:
-                        inl = dup.inliers(q, dup.features(load_image(item), mirror=False)) if item else 0
+                        ev = dup.verify(q, dup.features(load_image(item), mirror=False)) if item else ev
                     except KeyError:  # the stored image is gone (collected): embedding only
                         logger.warning("duplicates: image of %s missing", h.id)
-                p = float(decision.same_item(np.asarray([h.score]), np.asarray([inl]))[0])
+                signals = (
+                    np.asarray([h.score]),
+                    np.asarray([ev.inliers]),
+                    np.asarray([ev.ncc]),
+                    np.asarray([ev.edge_ncc]),
+                )
+                p = float(decision.same_item(*signals)[0])
                 matches.append(
                     DuplicateMatch(
-                        id=h.id, name=h.name, label=h.label, score=h.score, same_item=round(p, 6), inliers=inl
+                        id=h.id,
+                        name=h.name,
+                        label=h.label,
+                        score=h.score,
+                        same_item=round(p, 6),
+                        inliers=ev.inliers,
+                        ncc=round(ev.ncc, 4),
+                        edge_ncc=round(ev.edge_ncc, 4),
                     )
                 )
-        matches.sort(key=lambda m: -m.same_item)
-        duplicate = any(
-            bool(decision.duplicate(np.asarray([m.score]), np.asarray([m.inliers]))[0]) for m in matches
-        )
+                duplicate_of.append(bool(decision.duplicate(*signals)[0]))
+        order = sorted(range(len(matches)), key=lambda m: -matches[m].same_item)
+        matches = [matches[m] for m in order]
+        duplicate = any(duplicate_of)
         out.append(DuplicateResult(name=s.name, duplicate=duplicate, matches=matches))
     return out
 

@@ -532,6 +532,8 @@ class DuplicateMatch(BaseModel):
         description="calibrated probability that this match is the same item (a copy), not a look-alike",
     )
     inliers: int = Field(description="geometric verification: RANSAC inliers of ORB matches")
+    ncc: float = Field(0.0, description="template match of the grey thumbnails (0..1; 0: not verified)")
+    edge_ncc: float = Field(0.0, description="template match of their edges (0..1; 0: not verified)")
 
 
 class DuplicateResult(BaseModel):

@@ -121,7 +121,9 @@ def duplicates_figures(
         return ps, time.perf_counter() - t
 
     cal, cal_s = pairset(cal_rows, seed)
-    decision = dup.fit_decision(cal.score, cal.inliers, cal.same, cfg.precision, cfg.min_score, verify=True)
+    decision = dup.fit_decision(
+        cal.score, cal.inliers, cal.same, cfg.precision, cfg.min_score, True, cal.ncc, cal.edge_ncc
+    )
     emb_only = dup.fit_decision(cal.score, cal.inliers, cal.same, cfg.precision, cfg.min_score, verify=False)
     test, test_s = pairset(test_rows, seed + 1)
     pos, neg = test.same, ~test.same
@@ -139,10 +141,16 @@ def duplicates_figures(
         "methods": {},
     }
     # ours: the decision calibrated on the other half; seconds = encoding + verifying the test pairs
-    flag = decision.duplicate(test.score, test.inliers)
-    out["methods"]["ours (embedding + ORB/RANSAC, calibrated)"] = {
+    flag = decision.duplicate(test.score, test.inliers, test.ncc, test.edge_ncc)
+    out["methods"]["ours (embedding + ORB/RANSAC + template match, calibrated)"] = {
         **_report(flag[pos], flag[neg], tr, test_s),
         "threshold": round(decision.threshold, 4),
+    }
+    orb_only = dup.fit_decision(cal.score, cal.inliers, cal.same, cfg.precision, cfg.min_score, True)
+    flag = orb_only.duplicate(test.score, test.inliers)
+    out["methods"]["ours without template match (embedding + ORB/RANSAC)"] = {
+        **_report(flag[pos], flag[neg], tr, test_s),
+        "threshold": round(orb_only.threshold, 4),
     }
     flag = emb_only.duplicate(test.score, test.inliers)
     out["methods"]["ours, embedding only (calibrated)"] = {

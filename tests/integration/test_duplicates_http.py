@@ -49,7 +49,7 @@ def test_check_tells_copies_from_an_unrelated_photo(server):
     assert same["duplicate"] is True
     top = same["matches"][0]
     assert top["id"] == "dress/google.png" and top["score"] > 0.99 and top["same_item"] >= body["threshold"]
-    assert top["inliers"] >= 20
+    assert top["inliers"] >= 20 and top["ncc"] > 0.95 and top["edge_ncc"] > 0.95  # the same image
     assert mirror["duplicate"] is True and mirror["matches"][0]["id"] == "dress/google.png"
     assert hammer["duplicate"] is False
     assert all(m["same_item"] < body["threshold"] for m in hammer["matches"])

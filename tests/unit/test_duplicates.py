@@ -66,6 +66,79 @@ def test_unrelated_photos_do_not_match_through_a_degenerate_transform():
         assert dup.inliers(feats[a], feats[b]) <= 12, (a, b)
 
 
+@pytest.mark.parametrize("transform", list(dup.TRANSFORMS))
+def test_a_copy_matches_its_original_better_than_a_look_alike_does(transform):
+    """Template matching of the thumbnails: every kind of copy (the combination of crop, colour,
+    caption and JPEG q15-40 included) correlates with its original more than another product of the
+    same kind does, on grey pixels or on their edges (rotation is ORB's case: it may not)."""
+    original = photo("plier1.webp")
+    target = dup.features(original, mirror=False)
+    copy = dup.features(dup.synthetic_copy(original, transform, np.random.default_rng(2)))
+    ncc, edge = dup.template_match(copy, target)
+    la_ncc, la_edge = dup.template_match(dup.features(photo("plier2.webp")), target)
+    assert 0 <= min(ncc, edge, la_ncc, la_edge) and max(ncc, edge, la_ncc, la_edge) <= 1
+    if transform != "rotate":
+        assert ncc > la_ncc and edge > la_edge, (transform, ncc, edge, la_ncc, la_edge)
+        assert max(ncc, edge) >= 0.8, (transform, ncc, edge)
+
+
+def test_template_match_finds_a_crop_where_it_is_and_a_border_around():
+    """Oracle: a crop of a random texture sits at one place; its correlation there is 1 (up to
+    resizing), so the best over positions and sizes is near 1, and an unrelated texture's is not."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(0)
+
+    def texture() -> Image.Image:  # smooth blobs: what a thumbnail can resolve
+        noise = Image.fromarray(rng.uniform(0, 255, (96, 128)).astype(np.uint8)).resize((256, 192))
+        return noise.filter(ImageFilter.GaussianBlur(6))
+
+    big = texture()
+    crop = big.crop((40, 30, 40 + 205, 30 + 154))  # 80%
+    framed = Image.new("L", (300, 236), 128)
+    framed.paste(big, (22, 22))
+    other = texture()
+    f = dup.features(big.convert("RGB"), mirror=False)
+    assert dup.template_match(dup.features(crop.convert("RGB")), f)[0] > 0.9
+    assert dup.template_match(dup.features(framed.convert("RGB")), f)[0] > 0.9
+    mirrored = dup.features(big.transpose(Image.Transpose.FLIP_LEFT_RIGHT).convert("RGB"))
+    assert dup.template_match(mirrored, f)[0] > 0.9
+    assert dup.template_match(dup.features(other.convert("RGB")), f)[0] < 0.5
+    assert dup.template_match(dup.Features((np.zeros((0, 2)),) * 2, (None, None)), f) == (0.0, 0.0)
+
+
+def test_a_decision_before_template_matching_ignores_it():
+    old = dup.Decision(weights=[-3.0, 1.0, 2.0], threshold=0.5, min_score=0.5, verify=True)
+    s, inl = np.array([0.9, 0.9]), np.array([3, 3])
+    assert np.array_equal(
+        old.same_item(s, inl), old.same_item(s, inl, np.array([0.0, 1.0]), np.array([0, 1]))
+    )
+    new = old.model_copy(update={"weights": [-3.0, 1.0, 2.0, 1.0, 1.0]})
+    p = new.same_item(s, inl, np.array([0.2, 0.95]), np.array([0.2, 0.95]))
+    assert p[1] > p[0] and np.all(
+        np.diff(new.same_item(np.full(5, 0.9), np.zeros(5), np.linspace(0, 1, 5))) > 0
+    )
+
+
+def test_fit_decision_uses_template_matches_where_keypoints_fail():
+    """Copies with no inliers (a small, textureless render) but a near-perfect template match, and
+    look-alikes with the same embedding scores and a mediocre match: only the template terms can
+    tell them apart, and the fitted decision does, with non-negative weights."""
+    rng = np.random.default_rng(1)
+    n_copy, n_la = 60, 30
+    score = np.concatenate([rng.uniform(0.7, 0.95, n_copy), rng.uniform(0.7, 0.95, n_la)])
+    inl = np.concatenate([rng.integers(0, 3, n_copy), rng.integers(0, 3, n_la)])
+    ncc = np.concatenate([rng.uniform(0.85, 0.99, n_copy), rng.uniform(0.3, 0.75, n_la)])
+    edge = np.concatenate([rng.uniform(0.8, 0.99, n_copy), rng.uniform(0.2, 0.7, n_la)])
+    same = np.arange(n_copy + n_la) < n_copy
+    d = dup.fit_decision(score, inl, same, 0.99, 0.5, True, ncc, edge)
+    assert len(d.weights) == 5 and min(d.weights[1:]) >= 0 and d.weights[3] + d.weights[4] > 0
+    flagged = d.duplicate(score, inl, ncc, edge)
+    assert flagged[same].mean() >= 0.95 and not flagged[~same].any()
+    without = dup.fit_decision(score, inl, same, 0.99, 0.5, True)
+    assert without.duplicate(score, inl)[same].mean() < 0.5  # score and inliers alone cannot
+
+
 # -- the decision ---------------------------------------------------------------------------------------
 def brute_threshold(p: np.ndarray, same: np.ndarray, precision: float) -> float | None:
     """The lowest threshold t (among the p values) with TPR / (TPR + FPR) >= precision."""
