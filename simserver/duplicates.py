@@ -59,6 +59,7 @@ THUMB_SIDE = 64  # template matching works on thumbnails this size: a copy's lay
 # query inside the candidate); a border adds up to 15% on each side (the candidate inside the query).
 CROP_SCALES = tuple(np.linspace(0.6, 1.0, 9))
 BORDER_SCALES = tuple(np.linspace(0.7, 1.0, 7))
+KEEP_CELLS = 6  # of a template's 3 x 3 cells, the best-matching that count (a caption may cover 3)
 
 
 class DuplicatesConfig(BaseModel):
@@ -281,39 +282,63 @@ def _edges(a: np.ndarray) -> np.ndarray:
     return np.sqrt(gx * gx + gy * gy)
 
 
+def _cells(template: np.ndarray, window: np.ndarray) -> float:
+    """Mean correlation of the :data:`KEEP_CELLS` best-matching of the 3 x 3 cells of ``template``
+    with the same cells of ``window`` (same shape): a caption or a logo over up to a third of the
+    image does not count, but every other part must line up."""
+    h, w = template.shape
+    cells = []
+    for i in range(3):
+        for j in range(3):
+            a = template[i * h // 3 : (i + 1) * h // 3, j * w // 3 : (j + 1) * w // 3].ravel()
+            b = window[i * h // 3 : (i + 1) * h // 3, j * w // 3 : (j + 1) * w // 3].ravel()
+            sa, sb = float(a.std()), float(b.std())
+            if sa < 1e-3 or sb < 1e-3:
+                cells.append(0.0)  # a flat cell: no evidence either way
+                continue
+            cells.append(float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb)))
+    return float(np.mean(sorted(cells)[-KEEP_CELLS:]))
+
+
 def _best_match(big: np.ndarray, small: np.ndarray, scales: Sequence[float], edges: bool) -> float:
-    """The highest normalised cross-correlation of ``small``, resized to each fraction of
-    ``big``'s size (its own aspect kept), at any position inside ``big``."""
+    """``small``, resized to each fraction of ``big``'s size (its own aspect kept), at the position
+    inside ``big`` where its normalised cross-correlation is highest; there, :func:`_cells`."""
     import cv2
 
     hb, wb = big.shape
     hs, ws = small.shape
     target = _edges(big) if edges else big
-    best = -1.0
+    best, at = -2.0, None
     for f in scales:
         w = round(f * wb)
         h = round(w * hs / ws)
         if h > hb:
             h = round(f * hb)
             w = round(h * ws / hs)
-        if w < 8 or h < 8 or w > wb or h > hb:
+        if w < 12 or h < 12 or w > wb or h > hb:
             continue
         t = cv2.resize(small, (w, h), interpolation=cv2.INTER_AREA)
         if edges:
             t = _edges(t)
         if float(t.std()) < 1e-3:
             continue  # a flat template correlates with nothing
-        best = max(best, float(cv2.matchTemplate(target, t, cv2.TM_CCOEFF_NORMED).max()))
-    return best
+        _, top, _, (x, y) = cv2.minMaxLoc(cv2.matchTemplate(target, t, cv2.TM_CCOEFF_NORMED))
+        if top > best:
+            best, at = top, (t, x, y)
+    if at is None:
+        return 0.0
+    t, x, y = at
+    return _cells(t, target[y : y + t.shape[0], x : x + t.shape[1]])
 
 
 def template_match(query: Features, candidate: Features) -> tuple[float, float]:
-    """(grey, edge) normalised cross-correlation of the two thumbnails in [0, 1], the best over
-    positions and sizes: the query (or its mirror image) as a part of the candidate (a crop, a
-    downscale) or the candidate as a part of the query (a border). Correlation ignores the
-    brightness and contrast a colour edit changes, and a caption covers only part of the image;
-    two different products of the same kind rarely line up pixel for pixel. The edge version (Sobel
-    magnitude) ignores flat backgrounds, which make renders on white look alike."""
+    """(grey, edge) template match of the two thumbnails in [0, 1]: at the best position and size
+    (the query, or its mirror image, as a part of the candidate: a crop, a downscale; or the
+    candidate as a part of the query: a border), the correlation of its 3 x 3 cells, the worst
+    three left out (:func:`_cells`). Correlation ignores the brightness and contrast a colour edit
+    changes, and a caption covers only some cells; two different products of the same kind rarely
+    line up cell by cell. The edge version (Sobel magnitude) ignores flat backgrounds, which make
+    renders on white look alike."""
     if query.thumb is None or candidate.thumb is None:
         return 0.0, 0.0
     out = []
@@ -321,7 +346,7 @@ def template_match(query: Features, candidate: Features) -> tuple[float, float]:
         views = (query.thumb, np.ascontiguousarray(query.thumb[:, ::-1]))
         inside = max(_best_match(candidate.thumb, v, CROP_SCALES, edges) for v in views)
         around = _best_match(query.thumb, candidate.thumb, BORDER_SCALES, edges)
-        out.append(max(0.0, inside, around))
+        out.append(min(1.0, max(0.0, inside, around)))
     return out[0], out[1]
 
 
