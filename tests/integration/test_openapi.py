@@ -96,6 +96,14 @@ def test_schemathesis_finds_no_failure(fuzzed, tmp_path):
         str(tmp_path),
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # CPython 3.11's AST constructor can leave its recursion counter wrong after an error
+    # (python/cpython#106905, fixed in later releases): hypothesis then fails to parse a lambda's
+    # source in schemathesis' own generator with "AST constructor recursion depth mismatch", an
+    # interpreter fault, not a finding about this API. Only that is retried, once, in one worker.
+    if run.returncode != 0 and "AST constructor recursion depth mismatch" in run.stdout + run.stderr:
+        i = cmd.index("--workers")
+        cmd[i + 1] = "1"
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     summary = run.stdout[-6000:]
     assert run.returncode == 0, summary
     assert " passed" in summary and "failures" not in summary.split("SUMMARY")[-1].lower(), summary
