@@ -209,21 +209,18 @@ def _orb():
     return _ORB
 
 
-def gray_for_verification(img: Image.Image) -> np.ndarray:
-    """uint8 [h, w] with the longer side :data:`VERIFY_SIDE` (small renders are upscaled: ORB
-    finds few keypoints on a 128 px image)."""
+def gray_for_verification(img: Image.Image, side: int = VERIFY_SIDE) -> np.ndarray:
+    """uint8 [h, w] with the longer side ``side`` (small renders are upscaled: ORB finds few
+    keypoints on a 128 px image)."""
     g = img.convert("L")
     w, h = g.size
-    f = VERIFY_SIDE / max(w, h)
+    f = side / max(w, h)
     return np.asarray(g.resize((max(8, round(w * f)), max(8, round(h * f))), Image.Resampling.BILINEAR))
 
 
 def thumbnail(img: Image.Image) -> np.ndarray:
-    g = img.convert("L")
-    w, h = g.size
-    f = THUMB_SIDE / max(w, h)
-    size = (max(8, round(w * f)), max(8, round(h * f)))
-    return np.asarray(g.resize(size, Image.Resampling.BILINEAR), np.float32)
+    """float32 grey, longer side :data:`THUMB_SIDE`: what template matching compares."""
+    return gray_for_verification(img, THUMB_SIDE).astype(np.float32)
 
 
 def features(img: Image.Image, mirror: bool = True) -> Features:
@@ -304,14 +301,14 @@ def _cells(template: np.ndarray, window: np.ndarray) -> float:
     return float(np.mean(sorted(cells)[-KEEP_CELLS:]))
 
 
-def _best_match(big: np.ndarray, small: np.ndarray, scales: Sequence[float], edges: bool) -> float:
-    """``small``, resized to each fraction of ``big``'s size (its own aspect kept), at the position
-    inside ``big`` where its normalised cross-correlation is highest; there, :func:`_cells`."""
+def _best_match(target: np.ndarray, small: np.ndarray, scales: Sequence[float], edges: bool) -> float:
+    """``small``, resized to each fraction of ``target``'s size (its own aspect kept; its edges
+    then, with ``edges``, as ``target`` already is), at the position inside ``target`` where its
+    normalised cross-correlation is highest; there, :func:`_cells`."""
     import cv2
 
-    hb, wb = big.shape
+    hb, wb = target.shape
     hs, ws = small.shape
-    target = _edges(big) if edges else big
     best, at = -2.0, None
     for f in scales:
         w = round(f * wb)
@@ -346,10 +343,13 @@ def template_match(query: Features, candidate: Features) -> tuple[float, float]:
     if query.thumb is None or candidate.thumb is None:
         return 0.0, 0.0
     out = []
+    views = (query.thumb, np.ascontiguousarray(query.thumb[:, ::-1]))
     for edges in (False, True):
-        views = (query.thumb, np.ascontiguousarray(query.thumb[:, ::-1]))
-        inside = max(_best_match(candidate.thumb, v, CROP_SCALES, edges) for v in views)
-        around = _best_match(query.thumb, candidate.thumb, BORDER_SCALES, edges)
+        cand, quer = (
+            (_edges(candidate.thumb), _edges(query.thumb)) if edges else (candidate.thumb, query.thumb)
+        )
+        inside = max(_best_match(cand, v, CROP_SCALES, edges) for v in views)
+        around = _best_match(quer, candidate.thumb, BORDER_SCALES, edges)
         out.append(min(1.0, max(0.0, inside, around)))
     return out[0], out[1]
 

@@ -250,6 +250,10 @@ class Comparison:
             bootstrap_interval(f - p, samples, confidence, seed),
         )
 
+    def falls_short(self, max_drop: float) -> bool:
+        """Fine-tuned Recall@1 more than ``max_drop`` below pretrained's."""
+        return self.finetuned.recall_at_1 < self.pretrained.recall_at_1 - max_drop - 1e-9
+
     def gain_summary(self) -> dict:
         return {"recall_at_1": round(self.gain, 4), "ci": [round(v, 4) for v in self.gain_ci]}
 
@@ -291,7 +295,7 @@ def decide(
         return False, f"not promoted: {what}: fine-tuned does not beat pretrained"
     if open_set is not None and max_open_set_drop is not None:
         of, op = open_set.finetuned.recall_at_1, open_set.pretrained.recall_at_1
-        if of < op - max_open_set_drop - 1e-9:
+        if open_set.falls_short(max_open_set_drop):
             return False, (
                 f"not promoted: {what}, but open-set Recall@1 {of:.3f} is more than "
                 f"{max_open_set_drop:.3f} below pretrained {op:.3f}"

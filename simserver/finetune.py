@@ -298,8 +298,14 @@ def blend_weight(head: Head) -> float | None:
     d = head.kernel.shape[0]
     if head.kernel.shape[1] <= d:
         return None
-    w = float(head.kernel[0, 0])
-    if w <= 0 or not np.allclose(head.kernel[:, :d], w * np.eye(d), atol=1e-6):
+    block = head.kernel[:, :d]
+    diagonal = np.diagonal(block)
+    w = float(diagonal[0])
+    # Every off-diagonal entry within 1e-6 of 0, counted without building a d x d identity.
+    off_diagonal = int(np.count_nonzero(np.abs(block) > 1e-6)) - int(
+        np.count_nonzero(np.abs(diagonal) > 1e-6)
+    )
+    if w <= 0 or not np.allclose(diagonal, w, atol=1e-6) or off_diagonal:
         return None
     return w
 
@@ -307,9 +313,9 @@ def blend_weight(head: Head) -> float | None:
 def reweighted(head: Head, weight: float) -> Head:
     """A :func:`blended` head with its pretrained half's weight set to ``weight`` (the fine-tuned
     half unchanged): a larger weight moves the embedding towards the pretrained one, no refit."""
-    d = head.kernel.shape[0]
-    if head.kernel.shape[1] <= d:
+    if blend_weight(head) is None:
         raise ValueError("not a blended head")
+    d = head.kernel.shape[0]
     kernel = head.kernel.copy()
     kernel[:, :d] = weight * np.eye(d, dtype=kernel.dtype)
     return Head(kernel, head.bias)

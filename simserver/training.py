@@ -190,7 +190,12 @@ class Outcome:
     closed: Comparison | None = None
     open_split: OpenSplit | None = None
     open_set: Comparison | None = None
-    blend: float | None = None  # the blend weight of ``head`` (raised for the open set, see fit_and_evaluate)
+
+    @property
+    def blend(self) -> float | None:
+        """The blend weight of ``head`` (raised for the open set, see :func:`_raise_blend`); None
+        without a blended head."""
+        return blend_weight(self.head) if isinstance(self.head, Head) else None
 
     def _pretrained_summary(self) -> dict | None:
         if self.pretrained is None:
@@ -330,8 +335,6 @@ def fit_and_evaluate(
         out.closed = Comparison.of(
             out.finetuned, pretrained, rule.bootstrap_samples, rule.confidence, config.seed
         )
-        if isinstance(head, Head):
-            out.blend = blend_weight(head)
         if rule.open_set:
             t0 = time.perf_counter()
             out.open_split, out.open_set, open_head = _open_set(
@@ -410,6 +413,7 @@ def scored_parts(
     if split.evaluable:
         parts.append(part(split.holdout, served_vectors, outcome.head.apply))
         rest = split.train
+    served_blend = outcome.blend
     t0 = time.perf_counter()
     for group in fold_groups(lab, rest, folds - len(parts), config.seed):
         keep = np.setdiff1d(np.arange(n), group)
@@ -420,8 +424,8 @@ def scored_parts(
         if len(set(y.tolist())) < 2:
             continue  # nothing to fit a head on: these images are not scored
         head = backend.train_head(x, y.tolist(), config)
-        if outcome.blend is not None and outcome.blend != config.blend:
-            head = reweighted(head, outcome.blend)  # as the served head was re-weighted
+        if served_blend is not None and served_blend != config.blend:
+            head = reweighted(head, served_blend)  # as the served head was re-weighted
         parts.append(part(group, head.apply(features), head.apply))
     outcome.seconds["cross_fit"] = time.perf_counter() - t0
     return parts
@@ -452,11 +456,6 @@ def _open_set(
     return split, comparison, head
 
 
-def _open_set_short(out: Outcome, drop: float) -> bool:
-    o = out.open_set
-    return o is not None and o.finetuned.recall_at_1 < o.pretrained.recall_at_1 - drop - 1e-9
-
-
 def _raise_blend(
     out: Outcome,
     features: np.ndarray,
@@ -472,11 +471,11 @@ def _raise_blend(
     chosen on the open-set split, so that check is no longer independent of the choice: the
     closed-set gain, which the promotion rests on, is."""
     rule = config.promotion
-    if out.blend is None or out.head is None or rule.max_open_set_drop is None or out.open_split is None:
-        return
     weight = out.blend
+    if weight is None or out.head is None or rule.max_open_set_drop is None or out.open_split is None:
+        return
     assert out.open_set is not None and out.pretrained is not None
-    while _open_set_short(out, rule.max_open_set_drop) and weight * 2 <= config.blend_max + 1e-9:
+    while out.open_set.falls_short(rule.max_open_set_drop) and weight * 2 <= config.blend_max + 1e-9:
         weight *= 2
         fine = evaluate_open_set(reweighted(open_head, weight).apply(features), lab, out.open_split)
         out.open_set = Comparison.of(
@@ -488,7 +487,6 @@ def _raise_blend(
         out.closed = Comparison.of(
             out.finetuned, out.pretrained, rule.bootstrap_samples, rule.confidence, config.seed
         )
-        out.blend = weight
 
 
 def merge_catalog(repo: Repository, cfg: DomainConfig, dataset: Dataset, image_size: int = 224) -> Dataset:

@@ -140,10 +140,16 @@ def ours_site(
     )
 
 
+def _shows_target(name: str, target: str) -> bool:
+    """Whether a site image (named ``site<i>/<label>/img<n>.jpg`` by :func:`make_sites`) is one of
+    the target's."""
+    return name.split("/")[1] == target
+
+
 def image_figures(verdicts: list[SiteVerdict], target: str) -> dict:
     """Image-level recall and false-positive rate on the site images (beside the calibration's)."""
     sim = np.asarray([i.similar for v in verdicts for i in v.images])
-    tgt = np.asarray([i.name.split("/")[1] == target for v in verdicts for i in v.images])
+    tgt = np.asarray([_shows_target(i.name, target) for v in verdicts for i in v.images])
     return {
         "recall": round(float(sim[tgt].mean()), 4) if tgt.any() else None,
         "false_positive_rate": round(float(sim[~tgt].mean()), 4) if (~tgt).any() else None,
@@ -156,18 +162,20 @@ def misjudged(verdicts: list[SiteVerdict], truth: list[bool], target: str) -> li
     """The sites ours got wrong, with what decided them: how many images, how many of the target,
     how many judged similar (and of those, how many were not the target)."""
     out = []
-    for i, (v, relevant) in enumerate(zip(verdicts, truth, strict=True)):
+    for site, (v, relevant) in enumerate(zip(verdicts, truth, strict=True)):
         if v.relevant == relevant:
             continue
-        tgt = [i.name.split("/")[1] == target for i in v.images]
+        tgt = [_shows_target(img.name, target) for img in v.images]
         out.append(
             {
-                "site": i,
+                "site": site,
                 "relevant": relevant,
                 "images": len(v.images),
                 "target_images": sum(tgt),
-                "similar": sum(i.similar for i in v.images),
-                "similar_not_target": sum(i.similar and not t for i, t in zip(v.images, tgt, strict=True)),
+                "similar": sum(img.similar for img in v.images),
+                "similar_not_target": sum(
+                    img.similar and not t for img, t in zip(v.images, tgt, strict=True)
+                ),
                 "fraction": round(v.fraction, 4),
                 "site_threshold": round(v.site_threshold, 4),
             }
