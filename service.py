@@ -485,7 +485,8 @@ ImageSimilarity.add_asgi_middleware(  # type: ignore[attr-defined]  # a Service 
 @http_app.get("/domains", response_model=list[DomainInfo], summary="Domains and what they serve")
 async def list_domains() -> list[DomainInfo]:
     svc = bentoml.get_current_service()
-    statuses = [await svc.indexes[name].to_async.status() for name in DOMAINS]
+    # Asked at once: one domain busy (a write, a reload) must not delay the others' answers.
+    statuses = await asyncio.gather(*(svc.indexes[name].to_async.status() for name in DOMAINS))
     return [
         DomainInfo(
             name=n,

@@ -77,7 +77,9 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             self.repo = repo
             self.settings = settings
             self._maintaining = threading.Lock()  # one compaction / GC at a time in this process
-            self._groups_lock = threading.Lock()
+            # asyncio locks: a second caller waits on the event loop, not in one of the 4 threads.
+            self._groups_lock = asyncio.Lock()
+            self._calibrating = asyncio.Lock()
             self._groups: DuplicateGroupsReply | None = None
             self._last_gc = 0.0
             self._loop = asyncio.get_event_loop()
@@ -335,22 +337,35 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             )
 
         @bentoml.api
-        def duplicate_groups(self) -> DuplicateGroupsReply:
+        async def duplicate_groups(self) -> DuplicateGroupsReply:
             """The whole catalog's duplicate groups (a task of the gateway's). One scan at a time,
             and its reply kept for the version it scanned: a version is immutable, so a second
-            request for it (a client polling by resubmitting) costs nothing."""
-            with self._groups_lock:
-                index = self.searcher._serving()
-                if self._groups is None or self._groups.version != index.version:
-                    self._groups = duplicate_checks.groups(index, cfg, self.repo, cfg.name)
-                return self._groups
+            request for it (a client polling by resubmitting) costs nothing. Callers wait on the
+            event loop, not in the service's threads, which the status and item calls need."""
+            async with self._groups_lock:
+                return await anyio.to_thread.run_sync(self._duplicate_groups)
+
+        def _duplicate_groups(self) -> DuplicateGroupsReply:
+            index = self.searcher._serving()
+            if self._groups is None or self._groups.version != index.version:
+                self._groups = duplicate_checks.groups(index, cfg, self.repo, cfg.name)
+            return self._groups
 
         @bentoml.api
-        def calibrate_duplicates(self) -> DuplicateCalibration:
+        async def calibrate_duplicates(self) -> DuplicateCalibration:
             """Calibrate the duplicate decision on the served catalog now; a new version (kind
-            ``calibrate``) with the same items carries it."""
+            ``calibrate``) with the same items carries it. One calibration at a time, waiting on
+            the event loop (as duplicate_groups); a served version already calibrated on its own
+            rows with the same encoder and settings answers its calibration, with no new version."""
+            async with self._calibrating:
+                return await anyio.to_thread.run_sync(self._calibrate_duplicates)
+
+        def _calibrate_duplicates(self) -> DuplicateCalibration:
             index = self.searcher._serving()
             encoder = served_encoder(index, cfg)
+            basis = duplicate_checks.calibration_input(index, cfg, encoder)
+            if index.meta.get("duplicates_input") == basis and index.meta.get("duplicates"):
+                return DuplicateCalibration.model_validate(index.meta["duplicates"])
 
             def encode(pixels: np.ndarray) -> np.ndarray:
                 call = self._encode(pixels, encoder)
@@ -359,7 +374,7 @@ def make_domain_service(cfg: DomainConfig) -> bentoml.Service:
             result = duplicate_checks.calibrate_catalog(
                 index, cfg, self.repo, encode, IMAGE_SIZE, self.settings.encode_batch_size
             )
-            catalog_ops.set_meta(self.repo, cfg.name, "calibrate", duplicates=result)
+            catalog_ops.set_meta(self.repo, cfg.name, "calibrate", duplicates=result, duplicates_input=basis)
             self._changed()
             return DuplicateCalibration.model_validate(result)
 

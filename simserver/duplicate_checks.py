@@ -7,6 +7,8 @@ Plain functions, no BentoML: the index service calls them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 
@@ -145,6 +147,20 @@ def groups(catalog: Catalog, cfg: DomainConfig, repo: Repository, domain: str) -
         verified_pairs=found["verified_pairs"],
         seconds=found["seconds"],
     )
+
+
+def calibration_input(catalog: Catalog, cfg: DomainConfig, encoder: str) -> str:
+    """A digest of everything an on-demand calibration of ``catalog`` depends on: its live rows
+    (segments and tombstones), the encoder that makes their copies' vectors, and the domain's
+    ``duplicates`` settings. The calibration is seeded, so equal digests mean equal results: a
+    version that carries its own digest (``duplicates_input``) need not be calibrated again."""
+    basis = {
+        "segments": catalog.meta.get("segments", []),
+        "tombstones": catalog.meta.get("tombstones", []),
+        "encoder": encoder,
+        "duplicates": cfg.duplicates.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 
 
 def calibrate_catalog(

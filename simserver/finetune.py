@@ -220,17 +220,7 @@ def train_head(features: np.ndarray, labels: list[str] | np.ndarray, config: Tra
     batch = config.batch_size
     steps = max(50, config.epochs * math.ceil(n / batch))
     plan = _balanced_batches(y_all, batch, steps, rng)
-    # Orthogonal init: at the start the head is a rotation-like projection, so the embedding
-    # begins close to the pretrained one's geometry instead of random. The first k columns of
-    # a side x side Gaussian's Q depend only on its first k columns: the reduced QR of those gives
-    # the same matrix as the full QR for a fifth of its cost (that QR of 1280 x 1280 was 0.27 s).
-    side = max(d, config.embedding_dim)
-    q, _ = np.linalg.qr(rng.normal(size=(side, side))[:, : config.embedding_dim])
-    init = [
-        q[:d].astype(np.float32),
-        np.zeros(config.embedding_dim, np.float32),
-        rng.normal(0, 1, (config.embedding_dim, len(names))).astype(np.float32),
-    ]
+    init = initial_head(rng, d, config.embedding_dim, len(names))
     if config.metric_loss == "none":
         kernel, bias, first, loss = _fit_numpy(x_all, y_all, plan, init, config, rng)
     else:
@@ -245,6 +235,21 @@ def train_head(features: np.ndarray, labels: list[str] | np.ndarray, config: Tra
 # Normalised-softmax temperature: cosine logits need it to reach confident outputs.
 SCALE = 16.0
 ADAM = (0.9, 0.999, 1e-7)  # beta1, beta2, epsilon
+
+
+def initial_head(rng: np.random.Generator, d: int, embedding_dim: int, classes: int) -> list[np.ndarray]:
+    """Starting (kernel, bias, proxies) of a head and its cosine classifier. Orthogonal kernel: at
+    the start the head is a rotation-like projection, so the embedding begins close to the
+    pretrained one's geometry instead of random. The first k columns of a side x side Gaussian's Q
+    depend only on its first k columns: the reduced QR of those gives the same matrix as the full
+    QR for a fifth of its cost (that QR of 1280 x 1280 was 0.27 s of a fit)."""
+    side = max(d, embedding_dim)
+    q, _ = np.linalg.qr(rng.normal(size=(side, side))[:, :embedding_dim])
+    return [
+        q[:d].astype(np.float32),
+        np.zeros(embedding_dim, np.float32),
+        rng.normal(0, 1, (embedding_dim, classes)).astype(np.float32),
+    ]
 
 
 def softmax_loss_and_grads(

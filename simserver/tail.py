@@ -33,7 +33,15 @@ from typing import Any
 import numpy as np
 
 from simserver import metrics
-from simserver.finetune import METRIC_LOSSES, Head, TrainingConfig, _balanced_batches
+from simserver.finetune import (
+    ADAM,
+    METRIC_LOSSES,
+    SCALE,
+    Head,
+    TrainingConfig,
+    _balanced_batches,
+    initial_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -305,18 +313,13 @@ def train_tail(
     tv = tail_variables(tf, start)
     tv["gem_p"] = tf.constant(tv["gem_p"].numpy())  # a fixed exponent
     d = base.conv_w.shape[1]
-    side = max(d, config.embedding_dim)
-    q, _ = np.linalg.qr(rng.normal(size=(side, side)))
-    kernel = tf.Variable(q[:d, : config.embedding_dim].astype(np.float32))
-    bias = tf.Variable(tf.zeros([config.embedding_dim]))
-    proxies = tf.Variable(rng.normal(0, 1, (config.embedding_dim, len(names))).astype(np.float32))
+    kernel, bias, proxies = (tf.Variable(v) for v in initial_head(rng, d, config.embedding_dim, len(names)))
     head_vars = [kernel, bias, proxies]
     body_vars = [v for v in tv.values() if isinstance(v, tf.Variable)]
     rates = [config.learning_rate] * len(head_vars) + [tail.learning_rate] * len(body_vars)
     variables = head_vars + body_vars
-    beta1, beta2, eps = 0.9, 0.999, 1e-7
+    beta1, beta2, eps = ADAM
     metric_loss = METRIC_LOSSES.get(config.metric_loss)
-    scale = 16.0
     x_tf = tf.constant(x_all)
     y_tf = tf.constant(y_all.astype(np.int32))
     drop = float(config.dropout)
@@ -333,7 +336,7 @@ def train_tail(
             if drop > 0:
                 feats = tf.nn.dropout(feats, rate=drop)
             emb = tf.math.l2_normalize(tf.matmul(feats, kernel) + bias, axis=1)
-            logits = scale * tf.matmul(emb, tf.math.l2_normalize(proxies, axis=0))
+            logits = SCALE * tf.matmul(emb, tf.math.l2_normalize(proxies, axis=0))
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits))
             if metric_loss is not None:
                 loss = loss + metric_loss(tf, emb, yb)

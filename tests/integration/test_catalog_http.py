@@ -294,4 +294,10 @@ def test_on_duplicate_and_calibration_on_demand(shop):
     assert versions[0]["kind"] == "calibrate" and versions[0]["count"] == before + 1
     info = requests.get(f"{shop.url}/domains", timeout=10).json()[0]
     assert info["duplicates"]["seconds"] == cal["seconds"]
+    # the same rows, encoder and settings: its calibration again, no new version
+    again = requests.post(f"{shop.url}/shop/duplicates/calibrate", headers=KEY, timeout=60)
+    assert again.status_code == 200, again.text
+    assert again.json() == cal
+    latest = requests.get(f"{shop.url}/shop/versions", timeout=10).json()[0]
+    assert latest["version"] == versions[0]["version"]
     requests.delete(f"{shop.url}/shop/items/sku-copy", headers=KEY, timeout=30).raise_for_status()

@@ -333,3 +333,30 @@ def test_screen_allow_skip_reject():
     with pytest.raises(Conflict, match="c/0.png ~ old"):
         screen(results, samples, "reject")
     assert screen(results[1:], samples[1:], "reject")[0] == [0, 1]
+
+
+def test_calibration_input_changes_with_rows_encoder_and_settings_only():
+    from simserver.domain_config import DomainConfig
+    from simserver.duplicate_checks import calibration_input
+    from simserver.duplicates import DuplicatesConfig
+
+    def catalog(segments: list[str], tombstones: list[str], version: str = "v1") -> Catalog:
+        cat = catalog_of(np.eye(4, dtype=np.float32))
+        cat.meta.update(version=version, segments=[{"id": s} for s in segments], tombstones=tombstones)
+        return cat
+
+    cfg = DomainConfig(name="d")
+    base = calibration_input(catalog(["a", "b"], ["t1"]), cfg, "enc:1")
+    # another version with the same rows (e.g. a calibrate or a rollback to them): the same input
+    assert calibration_input(catalog(["a", "b"], ["t1"], version="v2"), cfg, "enc:1") == base
+    changed = [
+        calibration_input(catalog(["a", "b", "c"], ["t1"]), cfg, "enc:1"),  # an item added
+        calibration_input(catalog(["a", "b"], ["t1", "t2"]), cfg, "enc:1"),  # one deleted
+        calibration_input(catalog(["a", "b"], ["t1"]), cfg, "enc:2"),  # a new encoder
+        calibration_input(
+            catalog(["a", "b"], ["t1"]),
+            DomainConfig(name="d", duplicates=DuplicatesConfig(precision=0.95)),
+            "enc:1",
+        ),
+    ]
+    assert len({base, *changed}) == 5
