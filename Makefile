@@ -58,7 +58,7 @@ format: install
 bench: demo
 	$(SIMSERVER) bench http
 
-# The Bento (.bento archive) and a Docker build context under var/export (see deploy/aws/README.md).
+# The Bento (a .tar.gz archive) and a Docker build context under var/export (see deploy/aws/README.md).
 bento: encoder
 	$(SIMSERVER) bento export
 

@@ -58,14 +58,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p = bento.add_parser(
         "export",
-        help="bentoml build + a .bento archive + a Docker build context (no Docker needed)",
-        description="`bentoml build` (bentofile.yaml), `bentoml export` to <out>/<name>-<version>.bento, and "
-        "the Docker build context <out>/<name>-<version>/ with the encoder model and a Dockerfile "
-        "completed with curl and the --no-deps packages. Prints a JSON summary.",
+        help="bentoml build + a Bento archive + a Docker build context (no Docker needed)",
+        description="`bentoml build` (bentofile.yaml), `bentoml export` to "
+        "<out>/<name>-<version>.tar.gz, and the Docker build context <out>/<name>-<version>/ with "
+        "the encoder model and a Dockerfile completed with curl and the --no-deps packages. Prints "
+        "a JSON summary.",
     )
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "var" / "export", help="output folder")
     p.add_argument("--tag", help="export this already built Bento (name:version) instead of building")
-    p.add_argument("--no-archive", action="store_true", help="skip the .bento archive")
+    p.add_argument("--no-archive", action="store_true", help="skip the Bento archive (.tar.gz)")
     p.set_defaults(func=bento_export, log_level=logging.INFO, parser=p)
 
 

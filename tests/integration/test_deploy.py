@@ -650,12 +650,26 @@ def test_export_bento_writes_archive_and_docker_context(tmp_path, demo_store):
 
     # the portable archive: the Bento plus its model
     archive = Path(result["archive"])
-    assert archive == out / f"{name}-{version}.bento"
+    assert archive == out / f"{name}-{version}.tar.gz"
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
     assert {"./bento.yaml", "./src/service.py", "./env/docker/Dockerfile"} <= names
     assert {"./src/simserver/ui/index.html", "./src/simserver/ui/pages/dupes.js"} <= names
     assert f"./models/{model_name}/{model_tag}/model.yaml" in names
+    # ... which `bentoml import` reads into another BentoML home, with both models.
+    other = dict(env, BENTOML_HOME=str(tmp_path / "imported"))
+    imported = subprocess.run(
+        [sys.executable, "-m", "bentoml", "import", str(archive)],
+        env=other,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    assert (tmp_path / "imported" / "bentos" / name / version / "bento.yaml").is_file()
+    for model in result["models"]:
+        m_name, m_tag = model.split(":")
+        assert (tmp_path / "imported" / "models" / m_name / m_tag / "model.yaml").is_file(), model
 
     # the Docker build context
     ctx = Path(result["context"])
