@@ -109,21 +109,6 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
     hits = search(train_server, "ft", query).json()
     assert hits["version"] == pre["version"] and hits["results"][0]["name"] == query_name
 
-    # finetune: always promoted; the version brings its own encoder, used for queries (1280 + 256-d).
-    status, r = train_mode(train_server, archive, "finetune")
-    assert status == "completed", r.text
-    ft = r.json()
-    ev = ft["evaluation"]
-    assert ev["promoted"] is True and ev["finetuned"] is not None and ev["augmented_views"] > 0
-    check_runtime(ft, f"store:domains/ft/versions/{ft['version']}/encoder.tar")
-    assert ev["pretrained"]["recall_at_1"] == pre["evaluation"]["pretrained"]["recall_at_1"]
-    hits = search(train_server, "ft", query).json()
-    assert hits["version"] == ft["version"]
-    assert hits["results"][0]["name"] == query_name and hits["results"][0]["score"] > 0.999
-    listed = {d["name"]: d for d in requests.get(f"{train_server.url}/domains", timeout=10).json()}["ft"]
-    assert listed["serving_encoder"] == ft["encoder"] and listed["evaluation"]["promoted"] is True
-    assert listed["runtime"] == ft["runtime"]
-
     # auto: the decision follows the numbers.
     status, r = train_mode(train_server, archive, None)
     assert status == "completed", r.text
@@ -138,12 +123,25 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
     assert auto["mode"] == "auto" and auto["promoted"] is better and auto["reason"]
     assert f["recall_at_1_ci"][0] <= f["recall_at_1"] <= f["recall_at_1_ci"][1]
 
-    # Leave a fine-tuned version serving, then restart on the same store.
+    # finetune (after auto, so that a fine-tuned version is left serving for the restart below):
+    # always promoted; the version brings its own encoder, used for queries (1280 + 256-d).
     status, r = train_mode(train_server, archive, "finetune")
     assert status == "completed", r.text
-    last = r.json()
+    ft = r.json()
+    ev = ft["evaluation"]
+    assert ev["promoted"] is True and ev["finetuned"] is not None and ev["augmented_views"] > 0
+    check_runtime(ft, f"store:domains/ft/versions/{ft['version']}/encoder.tar")
+    assert ev["pretrained"]["recall_at_1"] == pre["evaluation"]["pretrained"]["recall_at_1"]
+    hits = search(train_server, "ft", query).json()
+    assert hits["version"] == ft["version"]
+    assert hits["results"][0]["name"] == query_name and hits["results"][0]["score"] > 0.999
+    listed = {d["name"]: d for d in requests.get(f"{train_server.url}/domains", timeout=10).json()}["ft"]
+    assert listed["serving_encoder"] == ft["encoder"] and listed["evaluation"]["promoted"] is True
+    assert listed["runtime"] == ft["runtime"]
+
+    # Restart on the same store, the fine-tuned version serving.
     before = search(train_server, "ft", query).json()
-    assert before["version"] == last["version"]
+    assert before["version"] == ft["version"]
     train_server.restart()
     # Ready means warm: the version's own (fine-tuned) encoder was loaded before /readyz said so
     # (it took ~9 s on the first search when it was loaded on demand).
@@ -157,7 +155,7 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
         warm.append(time.monotonic() - t0)
     p50 = sorted(warm)[len(warm) // 2]
     assert first <= 2 * p50, (first, warm)  # measured 1.5x under load (0.15 vs 0.10 s)
-    assert after["version"] == last["version"]
+    assert after["version"] == ft["version"]
     assert [h["id"] for h in after["results"]] == [h["id"] for h in before["results"]]
     for a, b in zip(after["results"], before["results"], strict=True):
         assert abs(a["score"] - b["score"]) < 1e-3
@@ -174,12 +172,12 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
     store = LocalStore(Path(train_server.env["STORE_URI"].removeprefix("file://")))
     version = new_version_id()
     key = f"domains/ft/versions/{version}/encoder.tar"
-    old_key = f"domains/ft/versions/{last['version']}/encoder.tar"
+    old_key = f"domains/ft/versions/{ft['version']}/encoder.tar"
     store.put(key, store.get(old_key))
     # The same segments under a new manifest that names the copied encoder (in the same runtime),
     # then the pointer.
-    manifest = json.loads(store.get(f"domains/ft/versions/{last['version']}/meta.json"))
-    manifest.update(version=version, encoder=last["encoder"].replace(old_key, key))
+    manifest = json.loads(store.get(f"domains/ft/versions/{ft['version']}/meta.json"))
+    manifest.update(version=version, encoder=ft["encoder"].replace(old_key, key))
     store.put(f"domains/ft/versions/{version}/meta.json", json.dumps(manifest).encode())
     store.put("domains/ft/CURRENT", json.dumps({"version": version}).encode())
     deadline = time.monotonic() + 120
@@ -188,7 +186,7 @@ def test_modes_evaluation_and_versioned_encoders_survive_restart(train_server, t
         if listed["ft"]["version"] == version:
             break
         time.sleep(0.2)
-    assert listed["ft"]["serving_encoder"] == last["encoder"].replace(old_key, key)
+    assert listed["ft"]["serving_encoder"] == ft["encoder"].replace(old_key, key)
     t0 = time.monotonic()
     swapped = search(train_server, "ft", query).json()
     assert time.monotonic() - t0 < 3.0

@@ -373,13 +373,8 @@ def test_concurrent_searches_have_no_errors_and_are_batched(server):
     assert sum(int(k) * v for k, v in after["calls_per_run"].items()) == after["calls"]
 
 
-def test_sigterm_with_requests_in_flight_stops_every_process(tmp_path, demo_store, domains_dir, builtin_tag):
-    """The server and each of its services exit on SIGTERM while clients keep it busy (its own
-    server: stopping the session's would end the tests after it)."""
-    from tests.integration.conftest import Server, server_env
-
-    srv = Server(server_env(demo_store, domains_dir, tmp_path), tmp_path / "server.log")
-    srv.wait_ready()
+def assert_sigterm_with_requests_in_flight_stops_every_process(srv) -> None:
+    """The server and each of its services exit on SIGTERM while clients keep it busy."""
     stop = threading.Event()
     data = DRESS.read_bytes()
     ok = []
@@ -406,12 +401,14 @@ def test_sigterm_with_requests_in_flight_stops_every_process(tmp_path, demo_stor
     )
 
 
-def test_a_killed_server_leaves_no_worker_and_restarts_on_its_port(
+def test_a_killed_server_leaves_no_worker_restarts_on_its_port_and_stops_on_sigterm(
     tmp_path, demo_store, domains_dir, builtin_tag
 ):
     """kill -9 of `bentoml serve` during a training used to leave every worker running (each in a
     process group of its own), holding the port: a restart failed with "Address already in use";
-    and the job stayed `in_progress` for ever, with its temp files left in the store."""
+    and the job stayed `in_progress` for ever, with its temp files left in the store. The restarted
+    server then stops on SIGTERM with requests in flight (its own server: stopping the session's
+    would end the tests after it; one server start for both, each start is 30-80 s)."""
     import json
     import shutil
 
@@ -466,5 +463,6 @@ def test_a_killed_server_leaves_no_worker_and_restarts_on_its_port(
         assert_error(got, 503, "interrupted by a restart")
         assert not any(p.exists() for p in leftovers)
         assert not leftovers[0].parent.exists()  # the version folder without meta.json
+        assert_sigterm_with_requests_in_flight_stops_every_process(srv)
     finally:
         srv.stop()
