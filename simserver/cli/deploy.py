@@ -61,7 +61,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="bentoml build + a Bento archive + a Docker build context (no Docker needed)",
         description="`bentoml build` (bentofile.yaml), `bentoml export` to "
         "<out>/<name>-<version>.tar.gz, and the Docker build context <out>/<name>-<version>/ with "
-        "the encoder model and a Dockerfile completed with curl and the --no-deps packages. Prints "
+        "the encoder models and a Dockerfile completed with curl and the --no-deps packages. Prints "
         "a JSON summary.",
     )
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "var" / "export", help="output folder")
