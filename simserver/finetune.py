@@ -4,9 +4,9 @@ The head is one Dense layer (``embedding_dim``, L2-normalised output) followed, 
 only, by a cosine classifier over the domain's categories (the reference design's step 2), plus an
 optional metric-learning loss on the same embedding (contrastive, triplet with semi-hard mining,
 or multi-similarity). The backbone is frozen, so its features are computed once per image and the
-head trains on them in a fraction of a second (the classifier loss alone in NumPy, with its
-gradients written out; with a metric loss in TensorFlow, for its autodiff); the served encoder
-is backbone + head saved as one SavedModel (:func:`export_finetuned`), loadable by the same
+head trains on them in a fraction of a second (in NumPy, with the gradients written out; only
+the triplet loss, whose semi-hard mining is easier to differentiate by tape, in TensorFlow); the
+served encoder is backbone + head saved as one SavedModel (:func:`export_finetuned`), loadable by the same
 ``tensorflow_hub`` loader as any encoder.
 
 With ``blend`` (default) the trained head is widened into one linear layer whose output is the
@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -191,6 +192,47 @@ METRIC_LOSSES = {
 }
 
 
+# The same losses in NumPy, as (loss, d loss / d emb) of a batch: with their gradients written out,
+# a fit needs no TensorFlow graph (whose tracing, ~1 s per fit, cost more than the fit itself).
+# Mining masks are constants of the step, as they are under TensorFlow's tape.
+def _pair_masks_np(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    same = labels[:, None] == labels[None, :]
+    return same & ~np.eye(len(labels), dtype=bool), ~same
+
+
+def contrastive_loss_np(emb: np.ndarray, labels: np.ndarray, margin: float = 0.5) -> tuple[float, np.ndarray]:
+    """:func:`contrastive_loss` and its gradient."""
+    sim = emb @ emb.T
+    pos, neg = _pair_masks_np(labels)
+    n_pos, n_neg = max(float(pos.sum()), 1.0), max(float(neg.sum()), 1.0)
+    over = np.maximum(sim - margin, 0.0)
+    loss = float(((1.0 - sim) * pos).sum() / n_pos + (np.square(over) * neg).sum() / n_neg)
+    g_sim = 2.0 * over * neg / n_neg - pos / n_pos
+    return loss, ((g_sim + g_sim.T) @ emb).astype(emb.dtype, copy=False)
+
+
+def multi_similarity_loss_np(
+    emb: np.ndarray, labels: np.ndarray, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1
+) -> tuple[float, np.ndarray]:
+    """:func:`multi_similarity_loss` and its gradient."""
+    sim = emb @ emb.T
+    pos, neg = _pair_masks_np(labels)
+    max_neg = np.where(neg, sim, -1e9).max(axis=1, keepdims=True)
+    min_pos = np.where(pos, sim, 1e9).min(axis=1, keepdims=True)
+    pos_exp = np.where(pos & (sim - epsilon < max_neg), np.exp(-alpha * (sim - base)), 0.0)
+    neg_exp = np.where(neg & (sim + epsilon > min_pos), np.exp(beta * (sim - base)), 0.0)
+    pos_sum, neg_sum = pos_exp.sum(axis=1, keepdims=True), neg_exp.sum(axis=1, keepdims=True)
+    loss = float(np.mean(np.log1p(pos_sum[:, 0]) / alpha + np.log1p(neg_sum[:, 0]) / beta))
+    g_sim = (neg_exp / (1.0 + neg_sum) - pos_exp / (1.0 + pos_sum)) / len(labels)
+    return loss, ((g_sim + g_sim.T) @ emb).astype(emb.dtype, copy=False)
+
+
+NUMPY_METRIC_LOSSES: dict[str, Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]] = {
+    "contrastive": contrastive_loss_np,
+    "multi_similarity": multi_similarity_loss_np,
+}
+
+
 def _balanced_batches(
     labels: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -221,7 +263,7 @@ def train_head(features: np.ndarray, labels: list[str] | np.ndarray, config: Tra
     steps = max(50, config.epochs * math.ceil(n / batch))
     plan = _balanced_batches(y_all, batch, steps, rng)
     init = initial_head(rng, d, config.embedding_dim, len(names))
-    if config.metric_loss == "none":
+    if config.metric_loss == "none" or config.metric_loss in NUMPY_METRIC_LOSSES:
         kernel, bias, first, loss = _fit_numpy(x_all, y_all, plan, init, config, rng)
     else:
         kernel, bias, first, loss = _fit_tf(x_all, y_all, plan, init, config)
@@ -253,11 +295,18 @@ def initial_head(rng: np.random.Generator, d: int, embedding_dim: int, classes: 
 
 
 def softmax_loss_and_grads(
-    xb: np.ndarray, yb: np.ndarray, kernel: np.ndarray, bias: np.ndarray, proxies: np.ndarray
+    xb: np.ndarray,
+    yb: np.ndarray,
+    kernel: np.ndarray,
+    bias: np.ndarray,
+    proxies: np.ndarray,
+    *,
+    metric_loss: str = "none",
 ) -> tuple[float, list[np.ndarray]]:
     """The cosine-classifier loss of one batch and its gradients for (kernel, bias, proxies),
-    written out: ``mean CE(y, SCALE * l2norm(x @ kernel + bias) @ l2norm_columns(proxies))``.
-    Checked against TensorFlow's autodiff in the tests."""
+    written out: ``mean CE(y, SCALE * l2norm(x @ kernel + bias) @ l2norm_columns(proxies))``, plus
+    ``metric_loss`` on the same embedding (one of :data:`NUMPY_METRIC_LOSSES`). Checked against
+    TensorFlow's autodiff in the tests."""
     z = xb @ kernel + bias
     z_norm = np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     emb = z / z_norm
@@ -273,6 +322,10 @@ def softmax_loss_and_grads(
     grad_logits[rows, yb] -= 1.0
     grad_logits *= SCALE / len(yb)
     grad_emb = grad_logits @ unit.T
+    if metric_loss != "none":
+        extra, grad_extra = NUMPY_METRIC_LOSSES[metric_loss](emb, yb)
+        loss += extra
+        grad_emb = grad_emb + grad_extra
     grad_unit = emb.T @ grad_logits
     # Through u = v / |v|: dv = (du - u <u, du>) / |v|, per row (embeddings) and column (proxies).
     grad_z = (grad_emb - emb * np.sum(emb * grad_emb, axis=1, keepdims=True)) / z_norm
@@ -288,8 +341,8 @@ def _fit_numpy(
     config: TrainingConfig,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Adam on :func:`softmax_loss_and_grads`, in NumPy: the default loss needs no autodiff, and a
-    TensorFlow graph costs more to trace (~0.6 s, every fit) than these steps take to run
+    """Adam on :func:`softmax_loss_and_grads`, in NumPy: these losses need no autodiff, and a
+    TensorFlow graph costs more to trace (~0.6-1 s, every fit) than these steps take to run
     (~2 ms each at 1280 x 256)."""
     params = [p.copy() for p in init]
     moments = [(np.zeros_like(p), np.zeros_like(p)) for p in params]
@@ -300,7 +353,7 @@ def _fit_numpy(
         xb = x_all[idx]
         if drop > 0:
             xb = xb * ((rng.random(xb.shape, dtype=np.float32) >= drop) / np.float32(1.0 - drop))
-        loss, grads = softmax_loss_and_grads(xb, y_all[idx], *params)
+        loss, grads = softmax_loss_and_grads(xb, y_all[idx], *params, metric_loss=config.metric_loss)
         if t == 1:
             first = loss
         step = np.float32(config.learning_rate * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
