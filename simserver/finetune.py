@@ -97,6 +97,13 @@ class TrainingConfig(BaseModel):
         description="weight of the pretrained embedding concatenated to the head's (0: the head alone); "
         "keeps what the pretrained embedding knows about categories the head never saw",
     )
+    preserve: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="weight of a term keeping the head's similarities between a batch's images close to "
+        "the pretrained features' (similarity-preserving distillation; 0: off)",
+    )
     blend_max: float = Field(
         8.0,
         ge=0,
@@ -227,6 +234,26 @@ def multi_similarity_loss_np(
     return loss, ((g_sim + g_sim.T) @ emb).astype(emb.dtype, copy=False)
 
 
+def similarity_preservation_np(emb: np.ndarray, x: np.ndarray) -> tuple[float, np.ndarray]:
+    """``mean((emb emb^T - x x^T)^2)`` over the batch's pairs, ``x`` the L2-normalised input
+    features, and its gradient: the head may move the embedding, but pays for changing how alike
+    two images were under the pretrained features (Tung & Mori 2019's similarity-preserving
+    distillation). Measured (README, Retrieval quality): on real photos it keeps more of new
+    categories' Recall@1 at the same closed-set gain; on the emoji demos it costs closed-set gain,
+    hence off by default."""
+    diff = emb @ emb.T - x @ x.T
+    n2 = float(len(emb) ** 2)
+    g_sim = (2.0 / n2) * diff
+    return float(np.square(diff).sum() / n2), ((g_sim + g_sim.T) @ emb).astype(emb.dtype, copy=False)
+
+
+def similarity_preservation(tf, emb, x):
+    """:func:`similarity_preservation_np` in TensorFlow (the triplet loss's fit)."""
+    x = tf.math.l2_normalize(x, axis=1)
+    diff = tf.matmul(emb, emb, transpose_b=True) - tf.matmul(x, x, transpose_b=True)
+    return tf.reduce_mean(tf.square(diff))
+
+
 NUMPY_METRIC_LOSSES: dict[str, Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]] = {
     "contrastive": contrastive_loss_np,
     "multi_similarity": multi_similarity_loss_np,
@@ -302,11 +329,12 @@ def softmax_loss_and_grads(
     proxies: np.ndarray,
     *,
     metric_loss: str = "none",
+    preserve: float = 0.0,
 ) -> tuple[float, list[np.ndarray]]:
     """The cosine-classifier loss of one batch and its gradients for (kernel, bias, proxies),
     written out: ``mean CE(y, SCALE * l2norm(x @ kernel + bias) @ l2norm_columns(proxies))``, plus
-    ``metric_loss`` on the same embedding (one of :data:`NUMPY_METRIC_LOSSES`). Checked against
-    TensorFlow's autodiff in the tests."""
+    ``metric_loss`` on the same embedding (one of :data:`NUMPY_METRIC_LOSSES`) and ``preserve`` x
+    :func:`similarity_preservation_np`. Checked against TensorFlow's autodiff in the tests."""
     z = xb @ kernel + bias
     z_norm = np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     emb = z / z_norm
@@ -326,6 +354,10 @@ def softmax_loss_and_grads(
         extra, grad_extra = NUMPY_METRIC_LOSSES[metric_loss](emb, yb)
         loss += extra
         grad_emb = grad_emb + grad_extra
+    if preserve > 0:
+        extra, grad_extra = similarity_preservation_np(emb, metrics.l2_normalize(xb))
+        loss += preserve * extra
+        grad_emb = grad_emb + np.float32(preserve) * grad_extra
     grad_unit = emb.T @ grad_logits
     # Through u = v / |v|: dv = (du - u <u, du>) / |v|, per row (embeddings) and column (proxies).
     grad_z = (grad_emb - emb * np.sum(emb * grad_emb, axis=1, keepdims=True)) / z_norm
@@ -353,7 +385,9 @@ def _fit_numpy(
         xb = x_all[idx]
         if drop > 0:
             xb = xb * ((rng.random(xb.shape, dtype=np.float32) >= drop) / np.float32(1.0 - drop))
-        loss, grads = softmax_loss_and_grads(xb, y_all[idx], *params, metric_loss=config.metric_loss)
+        loss, grads = softmax_loss_and_grads(
+            xb, y_all[idx], *params, metric_loss=config.metric_loss, preserve=config.preserve
+        )
         if t == 1:
             first = loss
         step = np.float32(config.learning_rate * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
@@ -397,6 +431,8 @@ def _fit_tf(
             logits = SCALE * tf.matmul(emb, tf.math.l2_normalize(proxies, axis=0))
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits))
             loss = loss + metric_loss(tf, emb, yb)
+            if config.preserve > 0:
+                loss = loss + config.preserve * similarity_preservation(tf, emb, xb)
         t_step.assign_add(1.0)
         correction = tf.sqrt(1.0 - beta2**t_step) / (1.0 - beta1**t_step)
         for var, grad, (m, v) in zip(variables, tape.gradient(loss, variables), moments, strict=True):

@@ -9,6 +9,7 @@ on the same features and the same splits:
 * ``head-only``: the fine-tuning as it was before issue 18 (a head on pooled features, plus
   ``augment_views`` pixel-augmented copies of each training image for sets up to 500 images);
 * ``new``: the default training of this version (see README, "Fine-tuning and evaluation");
+* ``preserve``: ``new`` with ``training.preserve: 4`` (similarity preservation, off by default);
 * ``tail`` (experiment, built-in encoder only, not served): :mod:`simserver.tail`, the last MBConv
   block + conv_head + GeM + head fine-tuned on cached trunk activations; its trunk pass runs on TF
   (Keras), so its seconds are reported against this method's own trunk pass too.
@@ -17,6 +18,10 @@ Reported per method: closed-set (stratified hold-out) and open-set (whole catego
 Recall@1 with its bootstrap interval, Recall@5 and mAP@R, the paired gain over pretrained with its
 interval, and the training seconds (encoding pass + augmented views + fits) as a multiple of the
 encoding pass. The export of the SavedModel (~1 s, see ``bench training``) is not included.
+
+One split is one draw of a few dozen queries; ``splits`` > 1 also reports, per method, the mean
+closed- and open-set Recall@1 (fine-tuned and pretrained) over that many split seeds (0, 1, ...):
+the figure to compare methods by.
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ from simserver.bench.common import bench_environment
 logger = logging.getLogger(__name__)
 
 # TrainingConfig overrides per method, on top of the domain's training section.
-HEAD_ONLY = {"augment_views": 2, "epochs": 30, "blend": 0.0}
-EXPERIMENTS = ("tail",)
+HEAD_ONLY = {"augment_views": 2, "epochs": 30, "blend": 0.0, "preserve": 0.0}
+EXPERIMENTS = ("tail", "preserve")  # run only when asked for (--methods)
 METHODS: dict[str, dict] = {
     "pretrained": {},
     "head-only": HEAD_ONLY,
     "new": {"augment_views": 0, "blend": 1.0},
+    "preserve": {"augment_views": 0, "blend": 1.0, "preserve": 4.0},  # new + similarity preservation
     "tail": {},
 }
 
@@ -52,8 +58,43 @@ def _side(result, ci) -> dict:
     }
 
 
+def _split_means(samples, features, backend, config, batch_size: int, splits: int) -> dict:
+    """Mean Recall@1 of ``config``'s training (mode auto) over split seeds 0 .. splits - 1."""
+    from simserver.training import fit_and_evaluate
+
+    rows = []
+    for seed in range(splits):
+        outcome = fit_and_evaluate(
+            samples, features, backend, config.model_copy(update={"seed": seed}), "auto", None, batch_size
+        )
+        c, o = outcome.closed, outcome.open_set
+        assert c is not None
+        rows.append(
+            [
+                c.pretrained.recall_at_1,
+                c.finetuned.recall_at_1,
+                o.pretrained.recall_at_1 if o else np.nan,
+                o.finetuned.recall_at_1 if o else np.nan,
+            ]
+        )
+    m = np.nanmean(np.asarray(rows, np.float64), axis=0)
+    return {
+        "splits": splits,
+        "closed_pretrained": round(float(m[0]), 4),
+        "closed_finetuned": round(float(m[1]), 4),
+        "closed_gain": round(float(m[1] - m[0]), 4),
+        "open_pretrained": round(float(m[2]), 4),
+        "open_finetuned": round(float(m[3]), 4),
+        "open_gain": round(float(m[3] - m[2]), 4),
+    }
+
+
 def quality_figures(
-    data: list[Path], domain: str = "food", holdout: float = 0.3, methods: list[str] | None = None
+    data: list[Path],
+    domain: str = "food",
+    holdout: float = 0.3,
+    methods: list[str] | None = None,
+    splits: int = 1,
 ) -> dict:
     bench_environment()
     from simserver.domain_config import load_domains
@@ -120,6 +161,10 @@ def quality_figures(
                     if pre is not None and "open_set" not in pre:
                         pre["open_set"] = _side(o.pretrained, o.pretrained_ci)
                     entry["open_set_categories"] = list(outcome.open_split.held_classes)  # type: ignore[union-attr]
+            if splits > 1 and name != "pretrained":
+                row["split_means"] = _split_means(
+                    samples, features, backend, config, settings.encode_batch_size, splits
+                )
             entry["methods"][name] = row
             logger.info("%s %s: %s", folder.name, name, row["closed_set"]["recall_at_1"])
         out["sets"][folder.name] = entry
@@ -200,4 +245,18 @@ def print_quality(result: dict) -> None:
                 f"{name} ({entry['images']} img, {entry['categories']} cat) | {method} | {cell(c)} | "
                 f"{c['recall_at_5']:.3f} | {c['map_at_r']:.3f} | {cell(o)} | "
                 f"{o['map_at_r'] if o else '-'} | {row['train_seconds']} ({row['train_x_encode']}x)"
+            )
+    means = [
+        (name, method, row["split_means"])
+        for name, entry in result["sets"].items()
+        for method, row in entry["methods"].items()
+        if "split_means" in row
+    ]
+    if means:
+        print("set | method | splits | closed R@1 pretrained -> fine-tuned (gain) | open R@1 (gain), means")
+        for name, method, m in means:
+            print(
+                f"{name} | {method} | {m['splits']} | {m['closed_pretrained']:.3f} -> "
+                f"{m['closed_finetuned']:.3f} ({m['closed_gain']:+.3f}) | {m['open_pretrained']:.3f} -> "
+                f"{m['open_finetuned']:.3f} ({m['open_gain']:+.3f})"
             )

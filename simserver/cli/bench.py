@@ -166,7 +166,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, action="append", required=True, help="a labelled folder (repeatable)")
     p.add_argument("--domain", default="food", help="domain whose training config is the base (default food)")
     p.add_argument("--holdout", type=float, default=0.3, help="closed-set hold-out fraction (default 0.3)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of pretrained,head-only,new")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated, of pretrained,head-only,new (default) and preserve,tail",
+    )
+    p.add_argument(
+        "--splits",
+        type=int,
+        default=1,
+        choices=range(1, 51),
+        metavar="N",
+        help="also the mean Recall@1 over N split seeds per method (default 1: the one split)",
+    )
 
     p = bench("quantization", "the int8 study: speed, cosine to float32, hold-out Recall@1", run_quantization)
     p.add_argument("--seconds", type=float, default=4.0, help="per speed figure (default 4)")
@@ -391,7 +403,7 @@ def run_quality(args: argparse.Namespace) -> int:
     missing = [str(d) for d in args.data if not d.is_dir()]
     if missing:
         args.parser.error(f"not a folder: {', '.join(missing)}")
-    result = quality_figures(args.data, args.domain, args.holdout, methods)
+    result = quality_figures(args.data, args.domain, args.holdout, methods, args.splits)
     if args.json:
         print_json(result, compact=True)
     else:

@@ -81,7 +81,9 @@ def test_bench_quality_reports_every_method_with_intervals(builtin_tag, tmp_path
     monkeypatch.setenv("STORE_CACHE_DIR", str(tmp_path / "cache"))
     get_settings.cache_clear()
     try:
-        result = quality_figures([DEMO / "almonds-suppliers"], methods=["pretrained", "head-only", "new"])
+        result = quality_figures(
+            [DEMO / "almonds-suppliers"], methods=["pretrained", "head-only", "new"], splits=2
+        )
     finally:
         get_settings.cache_clear()
     entry = result["sets"]["almonds-suppliers"]
@@ -98,3 +100,14 @@ def test_bench_quality_reports_every_method_with_intervals(builtin_tag, tmp_path
     assert new["blend"] >= 1.0 and entry["methods"]["head-only"]["blend"] is None  # head-only: no blend
     assert new["train_x_encode_with_open_set"] >= new["train_x_encode"]
     assert entry["methods"]["head-only"]["train_x_encode"] > new["train_x_encode"]  # pixel views cost
+    # --splits: means over split seeds 0 and 1, seed 0 being the split the rows above report
+    means = new["split_means"]
+    assert means["splits"] == 2 and "split_means" not in entry["methods"]["pretrained"]
+    seed1_closed = 2 * means["closed_finetuned"] - new["closed_set"]["recall_at_1"]
+    seed1_pretrained = (
+        2 * means["closed_pretrained"] - entry["methods"]["pretrained"]["closed_set"]["recall_at_1"]
+    )
+    assert 0 <= seed1_closed <= 1 and 0 <= seed1_pretrained <= 1
+    assert means["closed_gain"] == pytest.approx(
+        means["closed_finetuned"] - means["closed_pretrained"], abs=2e-4
+    )
