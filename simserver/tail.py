@@ -35,13 +35,13 @@ import numpy as np
 from simserver import metrics
 from simserver.finetune import (
     ADAM,
-    METRIC_LOSSES,
     SCALE,
     Head,
     TrainingConfig,
     _balanced_batches,
     initial_head,
 )
+from simserver.losses import METRIC_LOSSES
 
 logger = logging.getLogger(__name__)
 

@@ -137,11 +137,13 @@ def test_export_refuses_keys_that_are_not_a_versions_encoder(pool):
     "metric_loss, preserve", [("none", 0.0), ("contrastive", 0.0), ("multi_similarity", 0.0), ("none", 4.0)]
 )
 def test_numpy_loss_gradients_match_tensorflow_autodiff(metric_loss, preserve):
-    """The hand-written gradients of the NumPy fit (classifier loss, with or without a metric loss)
-    against TensorFlow's tape on the same loss (its TF definition, in float32 as the fit runs)."""
+    """The hand-written gradients of the NumPy fit (classifier loss, with or without a metric loss or
+    the similarity-preservation term) against TensorFlow's tape on the same loss (its TF definition,
+    in float32 as the fit runs)."""
     import tensorflow as tf
 
-    from simserver.finetune import METRIC_LOSSES, SCALE, similarity_preservation, softmax_loss_and_grads
+    from simserver.finetune import SCALE, softmax_loss_and_grads
+    from simserver.losses import METRIC_LOSSES, similarity_preservation
 
     rng = np.random.default_rng(3)
     xb = rng.normal(size=(24, 40)).astype(np.float32)
