@@ -109,6 +109,14 @@ class TrainingConfig(BaseModel):
         description="weight of a term keeping the head's similarities between a batch's images close to "
         "the pretrained features' (similarity-preserving distillation; 0: off)",
     )
+    open_set_preserve: float = Field(
+        4.0,
+        ge=0,
+        le=1000,
+        description="mode auto: when open-set Recall@1 falls more than promotion.max_open_set_drop below "
+        "pretrained, both heads are refitted with this similarity-preservation weight (when above "
+        "preserve) and kept if the open set gains, before the blend is raised; 0: the blend only",
+    )
     blend_max: float = Field(
         8.0,
         ge=0,

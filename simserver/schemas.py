@@ -185,6 +185,11 @@ class Evaluation(BaseModel):
         None,
         description="the served head's blend weight (raised while the open set fell short); None: no blend",
     )
+    preserve: float | None = Field(
+        None,
+        description="the similarity-preservation weight the served head was fitted with "
+        "(training.preserve, or training.open_set_preserve when the open set fell short); None: no head",
+    )
     seconds: dict[str, float]
     gain: Gain | None = Field(None, description="closed-set (stratified hold-out) Recall@1 gain")
     open_set: OpenSetEvaluation | None = Field(None, description="whole categories held out")

@@ -10,6 +10,8 @@ on the same features and the same splits:
   ``augment_views`` pixel-augmented copies of each training image for sets up to 500 images);
 * ``new``: the default training of this version (see README, "Fine-tuning and evaluation");
 * ``preserve``: ``new`` with ``training.preserve: 4`` (similarity preservation, off by default);
+* ``blend-only`` (experiment): ``new`` with ``training.open_set_preserve: 0``: the open set held
+  by the blend alone, the default before similarity preservation was tried first (2026-12-04);
 * ``tail`` (experiment, built-in encoder only, not served): :mod:`simserver.tail`, the last MBConv
   block + conv_head + GeM + head fine-tuned on cached trunk activations; its trunk pass runs on TF
   (Keras), so its seconds are reported against this method's own trunk pass too.
@@ -37,13 +39,14 @@ from simserver.bench.common import bench_environment
 logger = logging.getLogger(__name__)
 
 # TrainingConfig overrides per method, on top of the domain's training section.
-HEAD_ONLY = {"augment_views": 2, "epochs": 30, "blend": 0.0, "preserve": 0.0}
-EXPERIMENTS = ("tail", "preserve")  # run only when asked for (--methods)
+HEAD_ONLY = {"augment_views": 2, "epochs": 30, "blend": 0.0, "preserve": 0.0, "open_set_preserve": 0.0}
+EXPERIMENTS = ("tail", "preserve", "blend-only")  # run only when asked for (--methods)
 METHODS: dict[str, dict] = {
     "pretrained": {},
     "head-only": HEAD_ONLY,
     "new": {"augment_views": 0, "blend": 1.0},
     "preserve": {"augment_views": 0, "blend": 1.0, "preserve": 4.0},  # new + similarity preservation
+    "blend-only": {"augment_views": 0, "blend": 1.0, "open_set_preserve": 0.0},
     "tail": {},
 }
 
@@ -152,6 +155,7 @@ def quality_figures(
                 # A real training fits the open-set head too: its seconds with them.
                 row["train_x_encode_with_open_set"] = round((train_s + open_s) / encode_s, 2)
                 row["blend"] = outcome.blend
+                row["preserve"] = outcome.preserve
                 row["promoted"], row["reason"] = outcome.promoted, outcome.reason
                 if outcome.open_set is not None:
                     o = outcome.open_set

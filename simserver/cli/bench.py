@@ -169,7 +169,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         default=None,
-        help="comma-separated, of pretrained,head-only,new (default) and preserve,tail",
+        help="comma-separated, of pretrained,head-only,new (default) and preserve,blend-only,tail",
     )
     p.add_argument(
         "--splits",

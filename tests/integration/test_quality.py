@@ -82,13 +82,13 @@ def test_bench_quality_reports_every_method_with_intervals(builtin_tag, tmp_path
     get_settings.cache_clear()
     try:
         result = quality_figures(
-            [DEMO / "almonds-suppliers"], methods=["pretrained", "head-only", "new"], splits=2
+            [DEMO / "almonds-suppliers"], methods=["pretrained", "head-only", "new", "blend-only"], splits=2
         )
     finally:
         get_settings.cache_clear()
     entry = result["sets"]["almonds-suppliers"]
     assert entry["images"] == 74 and entry["encode_seconds"] > 0
-    assert set(entry["methods"]) == {"pretrained", "head-only", "new"}
+    assert set(entry["methods"]) == {"pretrained", "head-only", "new", "blend-only"}
     for name, row in entry["methods"].items():
         closed = row["closed_set"]
         lo, hi = closed["recall_at_1_ci"]
@@ -98,6 +98,11 @@ def test_bench_quality_reports_every_method_with_intervals(builtin_tag, tmp_path
     new = entry["methods"]["new"]
     assert new["closed_set"]["gain"]["ci"][0] <= new["closed_set"]["gain"]["recall_at_1"]
     assert new["blend"] >= 1.0 and entry["methods"]["head-only"]["blend"] is None  # head-only: no blend
+    # blend-only never refits with similarity preservation; new does only when the open set asked
+    blend_only = entry["methods"]["blend-only"]
+    assert blend_only["preserve"] == 0.0 and new["preserve"] in (0.0, 4.0)
+    if new["preserve"] == 0.0:
+        assert new["closed_set"] == blend_only["closed_set"] and new["blend"] == blend_only["blend"]
     assert new["train_x_encode_with_open_set"] >= new["train_x_encode"]
     assert entry["methods"]["head-only"]["train_x_encode"] > new["train_x_encode"]  # pixel views cost
     # --splits: means over split seeds 0 and 1, seed 0 being the split the rows above report
