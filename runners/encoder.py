@@ -1,4 +1,6 @@
-"""The shared encoder service: the only process that loads TensorFlow (~0.6 GB RSS each).
+"""The shared encoder service: the only process that may load TensorFlow (~1 GB RSS with it), and
+only for a training's export: serving runs every encoder on TFLite, self-checked against the
+SavedModels' stored vectors (:mod:`simserver.encoder`, :mod:`simserver.text_encoder`).
 
 It encodes for every domain (pretrained and fine-tuned encoders, by name: see
 :mod:`simserver.encoder_pool`) and does the TensorFlow part of a training for the trainer service:

@@ -15,8 +15,10 @@ one feature vector per image, which this module L2-normalises.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -33,6 +35,9 @@ logger = logging.getLogger(__name__)
 IMAGE_SIZE = 224
 SAVED_MODEL_DIR = "saved_model"
 TFLITE_FILE = "model.tflite"
+# The SavedModel's vectors of probe_images(), beside its TFLite conversion: the fast runtime's
+# self-check compares against them, so a start needs neither TensorFlow nor the SavedModel.
+REFERENCE_FILE = "model_reference.npy"
 # The fast runtime must reproduce the SavedModel: per-image cosine at least this on the self-check.
 MIN_RUNTIME_COSINE = 0.999
 
@@ -75,6 +80,8 @@ def build_builtin(model_name: str, force: bool = False) -> str:
     ) as model:
         export_saved_model(model.path_of(SAVED_MODEL_DIR))
         Path(model.path_of(TFLITE_FILE)).write_bytes(convert_tflite(Path(model.path_of(SAVED_MODEL_DIR))))
+        truth = Encoder(model.path_of(SAVED_MODEL_DIR), runtime="savedmodel")
+        Path(model.path_of(REFERENCE_FILE)).write_bytes(npy_bytes(truth.encode(probe_images(IMAGE_SIZE))))
         from simserver.int8 import write_builtin_int8  # it imports this module
 
         # Built once here and shared by every domain serving the built-in encoder in int8.
@@ -88,6 +95,12 @@ def convert_tflite(saved_model: Path) -> bytes:
     import tensorflow as tf
 
     return tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, np.float32), allow_pickle=False)
+    return buf.getvalue()
 
 
 def probe_images(size: int) -> np.ndarray:
@@ -186,9 +199,6 @@ class Encoder:
     ) -> None:
         """``threads``: TFLite threads, 0 for every CPU this process may use."""
         _quiet_tf()
-        import tensorflow as tf
-        import tensorflow_hub as hub
-
         handle: str
         if encoder == BUILTIN:
             self.id, model_dir = builtin_model_path(builtin_model)
@@ -201,48 +211,89 @@ class Encoder:
         self.image_size = image_size
         self.batch_size = batch_size
         self.threads = threads or usable_cpus()
-        self._tf = tf
-        self._layer = hub.KerasLayer(handle, trainable=False)
-        self.resolved = self._layer.resolved_object  # the loaded SavedModel object, for export
-        self._fn = tf.function(lambda x: self._layer(x), reduce_retracing=True)
+        self._handle = handle
+        # The SavedModel through hub.KerasLayer, loaded when first needed: at once for the
+        # savedmodel runtime, else only for an export or a self-check without stored reference
+        # (~5 s and TensorFlow's import, ~4 s, that a TFLite start does without).
+        self._layer = None
+        self._fn = None
+        self._load_lock = threading.Lock()
         self._tflite: _TFLiteRunner | None = None
         self.runtime = "savedmodel"
-        self.dim = int(self._encode_tf(np.zeros((1, image_size, image_size, 3), np.uint8)).shape[1])
+        self.dim = 0
         if runtime != "savedmodel":
             try:
-                self._tflite = self._load_tflite(handle, cache_dir)
+                self._tflite, self.dim = self._load_tflite(handle, cache_dir)
                 self.runtime = "tflite"
             except Exception as exc:
                 if runtime == "tflite":
                     raise
                 logger.warning("encoder %s: TFLite runtime unavailable, using TF (%s)", self.id, exc)
+        if self._tflite is None:
+            self.dim = int(self._encode_tf(np.zeros((1, image_size, image_size, 3), np.uint8)).shape[1])
         logger.info("loaded encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime)
 
-    def _load_tflite(self, handle: str, cache_dir: Path | None) -> _TFLiteRunner:
-        import tensorflow_hub as hub
+    def _saved_model(self):
+        """The hub.KerasLayer of the SavedModel and its tf.function, loading them once."""
+        with self._load_lock:
+            if self._layer is None:
+                import tensorflow as tf
+                import tensorflow_hub as hub
 
-        local = Path(handle) if Path(handle).is_dir() else Path(hub.resolve(handle))
+                layer = hub.KerasLayer(self._handle, trainable=False)
+                self._fn = tf.function(lambda x: layer(x), reduce_retracing=True)
+                self._layer = layer
+            return self._layer, self._fn
+
+    @property
+    def resolved(self):
+        """The loaded SavedModel object, for export (loads it on first use)."""
+        return self._saved_model()[0].resolved_object
+
+    def _load_tflite(self, handle: str, cache_dir: Path | None) -> tuple[_TFLiteRunner, int]:
+        """The checked TFLite runner and the vectors' dimension."""
+        if Path(handle).is_dir():
+            local = Path(handle)
+        else:
+            import tensorflow_hub as hub
+
+            local = Path(hub.resolve(handle))
+        stamp = f"{local.resolve()}:{(local / 'saved_model.pb').stat().st_mtime_ns}"
+        key = f"tflite/{hashlib.sha256(stamp.encode()).hexdigest()[:24]}"
+        cache = LocalStore(cache_dir) if cache_dir else None
         shipped = local.parent / TFLITE_FILE  # the built-in model carries its conversion
         if self.name == BUILTIN and shipped.is_file():
             model = shipped.read_bytes()
+        elif cache is None:
+            model = convert_tflite(local)
         else:
-            stamp = f"{local.resolve()}:{(local / 'saved_model.pb').stat().st_mtime_ns}"
-            key = f"tflite/{hashlib.sha256(stamp.encode()).hexdigest()[:24]}.tflite"
-            cache = LocalStore(cache_dir) if cache_dir else None
-            if cache is None:
+            try:
+                model = cache.get(f"{key}.tflite")
+            except KeyError:
                 model = convert_tflite(local)
-            else:
-                try:
-                    model = cache.get(key)
-                except KeyError:
-                    model = convert_tflite(local)
-                    cache.put(key, model)
+                cache.put(f"{key}.tflite", model)
         runner = _TFLiteRunner(model, threads=self.threads)
         probe = probe_images(self.image_size)
         x = probe.astype(np.float32) / 255.0
         got = np.concatenate([runner(x[:1]), runner(x[1:])])  # both layouts: a lone image and a batch
-        check_reproduces("TFLite", self._encode_tf(probe), metrics.l2_normalize(got))
-        return runner
+        check_reproduces("TFLite", self._reference(local, key, cache, probe), metrics.l2_normalize(got))
+        return runner, int(got.shape[1])
+
+    def _reference(self, local: Path, key: str, cache: LocalStore | None, probe: np.ndarray) -> np.ndarray:
+        """The SavedModel's vectors of ``probe``: stored beside the built-in model or in the cache
+        (keyed by the SavedModel's path and mtime, as its conversion), else computed with TF."""
+        shipped = local.parent / REFERENCE_FILE
+        if self.name == BUILTIN and shipped.is_file():
+            return np.load(io.BytesIO(shipped.read_bytes()), allow_pickle=False)
+        if cache is not None:
+            try:
+                return np.load(io.BytesIO(cache.get(f"{key}.reference.npy")), allow_pickle=False)
+            except KeyError:
+                pass
+        reference = self._encode_tf(probe)
+        if cache is not None:
+            cache.put(f"{key}.reference.npy", npy_bytes(reference))
+        return reference
 
     def batch_stats(self) -> dict | None:
         """How concurrent calls were batched together (TFLite runtime only)."""
@@ -261,10 +312,13 @@ class Encoder:
         return metrics.l2_normalize(self._tflite(images.astype(np.float32) / 255.0))
 
     def _encode_tf(self, images: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        _, fn = self._saved_model()
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size].astype(np.float32) / 255.0
-            out.append(np.asarray(self._fn(self._tf.constant(chunk))))
+            out.append(np.asarray(fn(tf.constant(chunk))))
         if not out:
             return np.zeros((0, getattr(self, "dim", 0)), np.float32)
         return metrics.l2_normalize(np.concatenate(out))

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from simserver.encoder import Encoder, check_reproduces, probe_images
+from simserver.encoder import Encoder, check_reproduces, npy_bytes, probe_images
 from simserver.finetune import Head, TrainingConfig, export_finetuned, load_head, train_head, write_head_files
 from simserver.int8 import Int8Encoder, float_name, int8_name, is_int8
 from simserver.store import ArtifactStore
@@ -35,6 +35,9 @@ from simserver.store import ArtifactStore
 logger = logging.getLogger(__name__)
 
 STORE_PREFIX = "store:"
+# The exported SavedModel's vectors of probe_images(), written by the export beside the head: the
+# composed runtime's self-check compares against them without loading the SavedModel (nor TF).
+REFERENCE_FILE = "reference.npy"
 ENCODER_KEY = re.compile(r"^domains/[a-z0-9][a-z0-9-]{0,62}/versions/[A-Za-z0-9-]{1,64}/encoder\.tar$")
 
 
@@ -45,7 +48,10 @@ def is_store_encoder(encoder: str) -> bool:
 class FinetunedEncoder:
     """A fine-tuned encoder: its SavedModel is the truth; when the backbone already runs on a fast
     runtime, queries run as backbone (fast) + head (NumPy) after checking that this reproduces the
-    SavedModel (cosine >= 0.999), which avoids converting a second copy of the backbone."""
+    SavedModel (cosine >= 0.999), which avoids converting a second copy of the backbone. The check
+    compares with the SavedModel's vectors of the probe images that the export stored beside it
+    (``reference.npy``), so the SavedModel is not loaded; an encoder exported before that, or one
+    that fails the check, loads its SavedModel (and TF) and is checked against it."""
 
     def __init__(
         self,
@@ -71,13 +77,29 @@ class FinetunedEncoder:
             self.runtime = f"{backbone.runtime}+head"
             logger.info("loaded fine-tuned encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime)
             return
+        self.info = info
+        self._backbone = backbone
+        self._head = None
+        self._truth = None
+        self.image_size = backbone.image_size if backbone is not None else 224
+        stored = folder / REFERENCE_FILE
+        if loaded and backbone is not None and backbone.runtime != "savedmodel" and stored.is_file():
+            head = loaded[0]
+            probe = probe_images(self.image_size)
+            try:
+                reference = np.load(io.BytesIO(stored.read_bytes()), allow_pickle=False)
+                check_reproduces("backbone + head", reference, head.apply(backbone.encode(probe)))
+            except ValueError as exc:
+                logger.warning("encoder %s: %s; loading its SavedModel", encoder, exc)
+            else:  # checked against the SavedModel's stored vectors: it need not be loaded
+                self.id, self.dim, self._head = info.get("id", encoder), int(head.kernel.shape[1]), head
+                self.runtime = f"{backbone.runtime}+head"
+                logger.info("loaded fine-tuned encoder %s (runtime %s)", self.id, self.runtime)
+                return
         truth = Encoder(str(folder / "saved_model"), runtime="savedmodel", encoder_id=info.get("id", encoder))
         self.id = truth.id
         self.dim = truth.dim
         self.image_size = truth.image_size
-        self.info = info
-        self._head = None
-        self._backbone = backbone
         self._truth = truth
         self.runtime = "savedmodel"
         if loaded and backbone is not None and backbone.runtime != "savedmodel":
@@ -210,7 +232,7 @@ class EncoderPool:
         from simserver.encoder import builtin_model_path
 
         base = float_name(encoder)
-        float32 = self.get(base)  # its id, and the SavedModel is loaded and checked
+        float32 = self.get(base)  # its id, and its float32 runtime loaded and checked
         if base == BUILTIN:
             local = builtin_model_path(self.builtin_model)[1]
         else:
@@ -285,6 +307,8 @@ class EncoderPool:
                     "dim": head.kernel.shape[1],
                 }
                 write_head_files(tmp, head, full_info)
+                probe = tf.constant(probe_images(base.image_size).astype(np.float32) / 255.0)
+                (tmp / REFERENCE_FILE).write_bytes(npy_bytes(t.module(probe).numpy()))
                 buf = io.BytesIO()
                 with tarfile.open(fileobj=buf, mode="w") as tar:  # weights barely compress
                     tar.add(tmp, arcname=".")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from simserver import metrics
-from simserver.encoder import IMAGE_SIZE, _quiet_tf, _TFLiteRunner, check_reproduces, probe_images
+from simserver.encoder import IMAGE_SIZE, _quiet_tf, _TFLiteRunner, check_reproduces, npy_bytes, probe_images
 from simserver.store import LocalStore
 
 logger = logging.getLogger(__name__)
@@ -95,17 +95,11 @@ def reference_outputs(model: bytes, image_size: int = IMAGE_SIZE) -> np.ndarray:
     return metrics.l2_normalize(TFLiteInterpreter(model, 1)(x))
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array, np.float32), allow_pickle=False)
-    return buf.getvalue()
-
-
 def write_builtin_int8(model_dir: Path, saved_model: Path) -> None:
     """The int8 runtime beside the built-in model's float32 one (at ``simserver encoder build``)."""
     model = convert_int8(saved_model, calibration_images())
     (model_dir / INT8_FILE).write_bytes(model)
-    (model_dir / REFERENCE_FILE).write_bytes(_npy(reference_outputs(model)))
+    (model_dir / REFERENCE_FILE).write_bytes(npy_bytes(reference_outputs(model)))
 
 
 def int8_model(local: Path, builtin: bool, cache_dir: Path | None) -> tuple[bytes, np.ndarray]:
@@ -129,7 +123,7 @@ def int8_model(local: Path, builtin: bool, cache_dir: Path | None) -> tuple[byte
     data = convert_int8(local, calibration_images())
     reference = reference_outputs(data)
     if cache is not None:
-        cache.put(f"{key}.int8.npy", _npy(reference))
+        cache.put(f"{key}.int8.npy", npy_bytes(reference))
         cache.put(f"{key}.int8.tflite", data)  # read first above, so written last
     return data, reference
 

@@ -11,7 +11,7 @@ MatMul's output is added to, which names the layer and role without relying on e
 The export is a TF Hub reusable SavedModel: ``__call__(input_ids, attention_mask)`` (int32
 ``[batch, length]``) -> float32 ``[batch, 384]`` pooled (not normalised) sentence vectors. The
 WordPiece tokenizer (``tokenizer.json``) is an asset of the SavedModel, so the folder is all a
-loader needs. ``tests/unit/test_text_encoder.py`` checks the port against onnxruntime on the same
+loader needs. ``tests/integration/test_text.py`` checks the port against onnxruntime on the same
 ONNX file (cosine >= 0.999).
 """
 
@@ -152,12 +152,14 @@ def build_module(weights: dict[str, Any]):
             ]
         )
         def __call__(self, input_ids: tf.Tensor, attention_mask: tf.Tensor) -> tf.Tensor:
+            # New axes by expand_dims / reshape, not None-indexing: TFLite's builtin ops have no
+            # new-axis StridedSlice, and the served runtime is this model converted to TFLite.
             batch, length = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
-            x = tf.gather(self.word, input_ids) + self.pos[:length][None] + self.type0
+            x = tf.gather(self.word, input_ids) + tf.expand_dims(self.pos[:length], 0) + self.type0
             x = self._ln(x, self.ln0)
             mask = tf.cast(attention_mask, tf.float32)
             # BERT's additive mask: padded keys get a large negative score before the softmax.
-            bias = (1.0 - mask)[:, None, None, :] * -1e9
+            bias = tf.reshape(1.0 - mask, [batch, 1, 1, length]) * -1e9
             dh = DIM // HEADS
 
             def heads(t: tf.Tensor) -> tf.Tensor:
@@ -173,7 +175,7 @@ def build_module(weights: dict[str, Any]):
                 h = tf.matmul(x, layer["ff1"][0]) + layer["ff1"][1]
                 h = 0.5 * h * (1.0 + tf.math.erf(h / float(np.sqrt(2.0))))
                 x = self._ln(x + tf.matmul(h, layer["ff2"][0]) + layer["ff2"][1], layer["ln2"])
-            m = mask[:, :, None]
+            m = tf.expand_dims(mask, -1)
             return tf.reduce_sum(x * m, axis=1) / tf.maximum(tf.reduce_sum(m, axis=1), 1e-9)
 
     return SentenceEncoder()

@@ -8,15 +8,20 @@ A text encoder (``text.encoder`` in a domain's yaml) is one of:
 * a TF Hub handle or a local SavedModel folder that maps a batch of strings to vectors (the
   Universal Sentence Encoder, say): needs network access the first time, then TF Hub's cache.
 
-Every encoder returns one L2-normalised float32 vector per text.
+Every encoder returns one L2-normalised float32 vector per text. The built-in one runs on TFLite
+(its conversion ships beside the SavedModel), after a self-check against the SavedModel's vectors of
+a few probe texts, also stored at the build: a query process loads neither TensorFlow nor the
+SavedModel for it. Other encoders run their SavedModel through TF.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 TEXT_MODEL = "paraphrase-minilm-l3-text"
 SAVED_MODEL_DIR = "saved_model"
+TFLITE_FILE = "model.tflite"
+REFERENCE_FILE = "model_reference.npy"  # the SavedModel's vectors of PROBE_TEXTS
+PROBE_TEXTS = ["Almonds, blanched 500 g", "a red cotton dress with long sleeves", "x", "tea " * 200]
 # The model was trained on sentences of up to 128 word pieces; titles are far shorter.
 MAX_TOKENS = 128
 
@@ -60,26 +68,64 @@ def build_builtin_text(force: bool = False) -> str:
             "license": "Apache-2.0",
         },
     ) as model:
-        export_saved_model(model.path_of(SAVED_MODEL_DIR))
+        from simserver.encoder import convert_tflite, npy_bytes
+
+        saved = export_saved_model(model.path_of(SAVED_MODEL_DIR))
+        Path(model.path_of(TFLITE_FILE)).write_bytes(convert_tflite(saved))
+        truth = TextEncoder(str(saved), runtime="savedmodel")
+        Path(model.path_of(REFERENCE_FILE)).write_bytes(npy_bytes(truth.encode(PROBE_TEXTS)))
     logger.info("built-in text encoder saved as %s", model.tag)
     return str(model.tag)
 
 
+class _TFLiteText:
+    """The token-id model on TFLite: one interpreter using every thread, resized to each batch's
+    shape; not thread-safe, hence the lock (a batch of titles takes milliseconds)."""
+
+    def __init__(self, model: bytes, threads: int) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interp = Interpreter(model_content=model, num_threads=threads)
+        inputs = {d["name"]: d["index"] for d in self._interp.get_input_details()}
+        self._ids = next(i for name, i in inputs.items() if "input_ids" in name)
+        self._mask = next(i for name, i in inputs.items() if "attention_mask" in name)
+        self._out = self._interp.get_output_details()[0]["index"]
+        self._shape: tuple[int, ...] | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with self._lock:
+            if self._shape != ids.shape:
+                self._interp.resize_tensor_input(self._ids, list(ids.shape))
+                self._interp.resize_tensor_input(self._mask, list(ids.shape))
+                self._interp.allocate_tensors()
+                self._shape = ids.shape
+            self._interp.set_tensor(self._ids, ids)
+            self._interp.set_tensor(self._mask, mask)
+            self._interp.invoke()
+            return self._interp.get_tensor(self._out).copy()
+
+
 class TextEncoder:
-    """One loaded text encoder; ``encode`` is thread-safe (a concrete TF function)."""
+    """One loaded text encoder; ``encode`` is thread-safe.
 
-    def __init__(self, encoder: str = BUILTIN) -> None:
-        import tensorflow as tf
-        import tensorflow_hub as hub
+    ``runtime``: ``auto`` (TFLite for the built-in model when its conversion reproduces the
+    SavedModel, cosine >= 0.999 on the probe texts; else TF), ``tflite`` (required) or
+    ``savedmodel``."""
 
+    def __init__(self, encoder: str = BUILTIN, runtime: str = "auto") -> None:
         self.name = encoder
         if encoder == BUILTIN:
             tag, folder = builtin_text_path()
             handle, self.id = str(folder), tag
         else:
             handle, self.id = encoder, encoder
-        self._model = hub.load(handle)
-        local = Path(hub.resolve(handle)) if "://" in handle else Path(handle)
+        if "://" in handle:
+            import tensorflow_hub as hub
+
+            local = Path(hub.resolve(handle))
+        else:
+            local = Path(handle)
         tok_file = local / "assets" / "tokenizer.json"
         self._tokenizer = None
         if tok_file.exists():
@@ -89,10 +135,38 @@ class TextEncoder:
             tok.enable_truncation(MAX_TOKENS)
             tok.no_padding()
             self._tokenizer = tok
-        self._tf = tf
         self._lock = threading.Lock()  # the Rust tokenizer's settings are shared state
+        self._model: Any = None  # the SavedModel (hub.load), when TF serves
+        self._tflite: _TFLiteText | None = None
+        self.runtime = "savedmodel"
+        if runtime != "savedmodel":
+            try:
+                self._tflite = self._load_tflite(local, encoder)
+                self.runtime = "tflite"
+            except Exception as exc:
+                if runtime == "tflite":
+                    raise
+                logger.info("text encoder %s: TFLite runtime unavailable, using TF (%s)", self.id, exc)
+        if self._tflite is None:
+            import tensorflow_hub as hub
+
+            self._model = hub.load(handle)
         self.dim = int(self.encode(["probe"]).shape[1])
-        logger.info("loaded text encoder %s (dim %d)", self.id, self.dim)
+        logger.info("loaded text encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime)
+
+    def _load_tflite(self, local: Path, encoder: str) -> _TFLiteText:
+        from simserver.cpu import usable_cpus
+        from simserver.encoder import check_reproduces
+
+        shipped, reference = local.parent / TFLITE_FILE, local.parent / REFERENCE_FILE
+        if encoder != BUILTIN or self._tokenizer is None:
+            raise ValueError("TFLite serves the built-in text encoder only")
+        if not (shipped.is_file() and reference.is_file()):
+            raise ValueError("no TFLite conversion beside the SavedModel (built before it shipped)")
+        runner = _TFLiteText(shipped.read_bytes(), usable_cpus())
+        got = runner(*self.tokenize(PROBE_TEXTS))
+        check_reproduces("TFLite", np.load(io.BytesIO(reference.read_bytes()), allow_pickle=False), got)
+        return runner
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask), int32 ``[N, longest]``, padded with 0."""
@@ -109,7 +183,10 @@ class TextEncoder:
 
     def raw(self, texts: list[str]) -> np.ndarray:
         """The model's own output (pooled, not normalised)."""
-        tf = self._tf
+        if self._tflite is not None:
+            return self._tflite(*self.tokenize(texts))
+        import tensorflow as tf
+
         if self._tokenizer is not None:
             ids, mask = self.tokenize(texts)
             out = self._model(tf.constant(ids), tf.constant(mask))

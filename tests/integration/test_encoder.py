@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,9 +74,21 @@ def test_same_item_other_style_is_nearer_than_other_item(encoder):
     assert dress_g @ dress_t > dress_g @ boot_t
 
 
-def test_local_saved_model_path_goes_through_the_same_loader(encoder, tmp_path):
+def _tiny_saved_model(folder):
+    """A reusable SavedModel returning each image's mean colour and brightness."""
     import tensorflow as tf
 
+    class Tiny(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
+        def __call__(self, images):
+            mean = tf.reduce_mean(images, axis=[1, 2])
+            return tf.concat([mean, tf.reduce_mean(mean, axis=1, keepdims=True)], axis=1)
+
+    tf.saved_model.save(Tiny(), str(folder))
+    return folder
+
+
+def test_local_saved_model_path_goes_through_the_same_loader(encoder, tmp_path):
     from simserver.encoder import Encoder, builtin_model_path
 
     # The built-in model's folder given as a plain path: same vectors.
@@ -84,19 +98,56 @@ def test_local_saved_model_path_goes_through_the_same_loader(encoder, tmp_path):
     np.testing.assert_allclose(by_path.encode(x), encoder.encode(x), atol=1e-5)
 
     # Any other reusable SavedModel: a tiny one that returns mean colour and brightness.
-    class Tiny(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
-        def __call__(self, images):
-            mean = tf.reduce_mean(images, axis=[1, 2])
-            return tf.concat([mean, tf.reduce_mean(mean, axis=1, keepdims=True)], axis=1)
-
-    tf.saved_model.save(Tiny(), str(tmp_path / "tiny"))
-    tiny = Encoder(str(tmp_path / "tiny"))
+    tiny = Encoder(str(_tiny_saved_model(tmp_path / "tiny")))
     assert tiny.dim == 4
     red = np.zeros((1, 224, 224, 3), np.uint8)
     red[..., 0] = 255
     v = tiny.encode(red)[0]
     np.testing.assert_allclose(v, np.array([1, 0, 0, 1 / 3]) / np.linalg.norm([1, 0, 0, 1 / 3]), atol=1e-5)
+
+
+def test_a_tflite_start_checks_against_stored_vectors_without_loading_the_saved_model(tmp_path):
+    """The self-check compares the TFLite model's vectors of the probe images with the SavedModel's,
+    computed once (with TF) and stored beside the conversion, so a later start loads no SavedModel."""
+    from simserver.encoder import Encoder, npy_bytes
+
+    tiny, cache = _tiny_saved_model(tmp_path / "tiny"), tmp_path / "cache"
+    first = Encoder(str(tiny), cache_dir=cache)  # converts, runs the SavedModel once, stores both
+    refs = sorted(cache.rglob("*.reference.npy"))
+    assert first.runtime == "tflite" and first._layer is not None and len(refs) == 1
+    again = Encoder(str(tiny), cache_dir=cache)
+    assert again.runtime == "tflite" and again.dim == 4 and again._layer is None
+    red = np.zeros((2, 224, 224, 3), np.uint8)
+    red[..., 0] = 255
+    np.testing.assert_allclose(again.encode(red), first.encode(red), atol=1e-5)
+    assert again.resolved is not None and again._layer is not None  # the export loads it when asked
+    # The check still bites: stored vectors this TFLite model does not reproduce.
+    refs[0].write_bytes(npy_bytes(-np.load(refs[0])))
+    with pytest.raises(ValueError, match="differs from the SavedModel"):
+        Encoder(str(tiny), cache_dir=cache, runtime="tflite")
+    fallback = Encoder(str(tiny), cache_dir=cache)  # auto: the SavedModel through TF serves
+    assert fallback.runtime == "savedmodel" and fallback.dim == 4
+    np.testing.assert_allclose(fallback.encode(red), first.encode(red), atol=1e-5)
+
+
+def test_the_builtin_encoders_start_on_tflite_without_importing_tensorflow(builtin_tag):
+    """The built-in image and text models ship their TFLite conversions and their SavedModels'
+    reference vectors (``simserver encoder build``): a query process's start imports no TensorFlow
+    (~4 s, and its memory) and loads no SavedModel."""
+    code = (
+        "import sys; from simserver.encoder import Encoder; from simserver.text_encoder import TextEncoder; "
+        "e = Encoder('builtin'); t = TextEncoder('builtin'); "
+        "print(e.runtime, e.dim, t.runtime, t.dim, 'tensorflow' in sys.modules, e._layer is None)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == [
+        "tflite",
+        "1280",
+        "tflite",
+        "384",
+        "False",
+        "True",
+    ], out.stderr[-2000:]
 
 
 def test_tflite_runtime_reproduces_the_saved_model_on_real_photos(encoder):

@@ -80,10 +80,23 @@ def test_exported_savedmodel_is_backbone_plus_head_through_hub(fashion, pool, tm
     enc = other.get(encoder)
     assert enc.id == "t1" and enc.dim == 1280 + 64 and enc.runtime == "savedmodel"
     assert np.min(np.sum(enc.encode(photos) * expected, axis=1)) > 0.999
-    # With the backbone on TFLite, queries run as TFLite backbone + NumPy head (self-checked).
+    # With the backbone on TFLite, queries run as TFLite backbone + NumPy head, self-checked
+    # against the SavedModel's probe vectors the export stored: its SavedModel is never loaded.
     fast = pool.get(encoder)
-    assert fast.runtime == "tflite+head"
+    assert fast.runtime == "tflite+head" and fast._truth is None
     assert np.min(np.sum(fast.encode(photos) * expected, axis=1)) > 0.999
+    stored = pool._local_folder(encoder) / "reference.npy"
+    from simserver.encoder import npy_bytes, probe_images
+
+    probe = probe_images(224).astype(np.float32) / 255.0
+    np.testing.assert_allclose(np.load(stored), np.asarray(layer(probe)), atol=1e-5)
+    # Stored vectors it does not reproduce: the SavedModel is loaded and checked against instead.
+    stored.write_bytes(npy_bytes(-np.load(stored)))
+    again = EncoderPool(cache_dir=pool.cache_dir, store=pool.store)
+    again._base["builtin"] = pool.get("builtin")  # the same backbone, not loaded again
+    checked = again.get(encoder)
+    assert checked.runtime == "tflite+head" and checked.id == "t1"
+    assert np.min(np.sum(checked.encode(photos) * expected, axis=1)) > 0.999
 
 
 def test_pool_keeps_a_bounded_number_of_finetuned_encoders(fashion, pool):

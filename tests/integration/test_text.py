@@ -23,10 +23,18 @@ def text_encoder(builtin_tag):
     return TextEncoder("builtin")
 
 
-def test_port_reproduces_onnxruntime_on_the_same_onnx(text_encoder):
+@pytest.mark.parametrize("runtime", ["tflite", "savedmodel"])
+def test_port_reproduces_onnxruntime_on_the_same_onnx(text_encoder, runtime):
+    """Both runtimes: the served one (TFLite, what the fixture loads) and the SavedModel's TF."""
     import onnxruntime as ort
 
     from simserver.minilm_port import onnx_path
+    from simserver.text_encoder import TextEncoder
+
+    assert text_encoder.runtime == "tflite"
+    if runtime == "savedmodel":
+        text_encoder = TextEncoder("builtin", runtime="savedmodel")
+        assert text_encoder.runtime == "savedmodel"
 
     texts = ["Almonds, blanched 500 g", "blanched almonds 0.5kg", "HAZELNUTS 500 GR", "x", "tea " * 200]
     ids, mask = text_encoder.tokenize(texts)
