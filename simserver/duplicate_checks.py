@@ -1,6 +1,8 @@
 """Duplicates against a served version: check uploads, screen an upsert, scan the whole catalog,
-calibrate on demand. The decision rule and the calibration are in :mod:`simserver.duplicates`;
-this module applies them to a :class:`simserver.catalog.Catalog` and its stored images.
+calibrate on demand. The decision rule and the calibration are in :mod:`simserver.duplicates`, the
+verification in :mod:`simserver.verification`, the whole-catalog scan in
+:mod:`simserver.duplicate_groups`; this module applies them to a :class:`simserver.catalog.Catalog`
+and its stored images.
 
 Plain functions, no BentoML: the index service calls them.
 """
@@ -15,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from simserver import duplicate_groups, verification
 from simserver import duplicates as dup
 from simserver.catalog import Catalog
 from simserver.domain_config import DomainConfig
@@ -70,13 +73,17 @@ def check_vectors(
         matches: list[DuplicateMatch] = []
         duplicate_of: list[bool] = []
         if cands:
-            q = dup.features(dup.open_for_calibration(s.data)) if decision.verify else None
+            q = verification.features(dup.open_for_calibration(s.data)) if decision.verify else None
             for h in cands:
-                ev = dup.Evidence()
+                ev = verification.Evidence()
                 if q is not None:
                     item = catalog.get(h.id)
                     try:
-                        ev = dup.verify(q, dup.features(load_image(item), mirror=False)) if item else ev
+                        ev = (
+                            verification.verify(q, verification.features(load_image(item), mirror=False))
+                            if item
+                            else ev
+                        )
                     except KeyError:  # the stored image is gone (collected): embedding only
                         logger.warning("duplicates: image of %s missing", h.id)
                 signals = (
@@ -136,7 +143,7 @@ def groups(catalog: Catalog, cfg: DomainConfig, repo: Repository, domain: str) -
     if not len(catalog):
         raise Conflict(f"domain {domain!r}: the catalog is empty, there are no duplicates to find")
     decision, _ = decision_for(catalog, cfg)
-    found = dup.find_groups(catalog, decision, cfg.duplicates, stored_image(repo))
+    found = duplicate_groups.find_groups(catalog, decision, cfg.duplicates, stored_image(repo))
     return DuplicateGroupsReply(
         domain=domain,
         version=catalog.version,

@@ -4,7 +4,7 @@ threshold 0.9) and perceptual hashes (the ``imagehash`` package: pHash, dHash).
 
 From the folder (``<label>/<image>``): every image is a catalog item (the rest are distractors); a
 sample of them are originals, each edited by every transform of
-:data:`simserver.duplicates.TRANSFORMS` (positives: copy x original) and paired with its nearest
+:data:`simserver.copies.TRANSFORMS` (positives: copy x original) and paired with its nearest
 other items of the same label (look-alike negatives). The originals are split in two: the first
 half calibrates the decision exactly as a training does, the second half measures it, so the
 figures are on images the calibration never saw. The baselines are measured on the same test pairs
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from simserver import copies, duplicate_groups
 from simserver import duplicates as dup
 from simserver.bench.common import bench_environment
 
@@ -54,7 +55,7 @@ def _encoder():
     def encode(images: list[Image.Image]) -> np.ndarray:
         if not images:
             return np.zeros((0, enc.dim), np.float32)
-        px = np.stack([prepare(dup.to_png(im), IMAGE_SIZE, 10**9) for im in images])
+        px = np.stack([prepare(copies.to_png(im), IMAGE_SIZE, 10**9) for im in images])
         return np.asarray(enc.encode(px), np.float32)
 
     return encode
@@ -78,7 +79,9 @@ def _at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float) -> float:
 
 def _report(flag_pos: np.ndarray, flag_neg: np.ndarray, transforms: list[str], seconds: float) -> dict:
     names = np.asarray(transforms)
-    recall = {t: round(float(flag_pos[names == t].mean()), 4) for t in dup.TRANSFORMS if (names == t).any()}
+    recall = {
+        t: round(float(flag_pos[names == t].mean()), 4) for t in copies.TRANSFORMS if (names == t).any()
+    }
     return {
         "recall": recall,
         "recall_min": min(recall.values()),
@@ -193,8 +196,8 @@ def _test_images(imgs, rows, la_of, seed):
     rng = np.random.default_rng(seed)
     copies, owners = [], []
     for r in rows:
-        for t in dup.TRANSFORMS:
-            copies.append(dup.synthetic_copy(imgs[r], t, rng))
+        for t in copies.TRANSFORMS:
+            copies.append(copies.synthetic_copy(imgs[r], t, rng))
             owners.append(r)
     la_pairs = [(r, j) for r in rows for j, _ in la_of[r]]
     return copies, owners, la_pairs
@@ -202,7 +205,7 @@ def _test_images(imgs, rows, la_of, seed):
 
 def table(result: dict) -> str:
     """One row per method: recall per transform, the minimum, look-alike FPR, seconds."""
-    cols = list(dup.TRANSFORMS)
+    cols = list(copies.TRANSFORMS)
     head = f"{'method':46s} " + " ".join(f"{c[:6]:>6s}" for c in cols) + "    min  la-FPR   sec"
     lines = [
         f"{result['data']}: {result['images']} images, {result['test_originals']} test originals, "
@@ -255,7 +258,7 @@ def groups_figures(n: int, k: int = 10, planted: int = 500, seed: int = 0) -> di
     # embedding only (synthetic vectors have no images): a copy above score 0.9
     decision = dup.Decision(weights=[-45.0, 50.0, 0.0], threshold=0.5, min_score=0.9, verify=False)
     t, cpu = time.perf_counter(), time.process_time()
-    found = dup.find_groups(catalog, decision, dup.DuplicatesConfig(groups_k=k), None)
+    found = duplicate_groups.find_groups(catalog, decision, dup.DuplicatesConfig(groups_k=k), None)
     scan_s, scan_cpu = time.perf_counter() - t, time.process_time() - cpu
     rss1 = proc.memory_info().rss
     group_of = {m: gi for gi, g in enumerate(found["groups"]) for m in [g["keep"], *g["duplicates"]]}

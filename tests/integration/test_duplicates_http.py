@@ -11,7 +11,7 @@ import time
 import requests
 from PIL import Image, ImageOps
 
-from simserver.duplicates import TRANSFORMS
+from simserver.copies import TRANSFORMS
 from tests.integration.conftest import DEMO, TEST_DATA
 from tests.integration.test_http import assert_error, make_zip
 

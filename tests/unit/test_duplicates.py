@@ -1,6 +1,7 @@
-"""Duplicate detection (simserver/duplicates.py, simserver/duplicate_checks.py): synthetic copies,
-geometric verification on real photos, the calibrated decision against brute force, the
-whole-catalog kNN and groups against brute-force oracles, on-insert screening."""
+"""Duplicate detection (simserver/duplicates.py, copies.py, verification.py, duplicate_groups.py,
+duplicate_checks.py): synthetic copies, geometric verification on real photos, the calibrated
+decision against brute force, the whole-catalog kNN and groups against brute-force oracles,
+on-insert screening."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from simserver import copies, duplicate_groups, verification
 from simserver import duplicates as dup
 from simserver.catalog import Catalog, Segment
 from simserver.duplicate_checks import screen
@@ -28,18 +30,18 @@ def photo(name: str) -> Image.Image:
 def test_every_transform_changes_the_image_and_is_seeded():
     img = photo("hammer1.webp")
     base = np.asarray(img, np.float32)
-    for t in dup.TRANSFORMS:
-        a = dup.synthetic_copy(img, t, np.random.default_rng(3))
-        b = dup.synthetic_copy(img, t, np.random.default_rng(3))
+    for t in copies.TRANSFORMS:
+        a = copies.synthetic_copy(img, t, np.random.default_rng(3))
+        b = copies.synthetic_copy(img, t, np.random.default_rng(3))
         assert a.mode == "RGB"
         assert np.array_equal(np.asarray(a), np.asarray(b)), t  # deterministic per seed
         same_size = a.size == img.size
         assert not same_size or np.abs(np.asarray(a, np.float32) - base).mean() > 1.0, t
-    crop = dup.synthetic_copy(img, "crop", np.random.default_rng(0))
+    crop = copies.synthetic_copy(img, "crop", np.random.default_rng(0))
     assert 0.64 * img.size[0] <= crop.size[0] <= 0.91 * img.size[0]
-    small = dup.synthetic_copy(img, "downscale", np.random.default_rng(0))
+    small = copies.synthetic_copy(img, "downscale", np.random.default_rng(0))
     assert 0.34 * img.size[0] <= small.size[0] <= 0.61 * img.size[0]
-    mirrored = dup.synthetic_copy(img, "mirror", np.random.default_rng(0))
+    mirrored = copies.synthetic_copy(img, "mirror", np.random.default_rng(0))
     assert np.array_equal(np.asarray(mirrored)[:, ::-1], np.asarray(img.convert("RGB")))
 
 
@@ -47,11 +49,11 @@ def test_every_transform_changes_the_image_and_is_seeded():
 @pytest.mark.parametrize("transform", ["crop", "rotate", "border", "mirror", "text", "downscale"])
 def test_a_copy_has_many_inliers_a_look_alike_few(transform):
     original = photo("plier1.webp")
-    copy = dup.synthetic_copy(original, transform, np.random.default_rng(1))
+    copy = copies.synthetic_copy(original, transform, np.random.default_rng(1))
     look_alike = photo("plier2.webp")  # another plier: same kind of product, another item
-    target = dup.features(original, mirror=False)
-    copy_inliers = dup.inliers(dup.features(copy), target)
-    other = dup.inliers(dup.features(look_alike), target)
+    target = verification.features(original, mirror=False)
+    copy_inliers = verification.inliers(verification.features(copy), target)
+    other = verification.inliers(verification.features(look_alike), target)
     assert copy_inliers >= 20, (transform, copy_inliers)
     assert other <= 12, other
     assert copy_inliers > 2 * other
@@ -61,21 +63,21 @@ def test_unrelated_photos_do_not_match_through_a_degenerate_transform():
     # Before matches were made one-to-one, many points matched to one let RANSAC fit a
     # scale ~0 transform with dozens of "inliers" between unrelated photos.
     names = ["hammer1.webp", "hammer2.webp", "scissors1.webp", "plier1.webp", "plier2.webp", "wrench.webp"]
-    feats = {n: dup.features(photo(n)) for n in names}
+    feats = {n: verification.features(photo(n)) for n in names}
     for a, b in itertools.permutations(names, 2):
-        assert dup.inliers(feats[a], feats[b]) <= 12, (a, b)
+        assert verification.inliers(feats[a], feats[b]) <= 12, (a, b)
 
 
-@pytest.mark.parametrize("transform", list(dup.TRANSFORMS))
+@pytest.mark.parametrize("transform", list(copies.TRANSFORMS))
 def test_a_copy_matches_its_original_better_than_a_look_alike_does(transform):
     """Template matching of the thumbnails: every kind of copy (the combination of crop, colour,
     caption and JPEG q15-40 included) correlates with its original more than another product of the
     same kind does, on grey pixels or on their edges (rotation is ORB's case: it may not)."""
     original = photo("plier1.webp")
-    target = dup.features(original, mirror=False)
-    copy = dup.features(dup.synthetic_copy(original, transform, np.random.default_rng(2)))
-    ncc, edge = dup.template_match(copy, target)
-    la_ncc, la_edge = dup.template_match(dup.features(photo("plier2.webp")), target)
+    target = verification.features(original, mirror=False)
+    copy = verification.features(copies.synthetic_copy(original, transform, np.random.default_rng(2)))
+    ncc, edge = verification.template_match(copy, target)
+    la_ncc, la_edge = verification.template_match(verification.features(photo("plier2.webp")), target)
     assert 0 <= min(ncc, edge, la_ncc, la_edge) and max(ncc, edge, la_ncc, la_edge) <= 1
     if transform != "rotate":
         assert ncc > la_ncc and edge > la_edge, (transform, ncc, edge, la_ncc, la_edge)
@@ -98,13 +100,16 @@ def test_template_match_finds_a_crop_where_it_is_and_a_border_around():
     framed = Image.new("L", (300, 236), 128)
     framed.paste(big, (22, 22))
     other = texture()
-    f = dup.features(big.convert("RGB"), mirror=False)
-    assert dup.template_match(dup.features(crop.convert("RGB")), f)[0] > 0.9
-    assert dup.template_match(dup.features(framed.convert("RGB")), f)[0] > 0.9
-    mirrored = dup.features(big.transpose(Image.Transpose.FLIP_LEFT_RIGHT).convert("RGB"))
-    assert dup.template_match(mirrored, f)[0] > 0.9
-    assert dup.template_match(dup.features(other.convert("RGB")), f)[0] < 0.5
-    assert dup.template_match(dup.Features((np.zeros((0, 2)),) * 2, (None, None)), f) == (0.0, 0.0)
+    f = verification.features(big.convert("RGB"), mirror=False)
+    assert verification.template_match(verification.features(crop.convert("RGB")), f)[0] > 0.9
+    assert verification.template_match(verification.features(framed.convert("RGB")), f)[0] > 0.9
+    mirrored = verification.features(big.transpose(Image.Transpose.FLIP_LEFT_RIGHT).convert("RGB"))
+    assert verification.template_match(mirrored, f)[0] > 0.9
+    assert verification.template_match(verification.features(other.convert("RGB")), f)[0] < 0.5
+    assert verification.template_match(verification.Features((np.zeros((0, 2)),) * 2, (None, None)), f) == (
+        0.0,
+        0.0,
+    )
 
 
 def test_a_decision_before_template_matching_ignores_it():
@@ -221,7 +226,7 @@ def test_catalog_knn_equals_brute_force_over_live_items():
     x = rng.normal(size=(300, 16)).astype(np.float32)
     dead = frozenset({3, 7, 150, 151, 299})
     cat = catalog_of(x, dead)
-    items, nb, sc = dup.catalog_knn(cat, k=5, batch=64)  # several batches
+    items, nb, sc = duplicate_groups.catalog_knn(cat, k=5, batch=64)  # several batches
     live = [i for i in range(300) if i not in dead]
     assert [it.id for it in items] == [f"id-{i:04d}" for i in live]
     xl = x[live] / np.linalg.norm(x[live], axis=1, keepdims=True)
@@ -251,7 +256,7 @@ def test_catalog_knn_on_an_hnsw_base_with_deletions_matches_brute_force():
     alive[dead] = False
     meta = {"version": "v", "metric": "cosine", "dim": d, "segments": [], "tombstones": []}
     cat = Catalog(meta, [Segment("b", items, x, index, "base")], [alive], CatalogPolicy(exact_scan_max=100))
-    _, nb, sc = dup.catalog_knn(cat, k=5, batch=512)
+    _, nb, sc = duplicate_groups.catalog_knn(cat, k=5, batch=512)
     live = np.flatnonzero(alive)
     sims = x[live] @ x[live].T
     np.fill_diagonal(sims, -np.inf)
@@ -294,7 +299,7 @@ def test_groups_equal_connected_components_of_brute_force_pairs(seed):
         x[b] = x[a] + rng.normal(0, 0.05, 32)
     cat = catalog_of(x)
     decision = dup.Decision(weights=[-90.0, 100.0, 0.0], threshold=0.5, min_score=0.8, verify=False)
-    found = dup.find_groups(cat, decision, dup.DuplicatesConfig(groups_k=10), None)
+    found = duplicate_groups.find_groups(cat, decision, dup.DuplicatesConfig(groups_k=10), None)
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     sims = xn @ xn.T
     # brute force: pairs within each item's 10 nearest that the decision flags
