@@ -4,9 +4,10 @@ The head is one Dense layer (``embedding_dim``, L2-normalised output) followed, 
 only, by a cosine classifier over the domain's categories (the reference design's step 2), plus an
 optional metric-learning loss on the same embedding (contrastive, triplet with semi-hard mining,
 or multi-similarity). The backbone is frozen, so its features are computed once per image and the
-head trains on them in a fraction of a second (in NumPy, with the gradients written out; only
-the triplet loss, whose semi-hard mining is easier to differentiate by tape, in TensorFlow); the
-served encoder is backbone + head saved as one SavedModel (:func:`export_finetuned`), loadable by the same
+head trains on them in a fraction of a second, in NumPy with the gradients written out (checked
+against TensorFlow's autodiff of the losses' TF definitions, :mod:`simserver.losses`): a fit
+traces no graph and imports no TensorFlow. The served encoder is backbone + head saved as one
+SavedModel (:func:`export_finetuned`), loadable by the same
 ``tensorflow_hub`` loader as any encoder.
 
 With ``blend`` (default) the trained head is widened into one linear layer whose output is the
@@ -28,12 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from simserver import metrics
-from simserver.losses import (
-    METRIC_LOSSES,
-    NUMPY_METRIC_LOSSES,
-    similarity_preservation,
-    similarity_preservation_np,
-)
+from simserver.losses import NUMPY_METRIC_LOSSES, similarity_preservation_np
 
 logger = logging.getLogger(__name__)
 
@@ -180,10 +176,7 @@ def train_head(features: np.ndarray, labels: list[str] | np.ndarray, config: Tra
     steps = max(50, config.epochs * math.ceil(n / batch))
     plan = _balanced_batches(y_all, batch, steps, rng)
     init = initial_head(rng, d, config.embedding_dim, len(names))
-    if config.metric_loss == "none" or config.metric_loss in NUMPY_METRIC_LOSSES:
-        kernel, bias, first, loss = _fit_numpy(x_all, y_all, plan, init, config, rng)
-    else:
-        kernel, bias, first, loss = _fit_tf(x_all, y_all, plan, init, config)
+    kernel, bias, first, loss = _fit_numpy(x_all, y_all, plan, init, config, rng)
     logger.debug("head: %d steps, loss %.4f -> %.4f", len(plan), first, loss)
     if not np.isfinite(loss):
         raise RuntimeError(f"head training diverged (loss {loss})")
@@ -289,59 +282,6 @@ def _fit_numpy(
             v += (1.0 - beta2) * np.square(grad)
             var -= step * m / (np.sqrt(v) + eps)
     return params[0], params[1], first, loss
-
-
-def _fit_tf(
-    x_all: np.ndarray, y_all: np.ndarray, plan: np.ndarray, init: list[np.ndarray], config: TrainingConfig
-) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """The softmax loss plus ``config.metric_loss`` (their gradients by TensorFlow's autodiff)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    tf.random.set_seed(config.seed)
-    kernel, bias, proxies = (tf.Variable(v) for v in init)
-    lr = config.learning_rate
-    beta1, beta2, eps = ADAM
-    metric_loss = METRIC_LOSSES[config.metric_loss]
-    x_tf = tf.constant(x_all)
-    y_tf = tf.constant(y_all.astype(np.int32))
-    drop = float(config.dropout)
-    variables = [kernel, bias, proxies]
-    # Adam written out (a few lines) rather than a Keras optimizer: no Keras import, one graph.
-    moments = [(tf.Variable(tf.zeros_like(v)), tf.Variable(tf.zeros_like(v))) for v in variables]
-    t_step = tf.Variable(0.0)
-
-    def step(idx):
-        xb = tf.gather(x_tf, idx)
-        yb = tf.gather(y_tf, idx)
-        if drop > 0:
-            xb = tf.nn.dropout(xb, rate=drop)
-        with tf.GradientTape() as tape:
-            emb = tf.math.l2_normalize(tf.matmul(xb, kernel) + bias, axis=1)
-            logits = SCALE * tf.matmul(emb, tf.math.l2_normalize(proxies, axis=0))
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=yb, logits=logits))
-            loss = loss + metric_loss(tf, emb, yb)
-            if config.preserve > 0:
-                loss = loss + config.preserve * similarity_preservation(tf, emb, xb)
-        t_step.assign_add(1.0)
-        correction = tf.sqrt(1.0 - beta2**t_step) / (1.0 - beta1**t_step)
-        for var, grad, (m, v) in zip(variables, tape.gradient(loss, variables), moments, strict=True):
-            m.assign(beta1 * m + (1.0 - beta1) * grad)
-            v.assign(beta2 * v + (1.0 - beta2) * tf.square(grad))
-            var.assign_sub(lr * correction * m / (tf.sqrt(v) + eps))
-        return loss
-
-    # The whole loop as one graph: traced once per training, no Python call per step.
-    @tf.function
-    def run(plan):
-        first = step(plan[0])
-        last = first
-        for i in tf.range(1, tf.shape(plan)[0]):
-            last = step(plan[i])
-        return first, last
-
-    first, last = run(tf.constant(plan))
-    return kernel.numpy(), bias.numpy(), float(first), float(last)
 
 
 def blended(head: Head, features: np.ndarray, weight: float) -> Head:

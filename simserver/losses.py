@@ -1,7 +1,8 @@
-"""The head's metric-learning losses on L2-normalised embeddings (cosine similarities), in
-TensorFlow (``METRIC_LOSSES``, differentiated by tape) and, for those with their gradients written
-out, in NumPy (``NUMPY_METRIC_LOSSES``: what :mod:`simserver.finetune`'s NumPy fit adds to the
-classifier loss); and the similarity-preservation term in both."""
+"""The head's metric-learning losses on L2-normalised embeddings (cosine similarities), and the
+similarity-preservation term: in NumPy with their gradients written out (``NUMPY_METRIC_LOSSES``,
+what :mod:`simserver.finetune`'s fit adds to the classifier loss) and in TensorFlow
+(``METRIC_LOSSES``: their reference definitions, which the tests differentiate by tape to check the
+NumPy gradients, and the losses of the ``tail`` experiment's TF fit)."""
 
 from __future__ import annotations
 
@@ -106,6 +107,33 @@ def multi_similarity_loss_np(
     return loss, ((g_sim + g_sim.T) @ emb).astype(emb.dtype, copy=False)
 
 
+def triplet_semihard_loss_np(
+    emb: np.ndarray, labels: np.ndarray, margin: float = 0.2
+) -> tuple[float, np.ndarray]:
+    """:func:`triplet_semihard_loss` and its gradient: each anchor-positive pair's negative is mined
+    as there (the closest one farther than the positive, else the farthest), then held fixed."""
+    b = len(labels)
+    sim = emb @ emb.T
+    raw = 2.0 - 2.0 * sim
+    dist = np.sqrt(np.maximum(raw, 1e-12))
+    pos, neg = _pair_masks_np(labels)
+    d_an = np.broadcast_to(dist[:, None, :], (b, b, b))  # [a, p, n]
+    outside = neg[:, None, :] & (d_an > dist[:, :, None])
+    semi = np.argmin(np.where(outside, d_an, np.inf), axis=2)
+    farthest = np.argmax(np.where(neg[:, None, :], d_an, -np.inf), axis=2)
+    chosen = np.where(outside.any(axis=2), semi, farthest)  # [a, p]: the mined negative
+    anchors = np.broadcast_to(np.arange(b)[:, None], (b, b))
+    hinge = dist - dist[anchors, chosen] + margin
+    weight = pos & neg.any(axis=1)[:, None]
+    n = max(float(weight.sum()), 1.0)
+    active = weight & (hinge > 0)
+    loss = float(np.where(weight, np.maximum(hinge, 0.0), 0.0).sum() / n)
+    g_dist = active / n  # d loss / d dist[a, p]
+    np.add.at(g_dist, (anchors[active], chosen[active]), -1.0 / n)  # and / d dist[a, n]
+    g_sim = g_dist * np.where(raw > 1e-12, -1.0 / dist, 0.0)  # d dist / d sim = -1 / dist
+    return loss, ((g_sim + g_sim.T) @ emb).astype(emb.dtype, copy=False)
+
+
 def similarity_preservation_np(emb: np.ndarray, x: np.ndarray) -> tuple[float, np.ndarray]:
     """``mean((emb emb^T - x x^T)^2)`` over the batch's pairs, ``x`` the L2-normalised input
     features, and its gradient: the head may move the embedding, but pays for changing how alike
@@ -120,7 +148,7 @@ def similarity_preservation_np(emb: np.ndarray, x: np.ndarray) -> tuple[float, n
 
 
 def similarity_preservation(tf, emb, x):
-    """:func:`similarity_preservation_np` in TensorFlow (the triplet loss's fit)."""
+    """:func:`similarity_preservation_np` in TensorFlow (the reference of its gradient's test)."""
     x = tf.math.l2_normalize(x, axis=1)
     diff = tf.matmul(emb, emb, transpose_b=True) - tf.matmul(x, x, transpose_b=True)
     return tf.reduce_mean(tf.square(diff))
@@ -128,5 +156,6 @@ def similarity_preservation(tf, emb, x):
 
 NUMPY_METRIC_LOSSES: dict[str, Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]] = {
     "contrastive": contrastive_loss_np,
+    "triplet": triplet_semihard_loss_np,
     "multi_similarity": multi_similarity_loss_np,
 }

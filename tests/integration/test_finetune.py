@@ -148,7 +148,8 @@ def test_export_refuses_keys_that_are_not_a_versions_encoder(pool):
 
 
 @pytest.mark.parametrize(
-    "metric_loss, preserve", [("none", 0.0), ("contrastive", 0.0), ("multi_similarity", 0.0), ("none", 4.0)]
+    "metric_loss, preserve",
+    [("none", 0.0), ("contrastive", 0.0), ("triplet", 0.0), ("multi_similarity", 0.0), ("none", 4.0)],
 )
 def test_numpy_loss_gradients_match_tensorflow_autodiff(metric_loss, preserve):
     """The hand-written gradients of the NumPy fit (classifier loss, with or without a metric loss or
