@@ -3,8 +3,8 @@ only for a training's export: serving runs every encoder on TFLite, self-checked
 SavedModels' stored vectors (:mod:`simserver.encoder`, :mod:`simserver.text_encoder`).
 
 It encodes for every domain (pretrained and fine-tuned encoders, by name: see
-:mod:`simserver.encoder_pool`) and does the TensorFlow part of a training for the trainer service:
-the head fit and the export of backbone + head as a SavedModel.
+:mod:`simserver.encoder_pool`) and does the model part of a training for the trainer service: the
+head fit (NumPy) and the export of backbone + head as a SavedModel (TensorFlow).
 """
 
 from __future__ import annotations

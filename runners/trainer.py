@@ -1,7 +1,7 @@
 """The trainer service: owns every training (one worker, one training per domain at a time).
 
 read -> features -> split -> fit -> evaluate -> calibrate -> publish (:mod:`simserver.training`),
-with the TensorFlow parts (backbone features, head fit, export) run by the encoder service. The
+with the model parts (backbone features, head fit, export) run by the encoder service. The
 gateway validates the upload and submits; no FAISS build runs in the gateway process.
 """
 

@@ -124,7 +124,7 @@ def triplet_semihard_loss_np(
     chosen = np.where(outside.any(axis=2), semi, farthest)  # [a, p]: the mined negative
     anchors = np.broadcast_to(np.arange(b)[:, None], (b, b))
     hinge = dist - dist[anchors, chosen] + margin
-    weight = pos & neg.any(axis=1)[:, None]
+    weight = pos & np.any(neg, axis=1, keepdims=True)
     n = max(float(weight.sum()), 1.0)
     active = weight & (hinge > 0)
     loss = float(np.where(weight, np.maximum(hinge, 0.0), 0.0).sum() / n)
