@@ -315,7 +315,7 @@ class ImageSimilarity:
             nearest=nearest,
         )
 
-    # -- duplicates (simserver/duplicates.py, simserver/duplicate_checks.py) ----------------------------
+    # -- duplicates (simserver/duplicates.py, duplicate_checks.py, duplicate_groups.py) ------------------
     @bentoml.api(route="/{domain}/duplicates/check")
     async def check_duplicates(
         self,

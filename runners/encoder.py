@@ -55,7 +55,7 @@ class EncoderService:
         domains = load_domains(settings.domains_dir).values()
         for encoder in sorted({BUILTIN} | {c.encoder for c in domains}):
             self.pool.get(encoder)
-        self.text_pool = TextEncoderPool()
+        self.text_pool = TextEncoderPool(settings.encoder_runtime)
         for text_encoder in sorted({c.text.encoder for c in domains if c.text is not None}):
             self.text_pool.get(text_encoder)
         # The fine-tuned-encoder export templates (seconds of tracing each) are traced in the

@@ -103,6 +103,18 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def model_digest(saved_model: Path) -> str:
+    """A SavedModel folder's cache key: the hash of its graph (``saved_model.pb``) and of its
+    variables' index (which holds a checksum of every tensor), so a conversion or reference cached
+    for one model is never used for another, even one copied over it with the same times."""
+    h = hashlib.sha256()
+    for name in ("saved_model.pb", "variables/variables.index"):
+        path = saved_model / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:24]
+
+
 def probe_images(size: int) -> np.ndarray:
     """Self-check inputs for a fast runtime: a gradient and two noise images."""
     probe = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), np.uint8)
@@ -258,8 +270,7 @@ class Encoder:
             import tensorflow_hub as hub
 
             local = Path(hub.resolve(handle))
-        stamp = f"{local.resolve()}:{(local / 'saved_model.pb').stat().st_mtime_ns}"
-        key = f"tflite/{hashlib.sha256(stamp.encode()).hexdigest()[:24]}"
+        key = f"tflite/{model_digest(local)}"
         cache = LocalStore(cache_dir) if cache_dir else None
         shipped = local.parent / TFLITE_FILE  # the built-in model carries its conversion
         if self.name == BUILTIN and shipped.is_file():
@@ -275,25 +286,42 @@ class Encoder:
         runner = _TFLiteRunner(model, threads=self.threads)
         probe = probe_images(self.image_size)
         x = probe.astype(np.float32) / 255.0
-        got = np.concatenate([runner(x[:1]), runner(x[1:])])  # both layouts: a lone image and a batch
-        check_reproduces("TFLite", self._reference(local, key, cache, probe), metrics.l2_normalize(got))
+        got = metrics.l2_normalize(np.concatenate([runner(x[:1]), runner(x[1:])]))  # a lone image, a batch
+        loaded_before = self._layer is not None
+        reference, stored = self._reference(local, key, cache, probe)
+        try:
+            check_reproduces("TFLite", reference, got)
+        except ValueError:
+            if not stored or cache is None or self.name == BUILTIN:
+                raise
+            # A cached reference the conversion does not reproduce: the SavedModel decides.
+            reference = self._encode_tf(probe)
+            check_reproduces("TFLite", reference, got)
+            cache.put(f"{key}.reference.npy", npy_bytes(reference))
+        if not loaded_before and self._layer is not None:
+            # Loaded only to compute the reference (now stored): TFLite serves, so free the model.
+            with self._load_lock:
+                self._layer, self._fn = None, None
         return runner, int(got.shape[1])
 
-    def _reference(self, local: Path, key: str, cache: LocalStore | None, probe: np.ndarray) -> np.ndarray:
-        """The SavedModel's vectors of ``probe``: stored beside the built-in model or in the cache
-        (keyed by the SavedModel's path and mtime, as its conversion), else computed with TF."""
+    def _reference(
+        self, local: Path, key: str, cache: LocalStore | None, probe: np.ndarray
+    ) -> tuple[np.ndarray, bool]:
+        """The SavedModel's vectors of ``probe`` and whether they were stored: beside the built-in
+        model, or in the cache under the SavedModel's digest (as its conversion); else computed
+        with TF (and stored in the cache)."""
         shipped = local.parent / REFERENCE_FILE
         if self.name == BUILTIN and shipped.is_file():
-            return np.load(io.BytesIO(shipped.read_bytes()), allow_pickle=False)
+            return np.load(io.BytesIO(shipped.read_bytes()), allow_pickle=False), True
         if cache is not None:
             try:
-                return np.load(io.BytesIO(cache.get(f"{key}.reference.npy")), allow_pickle=False)
+                return np.load(io.BytesIO(cache.get(f"{key}.reference.npy")), allow_pickle=False), True
             except KeyError:
                 pass
         reference = self._encode_tf(probe)
         if cache is not None:
             cache.put(f"{key}.reference.npy", npy_bytes(reference))
-        return reference
+        return reference, False
 
     def batch_stats(self) -> dict | None:
         """How concurrent calls were batched together (TFLite runtime only)."""

@@ -17,7 +17,6 @@ float32 runtime is checked against the SavedModel.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from pathlib import Path
@@ -25,7 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from simserver import metrics
-from simserver.encoder import IMAGE_SIZE, _quiet_tf, _TFLiteRunner, check_reproduces, npy_bytes, probe_images
+from simserver.encoder import (
+    IMAGE_SIZE,
+    _quiet_tf,
+    _TFLiteRunner,
+    check_reproduces,
+    model_digest,
+    npy_bytes,
+    probe_images,
+)
 from simserver.store import LocalStore
 
 logger = logging.getLogger(__name__)
@@ -110,8 +117,7 @@ def int8_model(local: Path, builtin: bool, cache_dir: Path | None) -> tuple[byte
     if builtin and shipped.is_file() and (local.parent / REFERENCE_FILE).is_file():
         reference = np.load(io.BytesIO((local.parent / REFERENCE_FILE).read_bytes()), allow_pickle=False)
         return shipped.read_bytes(), reference
-    stamp = f"{local.resolve()}:{(local / 'saved_model.pb').stat().st_mtime_ns}:int8"
-    key = f"tflite/{hashlib.sha256(stamp.encode()).hexdigest()[:24]}"
+    key = f"tflite/{model_digest(local)}"  # + .int8.*: beside the float32 conversion's files
     cache = LocalStore(cache_dir) if cache_dir else None
     if cache is not None:
         try:

@@ -108,7 +108,7 @@ def multi_similarity_loss_np(
 
 
 def triplet_semihard_loss_np(
-    emb: np.ndarray, labels: np.ndarray, margin: float = 0.2
+    emb: np.ndarray, labels: np.ndarray, margin: float = 0.2, block_elements: int = 1 << 22
 ) -> tuple[float, np.ndarray]:
     """:func:`triplet_semihard_loss` and its gradient: each anchor-positive pair's negative is mined
     as there (the closest one farther than the positive, else the farthest), then held fixed."""
@@ -117,11 +117,17 @@ def triplet_semihard_loss_np(
     raw = 2.0 - 2.0 * sim
     dist = np.sqrt(np.maximum(raw, 1e-12))
     pos, neg = _pair_masks_np(labels)
-    d_an = np.broadcast_to(dist[:, None, :], (b, b, b))  # [a, p, n]
-    outside = neg[:, None, :] & (d_an > dist[:, :, None])
-    semi = np.argmin(np.where(outside, d_an, np.inf), axis=2)
-    farthest = np.argmax(np.where(neg[:, None, :], d_an, -np.inf), axis=2)
-    chosen = np.where(outside.any(axis=2), semi, farthest)  # [a, p]: the mined negative
+    chosen = np.empty((b, b), np.int64)  # [a, p]: the mined negative
+    # Mined per block of anchors, [block, p, n] at a time: a batch may be 1,024 rows, and b^3
+    # floats would be 4 GB.
+    block = max(1, block_elements // (b * b))
+    for start in range(0, b, block):
+        a = slice(start, min(start + block, b))
+        d_an = np.broadcast_to(dist[a, None, :], (a.stop - a.start, b, b))
+        outside = neg[a, None, :] & (d_an > dist[a, :, None])
+        semi = np.argmin(np.where(outside, d_an, np.inf), axis=2)
+        farthest = np.argmax(np.where(neg[a, None, :], d_an, -np.inf), axis=2)
+        chosen[a] = np.where(outside.any(axis=2), semi, farthest)
     anchors = np.broadcast_to(np.arange(b)[:, None], (b, b))
     hinge = dist - dist[anchors, chosen] + margin
     weight = pos & np.any(neg, axis=1, keepdims=True)

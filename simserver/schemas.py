@@ -525,7 +525,7 @@ class GroupPairsReply(AppliedWeights):
     pairs: list[GroupPair] = Field(description="one per item of group, best match_score first")
 
 
-# -- duplicates (simserver/duplicates.py) --------------------------------------------------------------
+# -- duplicates (simserver/duplicates.py, duplicate_groups.py) -----------------------------------------
 class DuplicateMatch(BaseModel):
     id: str
     name: str

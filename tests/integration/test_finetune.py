@@ -189,6 +189,20 @@ def test_numpy_loss_gradients_match_tensorflow_autodiff(metric_loss, preserve):
         np.testing.assert_allclose(got, want.numpy(), rtol=2e-3, atol=2e-5)
 
 
+def test_triplet_mining_in_blocks_of_anchors_gives_the_same_loss_and_gradient():
+    from simserver.losses import triplet_semihard_loss_np
+
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(32, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(8), 4)
+    whole = triplet_semihard_loss_np(emb, labels)  # one block: 32^3 elements
+    for block_elements in (1, 32 * 32 * 5):  # one anchor at a time; blocks of 5 and a rest of 2
+        loss, grad = triplet_semihard_loss_np(emb, labels, block_elements=block_elements)
+        assert loss == pytest.approx(whole[0], rel=1e-6) and loss > 0
+        np.testing.assert_allclose(grad, whole[1], rtol=1e-5, atol=1e-7)
+
+
 def test_preserve_keeps_the_heads_similarities_closer_to_the_pretrained_ones():
     """``training.preserve`` reaches the fit: the head's pairwise similarities on its own training
     features move less from the pretrained features' than without it."""
