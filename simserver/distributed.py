@@ -103,6 +103,17 @@ def shard_prefix(domain: str, build: str) -> str:
     return f"domains/{domain}/builds/{build}/shards/"
 
 
+def prune_builds(store: ArtifactStore, domain: str, keep: str) -> int:
+    """Delete the shards of ``domain``'s builds other than ``keep`` (called once ``keep`` is
+    published): a build's shards are what a re-run of it resumes from, so the latest is kept and
+    the older ones are garbage. Returns the number of objects deleted."""
+    root = f"domains/{domain}/builds/"
+    stale = [key for key in store.list(root) if not key.startswith(f"{root}{keep}/")]
+    for key in stale:
+        store.delete(key)
+    return len(stale)
+
+
 class ShippedTFLite:
     """The built-in encoder on the server's TFLite runtime, without TensorFlow: the conversion the
     model carries (which every server start checks against the SavedModel), on the server's
@@ -406,6 +417,7 @@ def build_on_ray(
         "shards": len(shards),
         "resumed": len(shards) - len(todo),
         "encode_seconds": round(encode_seconds, 3),
+        "pruned": prune_builds(repo.store, cfg.name, build),
     }
     logger.info("domain %s: encoded %d shards in %.1f s", cfg.name, len(todo), encode_seconds)
     return report

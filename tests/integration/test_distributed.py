@@ -114,6 +114,7 @@ def test_ray_build_from_a_folder_equals_the_local_build_and_resumes(
     report = build_on_ray(repo, cfg, str(source), f"file://{store}", RayOptions(shard_size=40), done.append)
     assert sum(done) == report.indexed + 1  # every listed image, the broken one too
     assert report.meta["build"]["shards"] == 4 and report.meta["build"]["resumed"] == 0
+    assert report.meta["build"]["pruned"] == 0
     assert repo.current_version(DOMAIN) == report.version
     assert_equivalent(local_build, report, repo.load(DOMAIN, report.version))
 
@@ -121,6 +122,9 @@ def test_ray_build_from_a_folder_equals_the_local_build_and_resumes(
     shards = sorted(LocalStore(store).list(f"domains/{DOMAIN}/builds/"))
     assert len(shards) == 4
     (store / shards[2]).unlink()
+    stale = store / f"domains/{DOMAIN}/builds/0123456789abcdef/shards/000000.parquet"  # an older build's
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"shard")
     out = subprocess.run(
         [sys.executable, "-m", "simserver.cli", "domain", "build", DOMAIN, "--engine", "ray",
          "--data", str(source), "--store", f"file://{store}", "--address", ray_address,
@@ -130,7 +134,8 @@ def test_ray_build_from_a_folder_equals_the_local_build_and_resumes(
     assert out.returncode == 0, out.stderr[-3000:]
     line = json.loads(out.stdout.strip().splitlines()[-1])
     assert line["built"] and line["build"]["id"] == report.meta["build"]["id"]
-    assert (line["build"]["shards"], line["build"]["resumed"]) == (4, 3)
+    assert (line["build"]["shards"], line["build"]["resumed"], line["build"]["pruned"]) == (4, 3, 1)
+    assert not stale.exists() and sorted(LocalStore(store).list(f"domains/{DOMAIN}/builds/")) == shards
     assert line["indexed"] == report.indexed and line["labels"] == report.labels
     assert [s["name"] for s in line["skipped"]] == ["boot/broken.png"] and line["seconds"] > 0
     assert (store / shards[2]).is_file() and repo.current_version(DOMAIN) == line["version"] != report.version

@@ -67,3 +67,20 @@ def test_sources_that_hold_no_images_are_refused(tmp_path):
     write(tmp_path, {"loose.png": solid(RED)})
     with pytest.raises(BadArchive, match="no image"):
         plan_source(open_source(str(tmp_path)))
+
+
+def test_a_published_build_prunes_the_domains_other_builds_shards(tmp_path):
+    from simserver.distributed import prune_builds, shard_prefix
+    from simserver.store import LocalStore
+
+    store = LocalStore(tmp_path)
+    builds = [("fashion", "new"), ("fashion", "old"), ("fashion", "older"), ("food", "old")]
+    keys = {b: [f"{shard_prefix(*b)}{k:06d}.parquet" for k in range(3)] for b in builds}
+    for build_keys in keys.values():
+        for key in build_keys:
+            store.put(key, b"shard")
+    store.put("domains/fashion/CURRENT", b"v1")
+    assert prune_builds(store, "fashion", "new") == 6  # old and older; food's are another domain's
+    kept = ["domains/fashion/CURRENT", *keys[("fashion", "new")], *keys[("food", "old")]]
+    assert sorted(store.list("domains/")) == sorted(kept)
+    assert prune_builds(store, "fashion", "new") == 0
