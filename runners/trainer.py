@@ -22,6 +22,7 @@ from simserver import request_ids
 from simserver.domain_config import DomainConfig, load_domains
 from simserver.encoder import IMAGE_SIZE
 from simserver.errors import Conflict, RequestRefused, UnknownDomain
+from simserver.features import FeatureCache
 from simserver.finetune import Head, TrainingConfig, TrainingMode
 from simserver.ingest import read_zip
 from simserver.progress import tracker_for, zip_entries
@@ -30,7 +31,7 @@ from simserver.schemas import TrainReply
 from simserver.settings import get_settings
 from simserver.store import LocalStore, open_store
 from simserver.sweep import sweep
-from simserver.training import FeatureCache, merge_catalog, train_domain
+from simserver.training import merge_catalog, train_domain
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,7 +51,7 @@ def once_more_if_reset(call: Callable[[], T]) -> T:
 
 
 class EncoderServiceBackend:
-    """The training backend (``simserver.training.Backend``) of the trainer: the TensorFlow work
+    """The training backend (``simserver.backend.Backend``) of the trainer: the model work
     runs in the encoder service, through its dependency client (sync calls from a worker thread
     of the trainer's event loop)."""
 

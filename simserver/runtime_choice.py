@@ -21,9 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from simserver.evaluation import RetrievalResult, bootstrap_interval, hits_at_1
 
 if TYPE_CHECKING:  # the training imports the domain config, which imports this module
+    from simserver.backend import Backend
     from simserver.domain_config import DomainConfig
+    from simserver.features import FeatureCache
+    from simserver.fit_evaluate import Outcome
     from simserver.ingest import Sample
-    from simserver.training import Backend, FeatureCache, Outcome, Promotion
+    from simserver.training import Promotion
 
 Runtime = Literal["float32", "int8"]
 
@@ -154,8 +157,9 @@ def served_runtime(
     are computed here (a version never mixes runtimes), cached by content like the float32 ones."""
     from simserver.builder import decode_batch
     from simserver.evaluation import evaluate_retrieval
+    from simserver.features import backbone_features
     from simserver.int8 import int8_name
-    from simserver.training import Promotion, backbone_features
+    from simserver.training import Promotion
 
     t0 = time.perf_counter()
     rule = cfg.encoder_runtime

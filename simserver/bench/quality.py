@@ -2,7 +2,7 @@
 
 For each ``--data`` folder of ``<category>/<image>``: the images are encoded once with the
 domain's encoder (timed: "one encoding pass", decode included, no feature cache), then each method
-runs the training pipeline's fit-and-evaluate stage (:func:`simserver.training.fit_and_evaluate`)
+runs the training pipeline's fit-and-evaluate stage (:func:`simserver.fit_evaluate.fit_and_evaluate`)
 on the same features and the same splits:
 
 * ``pretrained``: the encoder as it is;
@@ -63,7 +63,7 @@ def _side(result, ci) -> dict:
 
 def _split_means(samples, features, backend, config, batch_size: int, splits: int) -> dict:
     """Mean Recall@1 of ``config``'s training (mode auto) over split seeds 0 .. splits - 1."""
-    from simserver.training import fit_and_evaluate
+    from simserver.fit_evaluate import fit_and_evaluate
 
     rows = []
     for seed in range(splits):
@@ -102,9 +102,10 @@ def quality_figures(
     bench_environment()
     from simserver.domain_config import load_domains
     from simserver.encoder_pool import EncoderPool, LocalBackend
+    from simserver.features import backbone_features
+    from simserver.fit_evaluate import fit_and_evaluate
     from simserver.ingest import read_folder
     from simserver.settings import get_settings
-    from simserver.training import backbone_features, fit_and_evaluate
 
     settings = get_settings()
     cfg = load_domains(settings.domains_dir)[domain]
@@ -180,9 +181,9 @@ def _tail_row(samples: list, training, holdout: float, encode_s: float, memo: di
     import tf_keras as keras
 
     from simserver.effnet_port import BLOCKS, build_keras_models, weights_path
+    from simserver.fit_evaluate import fit_and_evaluate
     from simserver.tail import TailConfig, pretrained_tail, train_tail
     from simserver.torch_pickle import load_state_dict
-    from simserver.training import fit_and_evaluate
 
     tail_cfg = TailConfig()
     if "trunk" not in memo:

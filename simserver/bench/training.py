@@ -56,10 +56,11 @@ def training_figures(n: int = 1000, rounds: int = 2) -> dict:
     bench_environment()
     from simserver.domain_config import DomainConfig
     from simserver.encoder_pool import EncoderPool, LocalBackend
+    from simserver.features import backbone_features
     from simserver.ingest import Dataset
     from simserver.repository import Repository
     from simserver.store import LocalStore
-    from simserver.training import backbone_features, train_domain
+    from simserver.training import train_domain
 
     samples = bench_samples(n)
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:

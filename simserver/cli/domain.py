@@ -64,9 +64,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def build_one(repo, cfg, data: Path, pool, mode: str | None) -> dict:
     """Read, train, publish one domain; the training's report as JSON."""
     from simserver.encoder_pool import LocalBackend
+    from simserver.features import FeatureCache
     from simserver.ingest import count_entries, read_folder, read_zip
     from simserver.settings import get_settings
-    from simserver.training import FeatureCache, train_domain
+    from simserver.training import train_domain
 
     settings = get_settings()
     backend = LocalBackend(pool, cfg.encoder)  # loads the encoder: not part of the training's time

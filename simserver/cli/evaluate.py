@@ -43,10 +43,11 @@ def evaluate(args: argparse.Namespace) -> int:
     from simserver.domain_config import DomainConfig, load_domains
     from simserver.encoder_pool import EncoderPool, LocalBackend
     from simserver.errors import RequestRefused
+    from simserver.features import FeatureCache, backbone_features
+    from simserver.fit_evaluate import fit_and_evaluate
     from simserver.ingest import read_folder, read_zip
     from simserver.report import render
     from simserver.settings import PROJECT_ROOT, get_settings
-    from simserver.training import FeatureCache, backbone_features, fit_and_evaluate
 
     settings = get_settings()
     if args.domain:

@@ -23,8 +23,8 @@ def fashion(pool):
     """The bundled fashion set (47 items x 3 art styles) and its backbone features."""
     from simserver.domain_config import Limits
     from simserver.encoder_pool import LocalBackend
+    from simserver.features import backbone_features
     from simserver.ingest import read_folder
-    from simserver.training import backbone_features
 
     ds = read_folder(DEMO / "fashion", Limits())
     backend = LocalBackend(pool, "builtin")
@@ -34,7 +34,7 @@ def fashion(pool):
 @pytest.mark.parametrize("loss", ["none", "contrastive", "triplet", "multi_similarity"])
 def test_fine_tuning_beats_pretrained_on_the_holdout(fashion, loss):
     from simserver.finetune import TrainingConfig
-    from simserver.training import fit_and_evaluate
+    from simserver.fit_evaluate import fit_and_evaluate
 
     ds, backend, features = fashion
     # blend_max = blend, open_set_preserve 0: the head's own gain. Holding the open set (a refit

@@ -10,9 +10,10 @@ import pytest
 
 from simserver.domain_config import DomainConfig, Limits
 from simserver.errors import RequestRefused
+from simserver.features import FeatureCache
 from simserver.finetune import Head
 from simserver.ingest import read_zip
-from simserver.training import FeatureCache, train_domain
+from simserver.training import train_domain
 from tests.unit.conftest import fake_encode, make_zip, solid
 
 WARM = [(255, 0, 0), (240, 60, 0), (250, 120, 20), (200, 30, 30), (230, 90, 60)]
@@ -216,7 +217,8 @@ def test_training_needs_the_target_label_folder(repo):
 
 def test_relevance_calibration_scores_every_image_with_a_head_that_never_saw_it(repo):
     """Fine-tuned: the served head's hold-out + folds - 1 cross-fitted heads, every image scored once."""
-    from simserver.training import backbone_features, fit_and_evaluate, scored_parts
+    from simserver.features import backbone_features
+    from simserver.fit_evaluate import fit_and_evaluate, scored_parts
 
     samples = dataset().samples
     be = Backend()
@@ -336,7 +338,7 @@ def _open_set_samples():
 @pytest.mark.parametrize("blend_max", [1.0, 8.0])
 def test_blend_weight_is_raised_until_the_open_set_holds(blend_max):
     from simserver.finetune import TrainingConfig, blend_weight
-    from simserver.training import fit_and_evaluate
+    from simserver.fit_evaluate import fit_and_evaluate
 
     samples, features = _open_set_samples()
     config = TrainingConfig(blend_max=blend_max)
@@ -383,7 +385,7 @@ class PreservingScattering(Scattering):
 @pytest.mark.parametrize("open_set_preserve", [0.0, 4.0])
 def test_a_similarity_preserving_refit_holds_the_open_set_before_the_blend_rises(open_set_preserve):
     from simserver.finetune import TrainingConfig
-    from simserver.training import fit_and_evaluate
+    from simserver.fit_evaluate import fit_and_evaluate
 
     samples, features = _open_set_samples()
     config = TrainingConfig(blend_max=8.0, open_set_preserve=open_set_preserve)
