@@ -317,15 +317,29 @@ def _open_set(
     split = open_set_split(lab.tolist(), config.promotion.open_set_fraction, config.seed)
     if not split.evaluable:
         return None, None, None
-    keep = ~np.isin(y, split.held_classes)
-    if len(np.unique(y[keep])) < 2:
+    if len(np.unique(y[~np.isin(y, split.held_classes)])) < 2:
         return None, None, None
-    head = backend.train_head(x[keep], y[keep].tolist(), config)
+    head, fine = _fit_open_set_head(features, x, y, lab, split, backend, config)
     rule = config.promotion
     pre = evaluate_open_set(pre_vectors, lab, split)
-    fine = evaluate_open_set(head.apply(features), lab, split)
     comparison = Comparison.of(fine, pre, rule.bootstrap_samples, rule.confidence, config.seed)
     return split, comparison, head
+
+
+def _fit_open_set_head(
+    features: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    lab: np.ndarray,
+    split: OpenSplit,
+    backend: Backend,
+    config: TrainingConfig,
+) -> tuple[Head, RetrievalResult]:
+    """A head fitted with ``config`` on the rows of ``x``/``y`` whose category ``split`` does not
+    hold out, and its open-set evaluation."""
+    keep = ~np.isin(y, split.held_classes)
+    head = backend.train_head(x[keep], y[keep].tolist(), config)
+    return head, evaluate_open_set(head.apply(features), lab, split)
 
 
 def _preserve_for_open_set(
@@ -354,10 +368,7 @@ def _preserve_for_open_set(
     ):
         return config, open_head
     refit = config.model_copy(update={"preserve": config.open_set_preserve})
-    x, y = rows
-    keep = ~np.isin(y, out.open_split.held_classes)
-    candidate = backend.train_head(x[keep], y[keep].tolist(), refit)
-    fine = evaluate_open_set(candidate.apply(features), lab, out.open_split)
+    candidate, fine = _fit_open_set_head(features, *rows, lab, out.open_split, backend, refit)
     if fine.recall_at_1 <= out.open_set.finetuned.recall_at_1:
         return config, open_head
     out.open_set = Comparison.of(
