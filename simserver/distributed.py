@@ -31,9 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from simserver import metrics
 from simserver.builder import BuildReport, prefetched
-from simserver.domain_config import BUILTIN, DomainConfig
+from simserver.domain_config import DomainConfig
 from simserver.errors import BadArchive, BadImage, RequestRefused, TooLarge
 from simserver.ingest import (
     Dataset,
@@ -112,25 +111,6 @@ def prune_builds(store: ArtifactStore, domain: str, keep: str) -> int:
     for key in stale:
         store.delete(key)
     return len(stale)
-
-
-class ShippedTFLite:
-    """The built-in encoder on the server's TFLite runtime, without TensorFlow: the conversion the
-    model carries (which every server start checks against the SavedModel), on the server's
-    interpreter at batch 1, one thread. An actor starts in ~1 s instead of the ~10 s that importing
-    TensorFlow and loading the SavedModel take."""
-
-    runtime = "tflite"
-
-    def __init__(self, builtin_model: str) -> None:
-        from simserver.encoder import TFLITE_FILE, TFLiteInterpreter, builtin_model_path
-
-        self.id, saved_model = builtin_model_path(builtin_model)
-        self._interp = TFLiteInterpreter((saved_model.parent / TFLITE_FILE).read_bytes(), threads=1)
-        self.dim = int(self._interp(np.zeros((1, 224, 224, 3), np.float32)).shape[1])
-
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        return metrics.l2_normalize(self._interp(np.asarray(images, np.float32) / 255.0))
 
 
 class ShardEncoder:
@@ -220,11 +200,11 @@ class ShardEncoder:
 
 
 def job_encoder(job: dict[str, Any]) -> Any:
-    """The build's encoder as an actor runs it (one TFLite thread: Ray places one actor per CPU)."""
+    """The build's encoder as an actor runs it (one TFLite thread: Ray places one actor per CPU).
+    The built-in one starts without TensorFlow: its shipped conversion, checked against the
+    SavedModel's shipped vectors (:mod:`simserver.encoder`)."""
     from simserver.encoder_pool import EncoderPool
 
-    if job["encoder"] == BUILTIN and job["runtime"] != "savedmodel":
-        return ShippedTFLite(job["builtin_model"])
     pool = EncoderPool(
         builtin_model=job["builtin_model"], runtime=job["runtime"], threads=1, batch_size=job["batch"]
     )

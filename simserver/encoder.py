@@ -19,8 +19,10 @@ import io
 import logging
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,6 +33,7 @@ from simserver.domain_config import BUILTIN
 from simserver.store import LocalStore
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IMAGE_SIZE = 224
 SAVED_MODEL_DIR = "saved_model"
@@ -101,6 +104,26 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(array, np.float32), allow_pickle=False)
     return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """What :func:`npy_bytes` wrote (no pickles)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def fast_runtime(runtime: str, load: Callable[[], T], what: str) -> T | None:
+    """The ``runtime`` policy (``ENCODER_RUNTIME``) of every encoder: ``savedmodel``: None (TF
+    serves); ``tflite``: ``load()``, its failure raised; ``auto``: ``load()``, or None with a
+    warning if it fails (a conversion or self-check that failed)."""
+    if runtime == "savedmodel":
+        return None
+    try:
+        return load()
+    except Exception as exc:
+        if runtime == "tflite":
+            raise
+        logger.warning("%s: TFLite runtime unavailable, using TF (%s)", what, exc)
+        return None
 
 
 def model_digest(saved_model: Path) -> str:
@@ -231,17 +254,11 @@ class Encoder:
         self._fn = None
         self._load_lock = threading.Lock()
         self._tflite: _TFLiteRunner | None = None
-        self.runtime = "savedmodel"
-        self.dim = 0
-        if runtime != "savedmodel":
-            try:
-                self._tflite, self.dim = self._load_tflite(handle, cache_dir)
-                self.runtime = "tflite"
-            except Exception as exc:
-                if runtime == "tflite":
-                    raise
-                logger.warning("encoder %s: TFLite runtime unavailable, using TF (%s)", self.id, exc)
-        if self._tflite is None:
+        fast = fast_runtime(runtime, lambda: self._load_tflite(handle, cache_dir), f"encoder {self.id}")
+        if fast is not None:
+            (self._tflite, self.dim), self.runtime = fast, "tflite"
+        else:
+            self.runtime = "savedmodel"
             self.dim = int(self._encode_tf(np.zeros((1, image_size, image_size, 3), np.uint8)).shape[1])
         logger.info("loaded encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime)
 
@@ -288,11 +305,11 @@ class Encoder:
         x = probe.astype(np.float32) / 255.0
         got = metrics.l2_normalize(np.concatenate([runner(x[:1]), runner(x[1:])]))  # a lone image, a batch
         loaded_before = self._layer is not None
-        reference, stored = self._reference(local, key, cache, probe)
+        reference, cached = self._reference(local, key, cache, probe)
         try:
             check_reproduces("TFLite", reference, got)
         except ValueError:
-            if not stored or cache is None or self.name == BUILTIN:
+            if not cached or cache is None:
                 raise
             # A cached reference the conversion does not reproduce: the SavedModel decides.
             reference = self._encode_tf(probe)
@@ -307,15 +324,15 @@ class Encoder:
     def _reference(
         self, local: Path, key: str, cache: LocalStore | None, probe: np.ndarray
     ) -> tuple[np.ndarray, bool]:
-        """The SavedModel's vectors of ``probe`` and whether they were stored: beside the built-in
-        model, or in the cache under the SavedModel's digest (as its conversion); else computed
-        with TF (and stored in the cache)."""
+        """The SavedModel's vectors of ``probe`` and whether they came from the cache: stored beside
+        the built-in model, or in the cache under the SavedModel's digest (as its conversion); else
+        computed with TF (and stored in the cache)."""
         shipped = local.parent / REFERENCE_FILE
         if self.name == BUILTIN and shipped.is_file():
-            return np.load(io.BytesIO(shipped.read_bytes()), allow_pickle=False), True
+            return load_npy(shipped.read_bytes()), False
         if cache is not None:
             try:
-                return np.load(io.BytesIO(cache.get(f"{key}.reference.npy")), allow_pickle=False), True
+                return load_npy(cache.get(f"{key}.reference.npy")), True
             except KeyError:
                 pass
         reference = self._encode_tf(probe)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from simserver.encoder import Encoder, check_reproduces, npy_bytes, probe_images
+from simserver.encoder import Encoder, check_reproduces, load_npy, npy_bytes, probe_images
 from simserver.finetune import Head, TrainingConfig, export_finetuned, load_head, train_head, write_head_files
 from simserver.int8 import Int8Encoder, float_name, int8_name, is_int8
 from simserver.store import ArtifactStore
@@ -77,43 +77,42 @@ class FinetunedEncoder:
             self.runtime = f"{backbone.runtime}+head"
             logger.info("loaded fine-tuned encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime)
             return
-        self.info = info
-        self._backbone = backbone
-        self._head = None
-        self._truth = None
-        self.image_size = backbone.image_size if backbone is not None else 224
-        stored = folder / REFERENCE_FILE
-        if loaded and backbone is not None and backbone.runtime != "savedmodel" and stored.is_file():
-            head = loaded[0]
-            probe = probe_images(self.image_size)
-            try:
-                reference = np.load(io.BytesIO(stored.read_bytes()), allow_pickle=False)
-                check_reproduces("backbone + head", reference, head.apply(backbone.encode(probe)))
-            except ValueError as exc:
-                logger.warning("encoder %s: %s; loading its SavedModel", encoder, exc)
-            else:  # checked against the SavedModel's stored vectors: it need not be loaded
-                self.id, self.dim, self._head = info.get("id", encoder), int(head.kernel.shape[1]), head
-                self.runtime = f"{backbone.runtime}+head"
-                logger.info("loaded fine-tuned encoder %s (runtime %s)", self.id, self.runtime)
+        self.info, self._backbone, self._head, self._truth = info, backbone, None, None
+        self.id = info.get("id", encoder)
+        # The composed path (fast backbone + NumPy head) serves if it reproduces the SavedModel:
+        # first checked against the vectors the export stored, else against the SavedModel itself.
+        head = loaded[0] if loaded and backbone is not None and backbone.runtime != "savedmodel" else None
+        if head is not None:
+            assert backbone is not None
+            probe = probe_images(backbone.image_size)
+            composed = head.apply(backbone.encode(probe))
+            stored = folder / REFERENCE_FILE
+            if stored.is_file() and self._reproduces(
+                load_npy(stored.read_bytes()), composed, "loading its SavedModel"
+            ):
+                self._head, self.dim, self.image_size = head, int(head.kernel.shape[1]), backbone.image_size
+                self.runtime = f"{backbone.runtime}+head"  # the SavedModel is never loaded
+                logger.info(
+                    "loaded fine-tuned encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime
+                )
                 return
-        truth = Encoder(str(folder / "saved_model"), runtime="savedmodel", encoder_id=info.get("id", encoder))
-        self.id = truth.id
-        self.dim = truth.dim
-        self.image_size = truth.image_size
-        self._truth = truth
-        self.runtime = "savedmodel"
-        if loaded and backbone is not None and backbone.runtime != "savedmodel":
-            head = loaded[0]
-            probe = probe_images(self.image_size)
-            try:
-                check_reproduces("backbone + head", truth.encode(probe), head.apply(backbone.encode(probe)))
-            except ValueError as exc:
-                logger.warning("encoder %s: %s; using its SavedModel", self.id, exc)
-            else:
-                self._head = head
-                self._truth = None  # the composed path is checked; free the second backbone copy
-                self.runtime = f"{backbone.runtime}+head"
+        truth = Encoder(str(folder / "saved_model"), runtime="savedmodel", encoder_id=self.id)
+        self.id, self.dim, self.image_size = truth.id, truth.dim, truth.image_size
+        self._truth, self.runtime = truth, "savedmodel"
+        if head is not None and self._reproduces(truth.encode(probe), composed, "using its SavedModel"):
+            assert backbone is not None
+            self._head = head
+            self._truth = None  # the composed path is checked; free the second backbone copy
+            self.runtime = f"{backbone.runtime}+head"
         logger.info("loaded fine-tuned encoder %s (dim %d, runtime %s)", self.id, self.dim, self.runtime)
+
+    def _reproduces(self, reference: np.ndarray, composed: np.ndarray, otherwise: str) -> bool:
+        try:
+            check_reproduces("backbone + head", reference, composed)
+        except ValueError as exc:
+            logger.warning("encoder %s: %s; %s", self.id, exc, otherwise)
+            return False
+        return True
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         if self._head is not None and self._backbone is not None:

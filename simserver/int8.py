@@ -17,7 +17,6 @@ float32 runtime is checked against the SavedModel.
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from simserver.encoder import (
     _quiet_tf,
     _TFLiteRunner,
     check_reproduces,
+    load_npy,
     model_digest,
     npy_bytes,
     probe_images,
@@ -115,14 +115,14 @@ def int8_model(local: Path, builtin: bool, cache_dir: Path | None) -> tuple[byte
     is converted the same way)."""
     shipped = local.parent / INT8_FILE
     if builtin and shipped.is_file() and (local.parent / REFERENCE_FILE).is_file():
-        reference = np.load(io.BytesIO((local.parent / REFERENCE_FILE).read_bytes()), allow_pickle=False)
+        reference = load_npy((local.parent / REFERENCE_FILE).read_bytes())
         return shipped.read_bytes(), reference
     key = f"tflite/{model_digest(local)}"  # + .int8.*: beside the float32 conversion's files
     cache = LocalStore(cache_dir) if cache_dir else None
     if cache is not None:
         try:
             data, ref = cache.get(f"{key}.int8.tflite"), cache.get(f"{key}.int8.npy")
-            return data, np.load(io.BytesIO(ref), allow_pickle=False)
+            return data, load_npy(ref)
         except KeyError:
             pass
     logger.info("converting %s to int8 (calibrating on %d images)", local, CALIBRATION_IMAGES)

@@ -17,7 +17,6 @@ SavedModel for it. Other encoders run their SavedModel through TF.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import threading
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from simserver import metrics
 from simserver.domain_config import BUILTIN
+from simserver.encoder import check_reproduces, fast_runtime, load_npy
 
 logger = logging.getLogger(__name__)
 
@@ -149,16 +149,10 @@ class TextEncoder:
             self._tokenizer = tok
         self._lock = threading.Lock()  # the Rust tokenizer's settings are shared state
         self._model: Any = None  # the SavedModel (hub.load), when TF serves
-        self._tflite: _TFLiteText | None = None
-        self.runtime = "savedmodel"
-        if runtime != "savedmodel":
-            try:
-                self._tflite = self._load_tflite(local, encoder)
-                self.runtime = "tflite"
-            except Exception as exc:
-                if runtime == "tflite":
-                    raise
-                logger.warning("text encoder %s: TFLite runtime unavailable, using TF (%s)", self.id, exc)
+        self._tflite = fast_runtime(
+            runtime, lambda: self._load_tflite(local, encoder), f"text encoder {self.id}"
+        )
+        self.runtime = "tflite" if self._tflite is not None else "savedmodel"
         if self._tflite is None:
             import tensorflow_hub as hub
 
@@ -168,7 +162,6 @@ class TextEncoder:
 
     def _load_tflite(self, local: Path, encoder: str) -> _TFLiteText:
         from simserver.cpu import usable_cpus
-        from simserver.encoder import check_reproduces
 
         shipped, reference = local.parent / TFLITE_FILE, local.parent / REFERENCE_FILE
         if encoder != BUILTIN or self._tokenizer is None:
@@ -177,7 +170,7 @@ class TextEncoder:
             raise ValueError("no TFLite conversion beside the SavedModel (built before it shipped)")
         runner = _TFLiteText(shipped.read_bytes(), usable_cpus())
         got = runner(*self.tokenize(PROBE_TEXTS))
-        check_reproduces("TFLite", np.load(io.BytesIO(reference.read_bytes()), allow_pickle=False), got)
+        check_reproduces("TFLite", load_npy(reference.read_bytes()), got)
         return runner
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
