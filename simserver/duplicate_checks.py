@@ -91,6 +91,7 @@ def check_vectors(
                     np.asarray([ev.inliers]),
                     np.asarray([ev.ncc]),
                     np.asarray([ev.edge_ncc]),
+                    np.asarray([ev.detail_ncc]),
                 )
                 p = float(decision.same_item(*signals)[0])
                 matches.append(
@@ -103,6 +104,7 @@ def check_vectors(
                         inliers=ev.inliers,
                         ncc=round(ev.ncc, 4),
                         edge_ncc=round(ev.edge_ncc, 4),
+                        detail_ncc=round(ev.detail_ncc, 4),
                     )
                 )
                 duplicate_of.append(bool(decision.duplicate(*signals)[0]))
@@ -166,6 +168,7 @@ def calibration_input(catalog: Catalog, cfg: DomainConfig, encoder: str) -> str:
         "tombstones": catalog.meta.get("tombstones", []),
         "encoder": encoder,
         "duplicates": cfg.duplicates.model_dump(mode="json"),
+        "signals": list(dup.SIGNALS),  # a decision on other signals (an older release's) is refitted
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 

@@ -170,7 +170,7 @@ def find_groups(
     t0 = time.perf_counter()
     items, nb, sc = catalog_knn(catalog, min(cfg.groups_k, max(1, catalog.count - 1)))
     i, j, s = candidate_pairs(nb, sc, decision.lowest_possible_score())
-    inl, ncc, edge = np.zeros(len(i)), np.zeros(len(i)), np.zeros(len(i))
+    inl, ncc, edge, detail = (np.zeros(len(i)) for _ in range(4))
     verified = 0
     if decision.verify and load_image is not None and len(i):
         order = np.argsort(-s, kind="stable")[: cfg.max_verified_pairs]
@@ -183,10 +183,10 @@ def find_groups(
 
         for o in order.tolist():
             e = verify(feats(int(i[o])), feats(int(j[o])))
-            inl[o], ncc[o], edge[o] = e.inliers, e.ncc, e.edge_ncc
+            inl[o], ncc[o], edge[o], detail[o] = e.inliers, e.ncc, e.edge_ncc, e.detail_ncc
         verified = len(order)
-    prob = decision.same_item(s, inl, ncc, edge)
-    dupe = decision.duplicate(s, inl, ncc, edge)
+    prob = decision.same_item(s, inl, ncc, edge, detail)
+    dupe = decision.duplicate(s, inl, ncc, edge, detail)
     if decision.verify and load_image is not None and len(i) > verified:
         dupe[np.argsort(-s, kind="stable")[verified:]] = False  # unverified pairs never count
     groups = group_pairs(

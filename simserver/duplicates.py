@@ -10,9 +10,11 @@ global embedding. Three signals decide:
   a copy passes with dozens of inliers and a look-alike does not;
 * ``ncc`` / ``edge_ncc``: template matching of small grey thumbnails (and their edges) over
   positions and sizes (:func:`template_match`), which holds where keypoints fail (small, textureless
-  or heavily re-compressed images).
+  or heavily re-compressed images);
+* ``detail_ncc``: fine detail compared once the two are aligned (:func:`detail_match`), which tells
+  a copy from a look-alike whose outline lines up with the original.
 
-``same_item`` is a logistic model of (score, log1p(inliers), e(ncc), e(edge_ncc)) fitted per
+``same_item`` is a logistic model of (score, log1p(inliers), e(ncc), e(edge_ncc), e(detail_ncc)) fitted per
 domain on synthetic copies of the domain's own images (positives) and each image's nearest other
 items of the same label (look-alike negatives); the decision threshold on it is the lowest
 reaching the domain's target precision on those pairs (:func:`calibrate`). No labelled
@@ -72,6 +74,11 @@ class DuplicatesConfig(BaseModel):
 
 
 # -- the decision ----------------------------------------------------------------------------------
+# What a decision is fitted on (in its weights' order after the intercept). Part of the digest of a
+# calibration's input: a version calibrated on fewer signals (an older release) is calibrated again.
+SIGNALS = ("score", "inliers", "ncc", "edge_ncc", "detail_ncc")
+
+
 def match_evidence(ncc: np.ndarray | float) -> np.ndarray:
     """A template match as additive evidence, ``-log(1.02 - ncc)``: like ``log1p(inliers)`` it grows
     steeply where copies are (0.9 -> 2.1, 0.99 -> 3.5; a look-alike's 0.6 -> 0.9), so a near-perfect
@@ -81,9 +88,10 @@ def match_evidence(ncc: np.ndarray | float) -> np.ndarray:
 
 
 class Decision(BaseModel):
-    """``same_item = sigmoid(w0 + w1 * score + w2 * log1p(inliers) + w3 * e(ncc) + w4 * e(edge_ncc))``
-    with ``e`` = :func:`match_evidence`; a duplicate when ``score >= min_score`` and ``same_item >=
-    threshold``. Decisions fitted before template matching have three weights (no ncc terms)."""
+    """``same_item = sigmoid(w0 + w1 * score + w2 * log1p(inliers) + w3 * e(ncc) + w4 * e(edge_ncc)
+    + w5 * e(detail_ncc))`` with ``e`` = :func:`match_evidence`; a duplicate when ``score >=
+    min_score`` and ``same_item >= threshold``. Decisions fitted before template matching have three
+    weights (no ncc terms), before detail matching five (no detail term)."""
 
     weights: list[float]
     threshold: float
@@ -96,6 +104,7 @@ class Decision(BaseModel):
         inl: np.ndarray,
         ncc: np.ndarray | None = None,
         edge_ncc: np.ndarray | None = None,
+        detail_ncc: np.ndarray | None = None,
     ) -> np.ndarray:
         score = np.asarray(score, np.float64)
         z = self.weights[0] + self.weights[1] * score
@@ -105,6 +114,8 @@ class Decision(BaseModel):
                 zero = np.zeros_like(score)
                 z = z + self.weights[3] * match_evidence(zero if ncc is None else ncc)
                 z = z + self.weights[4] * match_evidence(zero if edge_ncc is None else edge_ncc)
+            if len(self.weights) >= 6:
+                z = z + self.weights[5] * match_evidence(zero if detail_ncc is None else detail_ncc)
         return 1.0 / (1.0 + np.exp(-z))
 
     def lowest_possible_score(self, max_inliers: int = 1000) -> float:
@@ -113,7 +124,7 @@ class Decision(BaseModel):
         verification."""
         grid = np.linspace(self.min_score, 1.0, 201)
         ones = np.ones(len(grid))
-        ok = self.duplicate(grid, np.full(len(grid), max_inliers), ones, ones)
+        ok = self.duplicate(grid, np.full(len(grid), max_inliers), ones, ones, ones)
         return float(grid[np.argmax(ok)]) if ok.any() else 1.0 + 1e-9
 
     def duplicate(
@@ -122,8 +133,9 @@ class Decision(BaseModel):
         inl: np.ndarray,
         ncc: np.ndarray | None = None,
         edge_ncc: np.ndarray | None = None,
+        detail_ncc: np.ndarray | None = None,
     ) -> np.ndarray:
-        p = self.same_item(score, inl, ncc, edge_ncc)
+        p = self.same_item(score, inl, ncc, edge_ncc, detail_ncc)
         return (np.asarray(score) >= self.min_score) & (p >= self.threshold)
 
 
@@ -175,16 +187,19 @@ def fit_decision(
     verify: bool,
     ncc: np.ndarray | None = None,
     edge_ncc: np.ndarray | None = None,
+    detail_ncc: np.ndarray | None = None,
 ) -> Decision:
     """The logistic model on the pairs, then its threshold (:func:`balanced_threshold`).
-    ``verify``: on (score, log1p(inliers)) and, given ``ncc`` / ``edge_ncc``, the template matches;
-    otherwise on the score alone."""
+    ``verify``: on (score, log1p(inliers)) and, given ``ncc`` / ``edge_ncc``, the template matches
+    (and, given ``detail_ncc`` too, the detail match); otherwise on the score alone."""
     score, inl, same = np.asarray(score, np.float64), np.asarray(inl, np.float64), np.asarray(same, bool)
     columns = [score]
     if verify:
         columns.append(np.log1p(inl))
         if ncc is not None and edge_ncc is not None:
             columns += [match_evidence(ncc), match_evidence(edge_ncc)]
+            if detail_ncc is not None:
+                columns.append(match_evidence(detail_ncc))
     x = np.stack(columns, 1)
     w = np.zeros(x.shape[1] + 1)
     if same.any() and (~same).any():
@@ -206,7 +221,7 @@ def fit_decision(
         w[1] = 1.0
     weights = [float(v) for v in w] + ([0.0] if not verify else [])
     d = Decision(weights=weights, threshold=0.5, min_score=min_score, verify=verify)
-    p = d.same_item(score, inl, ncc, edge_ncc)
+    p = d.same_item(score, inl, ncc, edge_ncc, detail_ncc)
     p = np.where(score >= min_score, p, -1.0)
     threshold = balanced_threshold(p, same, precision)
     return d.model_copy(update={"threshold": threshold})
@@ -226,6 +241,7 @@ class PairSet:
     transform: list[str]  # a TRANSFORMS name, or "look-alike"
     ncc: np.ndarray | None = None  # template matches (see template_match)
     edge_ncc: np.ndarray | None = None
+    detail_ncc: np.ndarray | None = None  # the detail match (see detail_match)
 
 
 def calibration_pairs(
@@ -266,6 +282,7 @@ def calibration_pairs(
         transform=names + ["look-alike"] * len(la_score),
         ncc=np.asarray([e.ncc for e in found], np.float64),
         edge_ncc=np.asarray([e.edge_ncc for e in found], np.float64),
+        detail_ncc=np.asarray([e.detail_ncc for e in found], np.float64),
     )
 
 
@@ -286,7 +303,7 @@ def pair_scores(metric: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def summarize(pairs: PairSet, decision: Decision) -> dict:
     """Per-transform recall and the look-alike false-positive rate of ``decision`` on ``pairs``."""
-    flagged = decision.duplicate(pairs.score, pairs.inliers, pairs.ncc, pairs.edge_ncc)
+    flagged = decision.duplicate(pairs.score, pairs.inliers, pairs.ncc, pairs.edge_ncc, pairs.detail_ncc)
     names = np.asarray(pairs.transform)
     recall = {t: round(float(flagged[names == t].mean()), 4) for t in TRANSFORMS if (names == t).any()}
     la = names == "look-alike"
@@ -303,7 +320,15 @@ def calibrate(pairs: PairSet, cfg: DuplicatesConfig, images: int, started: float
     """The domain's duplicate decision and what it achieves on its calibration pairs (the JSON
     stored under ``duplicates`` in the version's meta)."""
     decision = fit_decision(
-        pairs.score, pairs.inliers, pairs.same, cfg.precision, cfg.min_score, True, pairs.ncc, pairs.edge_ncc
+        pairs.score,
+        pairs.inliers,
+        pairs.same,
+        cfg.precision,
+        cfg.min_score,
+        True,
+        pairs.ncc,
+        pairs.edge_ncc,
+        pairs.detail_ncc,
     )
     embedding_only = fit_decision(
         pairs.score, pairs.inliers, pairs.same, cfg.precision, cfg.min_score, verify=False

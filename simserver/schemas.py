@@ -539,6 +539,11 @@ class DuplicateMatch(BaseModel):
     inliers: int = Field(description="geometric verification: RANSAC inliers of ORB matches")
     ncc: float = Field(0.0, description="template match of the grey thumbnails (0..1; 0: not verified)")
     edge_ncc: float = Field(0.0, description="template match of their edges (0..1; 0: not verified)")
+    detail_ncc: float = Field(
+        0.0,
+        description="fine detail once aligned: the median correlation of 8 x 8 band-passed cells "
+        "(-1..1; 0: not verified)",
+    )
 
 
 class DuplicateResult(BaseModel):

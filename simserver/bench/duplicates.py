@@ -125,6 +125,17 @@ def duplicates_figures(
 
     cal, cal_s = pairset(cal_rows, seed)
     decision = dup.fit_decision(
+        cal.score,
+        cal.inliers,
+        cal.same,
+        cfg.precision,
+        cfg.min_score,
+        True,
+        cal.ncc,
+        cal.edge_ncc,
+        cal.detail_ncc,
+    )
+    no_detail = dup.fit_decision(
         cal.score, cal.inliers, cal.same, cfg.precision, cfg.min_score, True, cal.ncc, cal.edge_ncc
     )
     emb_only = dup.fit_decision(cal.score, cal.inliers, cal.same, cfg.precision, cfg.min_score, verify=False)
@@ -144,10 +155,15 @@ def duplicates_figures(
         "methods": {},
     }
     # ours: the decision calibrated on the other half; seconds = encoding + verifying the test pairs
-    flag = decision.duplicate(test.score, test.inliers, test.ncc, test.edge_ncc)
-    out["methods"]["ours (embedding + ORB/RANSAC + template match, calibrated)"] = {
+    flag = decision.duplicate(test.score, test.inliers, test.ncc, test.edge_ncc, test.detail_ncc)
+    out["methods"]["ours (embedding + ORB/RANSAC + template + detail match, calibrated)"] = {
         **_report(flag[pos], flag[neg], tr, test_s),
         "threshold": round(decision.threshold, 4),
+    }
+    flag = no_detail.duplicate(test.score, test.inliers, test.ncc, test.edge_ncc)
+    out["methods"]["ours without detail match (embedding + ORB/RANSAC + template match)"] = {
+        **_report(flag[pos], flag[neg], tr, test_s),
+        "threshold": round(no_detail.threshold, 4),
     }
     orb_only = dup.fit_decision(cal.score, cal.inliers, cal.same, cfg.precision, cfg.min_score, True)
     flag = orb_only.duplicate(test.score, test.inliers)
@@ -170,10 +186,10 @@ def duplicates_figures(
         "threshold": round(th, 4),
     }
     # perceptual hashes on the same pairs (regenerated with the same seed: the same copies)
-    copies, owners, la_pairs = _test_images(imgs, test_rows, la_of, seed + 1)
+    made, owners, la_pairs = _test_images(imgs, test_rows, la_of, seed + 1)
     for kind in ("phash", "dhash"):
         t = time.perf_counter()
-        hc = _hashes(copies, kind)
+        hc = _hashes(made, kind)
         ho = {r: h for r, h in zip(test_rows, _hashes([imgs[r] for r in test_rows], kind), strict=True)}
         hl = _hashes([imgs[j] for _, j in la_pairs], kind)
         dpos = np.asarray([hc[i] - ho[o] for i, o in enumerate(owners)], np.float64)
@@ -194,13 +210,13 @@ def duplicates_figures(
 def _test_images(imgs, rows, la_of, seed):
     """The test copies exactly as :func:`simserver.duplicates.calibration_pairs` made them."""
     rng = np.random.default_rng(seed)
-    copies, owners = [], []
+    made, owners = [], []
     for r in rows:
         for t in copies.TRANSFORMS:
-            copies.append(copies.synthetic_copy(imgs[r], t, rng))
+            made.append(copies.synthetic_copy(imgs[r], t, rng))
             owners.append(r)
     la_pairs = [(r, j) for r in rows for j, _ in la_of[r]]
-    return copies, owners, la_pairs
+    return made, owners, la_pairs
 
 
 def table(result: dict) -> str:

@@ -12,6 +12,7 @@ import requests
 from PIL import Image, ImageOps
 
 from simserver.copies import TRANSFORMS
+from simserver.duplicates import SIGNALS
 from tests.integration.conftest import DEMO, TEST_DATA
 from tests.integration.test_http import assert_error, make_zip
 
@@ -50,7 +51,9 @@ def test_check_tells_copies_from_an_unrelated_photo(server):
     top = same["matches"][0]
     assert top["id"] == "dress/google.png" and top["score"] > 0.99 and top["same_item"] >= body["threshold"]
     assert top["inliers"] >= 20 and top["ncc"] > 0.95 and top["edge_ncc"] > 0.95  # the same image
+    assert top["detail_ncc"] > 0.95
     assert mirror["duplicate"] is True and mirror["matches"][0]["id"] == "dress/google.png"
+    assert mirror["matches"][0]["detail_ncc"] > 0.9  # aligned on the mirror image
     assert hammer["duplicate"] is False
     assert all(m["same_item"] < body["threshold"] for m in hammer["matches"])
     # matches come most likely copy first
@@ -106,3 +109,4 @@ def test_groups_task_and_calibration_in_domains(server):
     assert set(cal["recall"]) == set(TRANSFORMS)
     assert 0 <= cal["lookalike_fpr"] <= 1 and cal["copies"] == cal["images"] * len(TRANSFORMS)
     assert cal["decision"]["threshold"] > 0
+    assert len(cal["decision"]["weights"]) == 1 + len(SIGNALS)  # fitted on every signal, detail too

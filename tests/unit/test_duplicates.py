@@ -112,6 +112,104 @@ def test_template_match_finds_a_crop_where_it_is_and_a_border_around():
     )
 
 
+def render(name: str) -> Image.Image:
+    return photo(f"render_{name}.png")
+
+
+def test_detail_match_tells_a_copy_from_a_look_alike_whose_outline_lines_up():
+    """Two speakers and a locker, renders on white: their outlines line up, so template matching
+    scores the look-alikes like copies (ncc > 0.9); once aligned, their inside details do not
+    agree (detail_ncc near 0), while every kind of copy's do."""
+    original = render("speaker2")
+    target = verification.features(original, mirror=False)
+    for other in ("speaker3", "lockedLocker"):
+        ev = verification.verify(verification.features(render(other)), target)
+        assert ev.ncc > 0.9 and ev.detail_ncc < 0.3, (other, ev)
+    for transform in copies.TRANSFORMS:
+        found = [
+            verification.verify(
+                verification.features(copies.synthetic_copy(original, transform, np.random.default_rng(s))),
+                target,
+            ).detail_ncc
+            for s in range(5)
+        ]
+        # the combination (crop + colour + caption + JPEG q15-40 of a 128 px render) is the hard case:
+        # most of its copies, not all, keep their detail
+        assert np.median(found) > (0.6 if transform == "combination" else 0.85), (transform, found)
+
+
+@pytest.mark.parametrize("transform", list(copies.TRANSFORMS))
+def test_a_photo_copy_keeps_its_detail_a_look_alike_does_not(transform):
+    original = photo("plier1.webp")
+    target = verification.features(original, mirror=False)
+    copy = verification.features(copies.synthetic_copy(original, transform, np.random.default_rng(2)))
+    detail = verification.verify(copy, target).detail_ncc
+    other = verification.verify(verification.features(photo("plier2.webp")), target).detail_ncc
+    assert -1 <= other < 0.3 < 0.6 < detail <= 1, (transform, detail, other)
+
+
+def test_detail_match_aligns_a_rotated_crop_and_ignores_an_unrelated_texture():
+    """Oracle: a crop of a random texture, rotated by 7 degrees (which neither the template match
+    nor the same frame finds: RANSAC's transform does), is the same pixels once aligned (detail
+    near 1); an unrelated texture is not (near 0); no image, no measurement (0)."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(3)
+
+    def texture() -> Image.Image:
+        noise = Image.fromarray(rng.uniform(0, 255, (40, 40)).astype(np.uint8)).resize((320, 320))
+        return noise.filter(ImageFilter.GaussianBlur(4)).convert("RGB")  # blobs a 128 px view resolves
+
+    big, other = texture(), texture()
+    copy = big.crop((30, 20, 290, 280)).rotate(7, resample=Image.Resampling.BILINEAR)
+    target = verification.features(big, mirror=False)
+    assert verification.verify(verification.features(copy), target).detail_ncc > 0.8
+    assert abs(verification.verify(verification.features(other), target).detail_ncc) < 0.3
+    blank = verification.Features((np.zeros((0, 2)),) * 2, (None, None))  # nothing to compare
+    assert verification.detail_match(blank, target) == 0.0
+
+
+def test_nearest_similarity_keeps_a_similarity_and_drops_a_shear():
+    a = np.deg2rad(8)
+    sim = np.asarray([[0.9 * np.cos(a), 0.9 * np.sin(a), 5.0], [-0.9 * np.sin(a), 0.9 * np.cos(a), 7.0]])
+    np.testing.assert_allclose(verification._nearest_similarity(sim, 100, 80), sim, atol=1e-5)
+    shear = np.asarray([[1.0, 0.3, 2.0], [0.0, 1.2, 3.0]])
+    p = verification._nearest_similarity(shear, 100, 80)
+    assert np.isclose(p[0, 0], p[1, 1]) and np.isclose(p[0, 1], -p[1, 0])  # rotation + uniform scale
+    centre = np.asarray([50.0, 40.0, 1.0])
+    np.testing.assert_allclose(p @ centre, shear @ centre, atol=1e-4)  # the centre maps where it did
+
+
+def test_a_decision_before_detail_matching_ignores_it_and_detail_raises_same_item():
+    five = dup.Decision(weights=[-3.0, 1.0, 2.0, 1.0, 1.0], threshold=0.5, min_score=0.5, verify=True)
+    s, inl, ncc = np.full(3, 0.9), np.full(3, 3), np.full(3, 0.8)
+    detail = np.array([0.0, 0.5, 1.0])
+    assert np.array_equal(five.same_item(s, inl, ncc, ncc), five.same_item(s, inl, ncc, ncc, detail))
+    six = five.model_copy(update={"weights": [-3.0, 1.0, 2.0, 1.0, 1.0, 1.0]})
+    assert np.all(np.diff(six.same_item(s, inl, ncc, ncc, detail)) > 0)
+    # a pair whose every signal is perfect is flagged at the lowest score the decision allows
+    assert six.lowest_possible_score() <= five.lowest_possible_score()
+
+
+def test_fit_decision_uses_the_detail_match_where_template_matches_tie():
+    """Copies and look-alikes with the same embedding scores, inliers and template matches (renders
+    whose outlines line up) but different detail: only the detail term tells them apart, and the
+    fitted decision does."""
+    rng = np.random.default_rng(4)
+    n_copy, n_la = 60, 30
+    n = n_copy + n_la
+    score, inl = rng.uniform(0.6, 0.9, n), rng.integers(0, 4, n)
+    ncc, edge = rng.uniform(0.85, 0.97, n), rng.uniform(0.75, 0.92, n)
+    detail = np.concatenate([rng.uniform(0.6, 0.99, n_copy), rng.uniform(-0.2, 0.4, n_la)])
+    same = np.arange(n) < n_copy
+    d = dup.fit_decision(score, inl, same, 0.99, 0.5, True, ncc, edge, detail)
+    assert len(d.weights) == 6 and min(d.weights[1:]) >= 0 and d.weights[5] > 0
+    flagged = d.duplicate(score, inl, ncc, edge, detail)
+    assert flagged[same].mean() > 0.9 and not flagged[~same].any()
+    without = dup.fit_decision(score, inl, same, 0.99, 0.5, True, ncc, edge)
+    assert without.duplicate(score, inl, ncc, edge)[same].mean() < flagged[same].mean()
+
+
 def test_a_decision_before_template_matching_ignores_it():
     old = dup.Decision(weights=[-3.0, 1.0, 2.0], threshold=0.5, min_score=0.5, verify=True)
     s, inl = np.array([0.9, 0.9]), np.array([3, 3])

@@ -59,7 +59,7 @@ UI.page({
                 { class: "matches" },
                 res.matches.length ? null : h("em", {}, "no catalog item is close enough to compare"),
                 res.matches.map((m) =>
-                  item(m.same_item >= r.threshold ? "copy" : "look-alike", m.id, r.version, m.label, `score ${num(m.score)} · same item ${pct(m.same_item)}`, `${m.inliers} inliers · template match ${num(m.ncc ?? 0)} / edges ${num(m.edge_ncc ?? 0)}`),
+                  item(m.same_item >= r.threshold ? "copy" : "look-alike", m.id, r.version, m.label, `score ${num(m.score)} · same item ${pct(m.same_item)}`, `${m.inliers} inliers · template match ${num(m.ncc ?? 0)} / edges ${num(m.edge_ncc ?? 0)} · detail ${num(m.detail_ncc ?? 0)}`),
                 ),
               ),
             );
