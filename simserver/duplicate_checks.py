@@ -168,7 +168,9 @@ def calibration_input(catalog: Catalog, cfg: DomainConfig, encoder: str) -> str:
         "tombstones": catalog.meta.get("tombstones", []),
         "encoder": encoder,
         "duplicates": cfg.duplicates.model_dump(mode="json"),
-        "signals": list(dup.SIGNALS),  # a decision on other signals (an older release's) is refitted
+        # a decision on other signals, or on signals measured otherwise (an older release's), is refitted
+        "signals": list(dup.SIGNALS),
+        "verification": verification.parameters(),
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()
 

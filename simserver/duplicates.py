@@ -2,7 +2,7 @@
 
 A copy (the same photo cropped, downscaled, re-compressed, colour-shifted, rotated, captioned,
 padded or mirrored) and a look-alike (another product of the same kind) can both score high on a
-global embedding. Three signals decide:
+global embedding. Four signals decide:
 
 * ``score``: the domain's embedding similarity (what search ranks by), which finds the candidates;
 * ``inliers``: geometric verification of each candidate with local features (OpenCV ORB keypoints,

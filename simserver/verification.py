@@ -11,7 +11,7 @@
   of band-passed (difference of Gaussians) images (:func:`detail_match`). A look-alike's outline
   can line up with an original's (two boxes on white), its inside details do not.
 
-:func:`verify` gives both as :class:`Evidence`; :mod:`simserver.duplicates` turns them into a
+:func:`verify` gives all of them as :class:`Evidence`; :mod:`simserver.duplicates` turns them into a
 calibrated decision.
 """
 
@@ -39,6 +39,21 @@ DETAIL_CELLS = 8  # detail_ncc is the median correlation of DETAIL_CELLS x DETAI
 # sigmas grow when the smaller image is under FINE_SIDE (a 45 px downscale has no finer detail).
 DETAIL_BAND = (1.0, 2.0)
 FLAT = 0.3  # a cell whose band-passed standard deviation is under this in both images: no evidence
+
+
+def parameters() -> dict:
+    """What the signals' values depend on besides the images (part of a calibration's digest: a
+    decision fitted on signals measured otherwise is fitted again)."""
+    return {
+        "verify_side": VERIFY_SIDE,
+        "thumb_side": THUMB_SIDE,
+        "keep_cells": KEEP_CELLS,
+        "fine_side": FINE_SIDE,
+        "detail_cells": DETAIL_CELLS,
+        "detail_band": list(DETAIL_BAND),
+        "flat": FLAT,
+        "min_geometry": MIN_GEOMETRY,
+    }
 
 
 @dataclass
@@ -290,16 +305,17 @@ def detail_match(
 ) -> float:
     """How well the two images agree in fine detail once aligned, in [-1, 1] (0: not measured).
 
-    The template (the query, or its mirror image; the candidate inside the query for a border),
-    scaled to :data:`FINE_SIDE`, is aligned on the other image by ECC (OpenCV's
-    ``findTransformECC``, which ignores brightness and contrast) from up to three starts: where
-    the template match put it (``at``: a crop, a border), the same frame (a rotation, which the
-    template match does not search), and RANSAC's transform (``geo``, when it kept
-    :data:`MIN_GEOMETRY` inliers: a rotated crop); the best-aligned is kept, its affine transform
-    projected on the nearest similarity (:func:`_nearest_similarity`). Then the median
-    correlation of the :data:`DETAIL_CELLS` x :data:`DETAIL_CELLS` cells of the band-passed images
-    (cells outside the overlap or flat in both left out): a caption spoils only its cells, a
-    look-alike that shares an outline differs inside."""
+    Both images at :data:`FINE_SIDE` (longer side), a template (the query, or its mirror image;
+    the candidate, for a border, where the template match put it inside the query) is aligned on
+    the other by ECC (OpenCV's ``findTransformECC``, which ignores brightness and contrast) from up
+    to three starts: where the template match put it (``at``: a crop, a border), the same frame (a
+    rotation, which the template match does not search), and RANSAC's transform (``geo``, when it
+    kept :data:`MIN_GEOMETRY` inliers: a rotated crop); the best-aligned is kept (if ECC fails from
+    every start, the first start as it is), its affine transform projected on the nearest
+    similarity (:func:`_nearest_similarity`). Then the median correlation of the
+    :data:`DETAIL_CELLS` x :data:`DETAIL_CELLS` cells of the band-passed images (cells mostly
+    outside the overlap, or flat in both, left out): a caption spoils only its cells, a look-alike
+    that shares an outline differs inside."""
     import cv2
 
     if query.fine is None or candidate.fine is None or query.thumb is None or candidate.thumb is None:
@@ -314,9 +330,11 @@ def detail_match(
     if at is not None:
         tmpl, inp = ((fm if at.mirrored else fq), fc) if at.inside else (fc, fq)
         t_thumb, i_thumb = (query.thumb, candidate.thumb) if at.inside else (candidate.thumb, query.thumb)
-        rt, ri = tmpl.shape[1] / t_thumb.shape[1], inp.shape[1] / i_thumb.shape[1]  # fine px per thumb px
-        f = at.scale * ri / rt
-        starts.append((tmpl, inp, np.asarray([[f, 0, at.x * ri], [0, f, at.y * ri]], np.float32)))
+        # fine px per thumbnail px, per axis (sizes are rounded: a 45 x 128 image is 22 x 64 and 45 x 128)
+        rtx, rty = tmpl.shape[1] / t_thumb.shape[1], tmpl.shape[0] / t_thumb.shape[0]
+        rix, riy = inp.shape[1] / i_thumb.shape[1], inp.shape[0] / i_thumb.shape[0]
+        placed = [[at.scale * rix / rtx, 0, at.x * rix], [0, at.scale * riy / rty, at.y * riy]]
+        starts.append((tmpl, inp, np.asarray(placed, np.float32)))
     starts.append((fq, fc, scaled(fq, fc)))
     if geo is not None and geo.model is not None and geo.inliers >= MIN_GEOMETRY:
         w = np.asarray(geo.model, np.float32).copy()

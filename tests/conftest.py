@@ -23,6 +23,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
+@pytest.fixture(autouse=True)
+def _logging_restored():
+    """A test that runs the CLI's ``main`` in-process points the root logger at that test's
+    captured stderr (and the project's loggers at INFO); a later test would log into the closed
+    stream ("--- Logging error ---" in its stderr), so both are put back after every test."""
+    import logging
+
+    root, ours = logging.getLogger(), logging.getLogger("simserver")
+    handlers, root_level, our_level = root.handlers[:], root.level, ours.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(root_level)
+    ours.setLevel(our_level)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION in Path(str(item.fspath)).parents:

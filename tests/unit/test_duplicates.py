@@ -149,9 +149,10 @@ def test_a_photo_copy_keeps_its_detail_a_look_alike_does_not(transform):
 
 
 def test_detail_match_aligns_a_rotated_crop_and_ignores_an_unrelated_texture():
-    """Oracle: a crop of a random texture, rotated by 7 degrees (which neither the template match
-    nor the same frame finds: RANSAC's transform does), is the same pixels once aligned (detail
-    near 1); an unrelated texture is not (near 0); no image, no measurement (0)."""
+    """Oracle: a 62% crop of a random texture, rotated by 10 degrees, is the same pixels once
+    aligned: neither the template match's placement nor the same frame gets ECC there, RANSAC's
+    transform does (detail near 1 with it, near 0 without); an unrelated texture stays near 0; no
+    image, no measurement (0)."""
     from PIL import ImageFilter
 
     rng = np.random.default_rng(3)
@@ -161,9 +162,14 @@ def test_detail_match_aligns_a_rotated_crop_and_ignores_an_unrelated_texture():
         return noise.filter(ImageFilter.GaussianBlur(4)).convert("RGB")  # blobs a 128 px view resolves
 
     big, other = texture(), texture()
-    copy = big.crop((30, 20, 290, 280)).rotate(7, resample=Image.Resampling.BILINEAR)
+    copy = verification.features(big.crop((60, 40, 260, 240)).rotate(10, resample=Image.Resampling.BILINEAR))
     target = verification.features(big, mirror=False)
-    assert verification.verify(verification.features(copy), target).detail_ncc > 0.8
+    geo = verification.geometry(copy, target)
+    assert geo.inliers >= verification.MIN_GEOMETRY and not geo.mirrored
+    _, _, at = verification._template_match(copy, target)
+    assert verification.detail_match(copy, target, at, geo) > 0.9
+    assert verification.detail_match(copy, target, at, None) < 0.5  # RANSAC's start is what aligns it
+    assert verification.verify(copy, target).detail_ncc > 0.9
     assert abs(verification.verify(verification.features(other), target).detail_ncc) < 0.3
     blank = verification.Features((np.zeros((0, 2)),) * 2, (None, None))  # nothing to compare
     assert verification.detail_match(blank, target) == 0.0
