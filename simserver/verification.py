@@ -17,7 +17,7 @@ calibrated decision.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -178,21 +178,27 @@ def _edges(a: np.ndarray) -> np.ndarray:
     return np.sqrt(gx * gx + gy * gy)
 
 
+def _grid(shape: tuple[int, ...], n: int) -> Iterator[tuple[slice, slice]]:
+    """The n x n cells of an image of ``shape``, row by row (the last row and column take the
+    remainder)."""
+    h, w = shape[:2]
+    for i in range(n):
+        for j in range(n):
+            yield slice(i * h // n, (i + 1) * h // n), slice(j * w // n, (j + 1) * w // n)
+
+
 def _cells(template: np.ndarray, window: np.ndarray) -> float:
     """Mean correlation of the :data:`KEEP_CELLS` best-matching of the 3 x 3 cells of ``template``
     with the same cells of ``window`` (same shape): a caption or a logo over up to a third of the
     image does not count, but every other part must line up."""
-    h, w = template.shape
     cells = []
-    for i in range(3):
-        for j in range(3):
-            a = template[i * h // 3 : (i + 1) * h // 3, j * w // 3 : (j + 1) * w // 3].ravel()
-            b = window[i * h // 3 : (i + 1) * h // 3, j * w // 3 : (j + 1) * w // 3].ravel()
-            sa, sb = float(a.std()), float(b.std())
-            if sa < 1e-3 or sb < 1e-3:
-                cells.append(0.0)  # a flat cell: no evidence either way
-                continue
-            cells.append(float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb)))
+    for cell in _grid(template.shape, 3):
+        a, b = template[cell].ravel(), window[cell].ravel()
+        sa, sb = float(a.std()), float(b.std())
+        if sa < 1e-3 or sb < 1e-3:
+            cells.append(0.0)  # a flat cell: no evidence either way
+            continue
+        cells.append(float(((a - a.mean()) * (b - b.mean())).mean() / (sa * sb)))
     return float(np.mean(sorted(cells)[-KEEP_CELLS:]))
 
 
@@ -207,7 +213,6 @@ class Placement:
     scale: float
     x: int
     y: int
-    correlation: float  # of the whole template there: how the placements are ranked
 
 
 def _best_match(
@@ -275,7 +280,7 @@ def _template_match(query: Features, candidate: Features) -> tuple[float, float,
             placed = [(at, inside, m) for (_, at), inside, m in found if at is not None]
             if placed:
                 at, inside, m = max(placed, key=lambda p: p[0][3])
-                placement = Placement(inside, bool(m), at[0], at[1], at[2], at[3])
+                placement = Placement(inside, bool(m), at[0], at[1], at[2])
     return out[0], out[1], placement
 
 
@@ -362,19 +367,16 @@ def detail_match(
 def _median_cell_correlation(a: np.ndarray, b: np.ndarray, valid: np.ndarray) -> float:
     """The median correlation of ``a`` and ``b`` over :data:`DETAIL_CELLS` x :data:`DETAIL_CELLS`
     cells, leaving out cells mostly outside ``valid`` and cells flat in both (0 if none is left)."""
-    h, w = a.shape
-    n, corr = DETAIL_CELLS, []
-    for i in range(n):
-        for j in range(n):
-            cell = (slice(i * h // n, (i + 1) * h // n), slice(j * w // n, (j + 1) * w // n))
-            inside = valid[cell]
-            if inside.sum() < 0.5 * inside.size:
-                continue
-            x, y = a[cell][inside], b[cell][inside]
-            sx, sy = float(x.std()), float(y.std())
-            if sx < FLAT and sy < FLAT:
-                continue
-            corr.append(float(((x - x.mean()) * (y - y.mean())).mean() / (sx * sy + 1e-6)))
+    corr = []
+    for cell in _grid(a.shape, DETAIL_CELLS):
+        inside = valid[cell]
+        if inside.sum() < 0.5 * inside.size:
+            continue
+        x, y = a[cell][inside], b[cell][inside]
+        sx, sy = float(x.std()), float(y.std())
+        if sx < FLAT and sy < FLAT:
+            continue
+        corr.append(float(((x - x.mean()) * (y - y.mean())).mean() / (sx * sy + 1e-6)))
     return float(np.median(corr)) if corr else 0.0
 
 
